@@ -1,0 +1,220 @@
+"""CPU tests for ssm.py: the chunked pure-PyTorch scan against the sequential reference, and the Mamba mixer."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ssm
+from ssm import Mamba, scan_backend, selective_scan, selective_scan_ref, selective_scan_torch
+
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def make_inputs(b, dim, L, N, G=None, with_D=True, with_z=True, with_bias=True, big_delta=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g)
+    bc_shape = (b, N, L) if G is None else (b, G, N, L)
+    if big_delta:  # dt up to ~20 with A down to -16: the case where cumsum/divide scans overflow
+        delta = 5 + 15 * torch.rand(b, dim, L, generator=g)
+    else:
+        delta = 0.5 * rn(b, dim, L)
+    A = -torch.exp(math.log(16) * torch.rand(dim, N, generator=g))  # in [-16, -1]
+    return dict(u=rn(b, dim, L), delta=delta, A=A, B=rn(*bc_shape), C=rn(*bc_shape),
+                D=rn(dim) if with_D else None, z=rn(b, dim, L) if with_z else None,
+                delta_bias=0.5 * rn(dim) if with_bias else None)
+
+
+def run_with_grads(fn, inputs, dtype, **kw):
+    """Call fn on copies of inputs cast to dtype; return output and the gradient of every tensor input."""
+    leaves = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    y = fn(**leaves, **kw)
+    g = torch.Generator().manual_seed(123)
+    y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
+    return y.detach(), {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def check_against_ref(inputs, softplus, tol=1e-5, **kw):
+    y, grads = run_with_grads(selective_scan_torch, inputs, torch.float32, delta_softplus=softplus, **kw)
+    y_ref, grads_ref = run_with_grads(selective_scan_ref, inputs, torch.float64, delta_softplus=softplus)
+    assert y.dtype == torch.float32 and y.shape == y_ref.shape
+    assert torch.isfinite(y).all()
+    assert rel_err(y, y_ref) < tol, ("out", rel_err(y, y_ref))
+    assert grads.keys() == grads_ref.keys()
+    for k in grads:
+        assert torch.isfinite(grads[k]).all(), k
+        assert rel_err(grads[k], grads_ref[k]) < tol, (k, rel_err(grads[k], grads_ref[k]))
+
+
+# -----------------------------------------------------------------------------
+# selective scan: chunked torch path vs sequential reference
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b,dim,L,N,G,chunk", [
+    (2, 8, 37, 4, None, None),   # L not a multiple of the chunk
+    (2, 6, 1, 4, None, None),    # single token
+    (1, 6, 5, 3, None, 16),      # shorter than one chunk
+    (2, 8, 300, 16, None, None), # long sequence
+    (2, 8, 50, 4, None, 1),      # chunk of one step: all work in the border loop
+    (2, 8, 37, 4, 2, None),      # grouped B/C
+    (2, 8, 37, 4, 1, 7),         # grouped with G = 1
+])
+def test_scan_matches_reference(b, dim, L, N, G, chunk):
+    check_against_ref(make_inputs(b, dim, L, N, G), softplus=True, chunk_size=chunk)
+
+
+@pytest.mark.parametrize("with_D,with_z,with_bias,softplus", [
+    (False, False, False, False),
+    (True, False, False, True),
+    (False, True, True, False),
+    (True, True, False, True),
+])
+def test_scan_optional_arguments(with_D, with_z, with_bias, softplus):
+    inputs = make_inputs(2, 8, 45, 4, with_D=with_D, with_z=with_z, with_bias=with_bias)
+    if not softplus:
+        inputs["delta"] = inputs["delta"].abs()  # dt must be positive without the softplus
+    check_against_ref(inputs, softplus=softplus)
+
+
+@pytest.mark.parametrize("softplus,chunk", [(False, None), (True, None), (False, 64)])
+def test_scan_large_delta_is_finite_and_exact(softplus, chunk):
+    # |dt * A| up to 320 per step; a scan that divides by exp(cumsum) overflows here after one step
+    check_against_ref(make_inputs(2, 8, 130, 16, big_delta=True), softplus=softplus, chunk_size=chunk)
+
+
+def test_scan_bf16_returns_input_dtype():
+    inputs = make_inputs(2, 8, 40, 4)
+    half = {k: (v.bfloat16() if k in ("u", "delta", "B", "C", "z") else v) for k, v in inputs.items()}
+    y = selective_scan(**half, delta_softplus=True, backend="torch")
+    y_ref = selective_scan_ref(**{k: v.double() if v is not None else None for k, v in half.items()},
+                               delta_softplus=True)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, y_ref) < 1e-2  # bf16 output rounding only: the scan itself runs in fp32
+
+
+def test_dispatch_matches_direct_call():
+    inputs = make_inputs(2, 8, 33, 4)
+    y1 = selective_scan(**inputs, delta_softplus=True, backend="torch")
+    y2 = selective_scan(**inputs, delta_softplus=True, backend="ref")
+    assert rel_err(y1, y2) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# backend selection
+# -----------------------------------------------------------------------------
+
+def test_backend_env_var(monkeypatch):
+    x = torch.zeros(1, 2, 3)
+    monkeypatch.delenv("DIFFUSION_MAMBA_SCAN", raising=False)
+    assert scan_backend(x) == "torch"  # CPU tensors never use the kernel
+    monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "torch")
+    assert scan_backend(x) == "torch"
+    monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "ref")
+    assert scan_backend(x) == "ref"
+    assert scan_backend(x, backend="torch") == "torch"  # the argument wins over the environment
+    monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "bogus")
+    with pytest.raises(ValueError):
+        scan_backend(x)
+
+
+def test_backend_forced_cuda(monkeypatch):
+    x = torch.zeros(1, 2, 3)
+    monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "cuda")
+    monkeypatch.setattr(ssm, "_cuda_scan_fn", None)
+    with pytest.raises(RuntimeError):
+        scan_backend(x)  # forcing the kernel without mamba-ssm is an error, not a silent fallback
+    calls = []
+    monkeypatch.setattr(ssm, "_cuda_scan_fn", lambda *args: calls.append(args) or args[0])
+    assert scan_backend(x) == "cuda"
+    inputs = make_inputs(1, 2, 3, 2)
+    selective_scan(**inputs)
+    assert len(calls) == 1
+
+
+# -----------------------------------------------------------------------------
+# Mamba mixer
+# -----------------------------------------------------------------------------
+
+def test_mamba_state_dict_matches_mamba_ssm():
+    d_model, N, d_conv = 64, 16, 4
+    m = Mamba(d_model, d_state=N, d_conv=d_conv)
+    d_inner, R = 128, 4  # expand 2, dt_rank ceil(64 / 16)
+    # key order of mamba_ssm.modules.mamba_simple.Mamba: own parameters first, then submodules
+    expected = {
+        "A_log": (d_inner, N), "D": (d_inner,),
+        "in_proj.weight": (2 * d_inner, d_model),
+        "conv1d.weight": (d_inner, 1, d_conv), "conv1d.bias": (d_inner,),
+        "x_proj.weight": (R + 2 * N, d_inner),
+        "dt_proj.weight": (d_inner, R), "dt_proj.bias": (d_inner,),
+        "out_proj.weight": (d_model, d_inner),
+    }
+    sd = m.state_dict()
+    assert list(sd) == list(expected)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    assert all(v.dtype == torch.float32 for v in sd.values())
+
+
+def test_mamba_init():
+    dt_min, dt_max = 0.001, 0.1
+    m = Mamba(48, d_state=8, dt_min=dt_min, dt_max=dt_max)
+    assert m.dt_rank == 3
+    assert torch.allclose(m.A_log, torch.log(torch.arange(1, 9.0)).expand(96, 8))
+    assert torch.equal(m.D.data, torch.ones(96))
+    dt = F.softplus(m.dt_proj.bias.detach())
+    assert dt.min() >= dt_min * (1 - 1e-4) and dt.max() <= dt_max * (1 + 1e-4)
+    bound = m.dt_rank ** -0.5
+    assert m.dt_proj.weight.abs().max() <= bound
+    assert m.dt_proj.bias._no_reinit and m.A_log._no_weight_decay and m.D._no_weight_decay
+    assert m.in_proj.bias is None and m.out_proj.bias is None
+    m2 = Mamba(48, dt_init="constant", bias=True, conv_bias=False)
+    assert torch.allclose(m2.dt_proj.weight, torch.full_like(m2.dt_proj.weight, bound))
+    assert m2.in_proj.bias is not None and m2.conv1d.bias is None
+
+
+@pytest.mark.parametrize("d_conv", [3, 4])
+def test_mamba_forward_matches_reference_scan(d_conv):
+    torch.manual_seed(0)
+    m = Mamba(32, d_state=8, d_conv=d_conv)
+    x = torch.randn(2, 45, 32)
+    m.backend = "torch"
+    y = m(x)
+    y.square().mean().backward()
+    grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    m.backend = "ref"
+    y_ref = m(x)
+    y_ref.square().mean().backward()
+    assert y.shape == x.shape
+    assert rel_err(y, y_ref) < 1e-5
+    for k, p in m.named_parameters():
+        assert rel_err(grads[k], p.grad) < 1e-4, k
+
+
+@pytest.mark.parametrize("d_conv", [3, 4])
+def test_mamba_is_causal(d_conv):
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=4, d_conv=d_conv, backend="torch")
+    x = torch.randn(2, 20, 16)
+    k = 11
+    x2 = x.clone()
+    x2[:, k] += 1.0
+    y, y2 = m(x), m(x2)
+    assert torch.equal(y[:, :k], y2[:, :k])
+    assert not torch.allclose(y[:, k], y2[:, k])
+
+
+def test_mamba_bf16_autocast():
+    torch.manual_seed(0)
+    m = Mamba(32, d_state=8, d_conv=3, backend="torch")
+    x = torch.randn(2, 24, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    y.float().sum().backward()
+    assert torch.isfinite(y.float()).all()
+    assert rel_err(y, m(x)) < 5e-2
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
