@@ -1,0 +1,443 @@
+"""
+Speed, memory and compute of the Diffusion Mamba models against DiT, across resolutions.
+
+    python bench.py --models dim,dit --size L --res 256,512,1024,1536,2048 --batch 4,4,2,1,1 --mode train
+    python bench.py --models DiM-H/2,DiT-XL/2 --mode sample --out sample.json --plot sample.png
+
+--models takes families (dim, bidim, dimsum, lamamba, dit: the config of size --size from that file's registry) or
+exact config names (DiT-XL/2). Model files are imported lazily; a missing one gives an "n/a" row. Inputs are SD-VAE
+latents: 4 channels, a res/8 grid, 1000 classes. Per model and resolution:
+
+  params     parameter count (model built on the meta device)
+  GFLOPs     multiply-accumulates of one forward pass of one image (DiT's "GFLOPs" convention), counted with
+             torch.utils.flop_counter on the meta device, plus the selective scans (below)
+  step ms    train: forward, loss, backward and AdamW step on a batch of B images;
+             sample: one sampling step with classifier-free guidance, i.e. one forward of the doubled batch 2B
+  ms/img     step time / B (in sample mode: per image and sampling step); img/s = B / step time
+  peak GiB   torch.cuda.max_memory_allocated during the steps: weights, gradients, optimiser state, activations
+
+Timing: --warmup untimed steps, then the median of --repeats steps, each timed with CUDA events (perf_counter on the
+CPU); bf16 autocast and TF32 on GPUs, fp32 on the CPU. Out of memory gives an "OOM" row and the run goes on; a load
+(batch x pixels) at least as large as one that ran out of memory is not tried ("OOM*"). JSON and plot are rewritten
+after every row, so an interrupted run keeps what it measured.
+
+Scan cost: FlopCounterMode sees no matmul inside the selective scan (the CUDA kernel is opaque, the PyTorch scan is
+elementwise), so during counting every call of ssm.selective_scan is replaced by a stub that records its shapes. A call
+on u (b, d, L) with A (d, N) adds b*d*L*(9N + 1) MACs, plus b*d*L when gated by z: VMamba's flops_selective_scan_ref
+count, the one the project's specs use.
+"""
+import argparse
+import gc
+import importlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+# family -> (module, registry dict, config name for a size letter, size aliases)
+FAMILIES = {
+    "dim": ("dim", "DiM_models", "DiM-{}/2", {"XL": "H"}),
+    "bidim": ("bidim", "BiDiM_models", "BiDiM-{}/2", {"H": "XL"}),
+    "dimsum": ("dimsum", "DiMSUM_models", "DiMSUM-{}/2", {"H": "XL"}),
+    "lamamba": ("lamamba", "LaMamba_models", "LaMamba-{}", {"H": "XL"}),
+    "dit": ("dit", "DiT_models", "DiT-{}/2", {"H": "XL"}),
+}
+COLUMNS = ["model", "family", "mode", "res", "tokens", "batch", "params_M", "gflops", "scan_gflops", "step_ms",
+           "ms_per_image", "images_per_s", "peak_mem_gib", "status", "device", "torch", "scan"]
+LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR = 4, 1000, 8
+
+
+def load_registry(family):
+    """(registry dict, None) or (None, reason) when the family's file is missing or does not import."""
+    module, attr = FAMILIES[family][:2]
+    try:
+        return getattr(importlib.import_module(module), attr), None
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            return None, f"n/a ({module}.py not found)"
+        return None, f"n/a ({module}.py: {e})"
+    except Exception as e:
+        return None, f"n/a ({module}.py: {type(e).__name__}: {e})"
+
+
+def resolve(spec, size):
+    """A family or a config name -> (name, family, factory or None, reason when unavailable)."""
+    family = spec.lower() if spec.lower() in FAMILIES else spec.split("-")[0].lower()
+    if family not in FAMILIES:
+        raise SystemExit(f"unknown model {spec!r}: use a family ({', '.join(FAMILIES)}) or a config name")
+    template, aliases = FAMILIES[family][2:]
+    name = template.format(aliases.get(size, size)) if spec.lower() == family else spec
+    registry, reason = load_registry(family)
+    if registry is None:
+        return name, family, None, reason
+    if name not in registry:
+        return name, family, None, f"n/a (no {name}; {FAMILIES[family][0]}.py has {', '.join(registry)})"
+    return name, family, registry[name], None
+
+
+#################################################################################
+#                                 FLOP counting                                 #
+#################################################################################
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)   # torch counts the GPU attention kernels, not this CPU one
+
+
+def count_gmacs(model, grid):
+    """(total, scan) GMACs of one forward of one image on a grid x grid latent, on the model's device."""
+    import ssm
+    original, scans = ssm.selective_scan, []
+
+    def stub(u, delta, A, B, C, D=None, z=None, *args, **kwargs):
+        b, d, L = u.shape
+        scans.append(b * d * L * (9 * A.shape[-1] + 1 + (z is not None)))
+        return torch.zeros_like(u)
+
+    # patch the function in ssm and wherever a model file imported it by name
+    modules = [m for m in list(sys.modules.values()) if getattr(m, "__dict__", {}).get("selective_scan") is original]
+    device = next(model.parameters()).device
+    x = torch.randn(1, LATENT_CHANNELS, grid, grid, device=device)
+    t, y = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
+    try:
+        for m in modules:
+            m.selective_scan = stub
+        with torch.no_grad(), counter:
+            model(x, t, y)
+    finally:
+        for m in modules:
+            m.selective_scan = original
+    return counter.get_total_flops() / 2e9 + sum(scans) / 1e9, sum(scans) / 1e9
+
+
+#################################################################################
+#                                    Timing                                     #
+#################################################################################
+
+def timesteps(model, n, device):
+    """DDPM indices for eps models; continuous t in [0, 1] for flow (velocity) models."""
+    if getattr(model, "objective", "eps") == "eps":
+        return torch.randint(0, 1000, (n,), device=device) + getattr(model, "time_offset", 0)
+    return torch.rand(n, device=device)
+
+
+def median_time(step, warmup, repeats, cuda):
+    """Median seconds of `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_steps(factory, grid, batch, mode, device, warmup, repeats, row):
+    """Build the model on `device`, time its train or sample step; fills the row's measured columns."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = factory(input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
+    model.to(device)   # in case a constructor made some tensor on the CPU
+    if row["gflops"] is None:   # the model did not run on the meta device: count on the real one
+        row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+        row["gflops"], row["scan_gflops"] = count_gmacs(model, grid)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    x = torch.randn(batch, LATENT_CHANNELS, grid, grid, device=device)
+    t = timesteps(model, batch, device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+
+    if mode == "train":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=cuda)
+
+        def step():
+            with autocast:
+                out = model(x, t, y)
+            out.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+        x, t = torch.cat([x, x]), torch.cat([t, t])   # conditional and unconditional halves in one batch
+        y = torch.cat([y, torch.full_like(y, getattr(model, "num_classes", NUM_CLASSES))])
+
+        def step():
+            with torch.no_grad(), autocast:
+                model(x, t, y)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = median_time(step, warmup, repeats, cuda)
+    row.update(step_ms=1e3 * seconds, ms_per_image=1e3 * seconds / batch, images_per_s=batch / seconds,
+               peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None, status="ok")
+
+
+def measure(name, family, factory, res, batch, args, device, info):
+    """One row: count on the meta device, then time on `device`. Errors become the row's status."""
+    grid = res // VAE_FACTOR
+    row = dict.fromkeys(COLUMNS)
+    row.update(model=name, family=family, mode=args.mode, res=res, batch=batch, **info)
+    try:
+        with torch.device("meta"):
+            meta = factory(input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
+        row["params_M"] = sum(p.numel() for p in meta.parameters()) / 1e6
+        row["tokens"] = (grid // getattr(meta, "patch_size", 1)) ** 2
+        row["gflops"], row["scan_gflops"] = count_gmacs(meta, grid)
+    except Exception as e:
+        print(f"[bench] {name} @ {res}: no count on the meta device ({type(e).__name__}: {e})", file=sys.stderr)
+    try:
+        run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row)
+    except torch.OutOfMemoryError:
+        row["status"] = "OOM"
+    except Exception as e:
+        if "out of memory" in str(e):
+            row["status"] = "OOM"
+        else:
+            row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+            import traceback
+            traceback.print_exc()
+    gc.collect()   # the failed step's tensors are free once the exception is gone
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+#################################################################################
+#                                    Reports                                    #
+#################################################################################
+
+def fmt(v, digits=1):
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def print_table(rows):
+    print("| model | res | tokens | batch | params (M) | GFLOPs | step ms | ms/img | img/s | peak GiB | status |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [r["model"], fmt(r["res"]), fmt(r["tokens"]), fmt(r["batch"]), fmt(r["params_M"]),
+                 fmt(r["gflops"], 1 if (r["gflops"] or 0) >= 10 else 3), fmt(r["step_ms"]), fmt(r["ms_per_image"], 2),
+                 fmt(r["images_per_s"], 2), fmt(r["peak_mem_gib"], 2), r["status"]]
+        print("| " + " | ".join(cells) + " |")
+    if any(r["status"] == "OOM*" for r in rows):
+        print("\nOOM*: not run, a load (batch x pixels) no larger ran out of memory.")
+
+
+def scaling_exponent(points):
+    """Least-squares slope of log(ms/img) against log(tokens) over the 3 largest token counts."""
+    pts = sorted(points)[-3:]
+    if len(pts) < 2:
+        return None
+    lx, ly = [math.log(p[0]) for p in pts], [math.log(p[1]) for p in pts]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def crossover(rows, mamba, dit, key):
+    """Smallest resolution from which `mamba` beats `dit` on `key` at every larger resolution (OOM = infinite)."""
+    def values(model):
+        return {r["res"]: (r[key] if r["status"] == "ok" else math.inf) for r in rows
+                if r["model"] == model and r["status"] in ("ok", "OOM", "OOM*")}
+    a, b = values(mamba), values(dit)
+    common = sorted(a.keys() & b.keys())
+    if any(v is None for res in common for v in (a[res], b[res])):   # no memory figures on the CPU
+        return "-"
+    common = [res for res in common if min(a[res], b[res]) < math.inf]
+    if not common:
+        return "-"
+    wins = [a[res] < b[res] for res in common]
+    first = len(wins)
+    while first > 0 and wins[first - 1]:
+        first -= 1
+    return str(common[first]) if first < len(wins) else "never"
+
+
+def print_summary(rows):
+    models = list(dict.fromkeys(r["model"] for r in rows if r["status"] == "ok"))
+    print("\nTime per image ~ tokens^k, fit on the 3 largest resolutions that ran:")
+    for m in models:
+        ok = [r for r in rows if r["model"] == m and r["status"] == "ok"]
+        k = scaling_exponent([(r["tokens"], r["ms_per_image"]) for r in ok])
+        print(f"  {m}: k = {fmt(k, 2)}")
+    dits = [m for m in models if any(r["model"] == m and r["family"] == "dit" for r in rows)]
+    pairs = [(m, d) for m in models if m not in dits for d in dits]
+    if pairs:
+        print("Resolution from which the Mamba model stays ahead of DiT (time per image / peak memory):")
+        for m, d in pairs:
+            print(f"  {m} vs {d}: time {crossover(rows, m, d, 'ms_per_image')}, "
+                  f"memory {crossover(rows, m, d, 'peak_mem_gib')}")
+
+
+def draw_plot(rows, path, title):
+    """Log-log plot of ms per image against resolution, one line per model, drawn with Pillow."""
+    from PIL import Image, ImageDraw, ImageFont
+    W, H, left, right, top, bottom = 960, 600, 80, 230, 50, 60
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:   # Pillow < 10.1 has only the bitmap font
+        font = ImageFont.load_default()
+
+    def text(xy, s, ax=0.0, ay=0.0):   # ax, ay: which fraction of the text box sits at xy
+        x0, y0, x1, y1 = d.textbbox((0, 0), s, font=font)
+        d.text((xy[0] - ax * (x1 - x0), xy[1] - ay * (y1 - y0)), s, fill="black", font=font)
+
+    lines = {}
+    for r in rows:
+        if r["status"] == "ok" and r["ms_per_image"] > 0:
+            lines.setdefault(r["model"], []).append((r["res"], r["ms_per_image"]))
+    text((W / 2, 15), title, ax=0.5)
+    if not lines:
+        text((W / 2, H / 2), "no measurements", ax=0.5)
+        img.save(path)
+        return
+    xs = [p[0] for v in lines.values() for p in v]
+    ys = [p[1] for v in lines.values() for p in v]
+    x0, x1 = math.log10(min(xs)) - 0.05, math.log10(max(xs)) + 0.05
+    y0, y1 = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
+    y1 += y1 == y0
+    X = lambda v: left + (math.log10(v) - x0) / (x1 - x0) * (W - left - right)
+    Y = lambda v: H - bottom - (math.log10(v) - y0) / (y1 - y0) * (H - top - bottom)
+    for e in range(y0, y1 + 1):   # decades labelled, 2..9 as light grid lines
+        for m in range(1, 10 if e < y1 else 2):
+            yy = Y(m * 10.0 ** e)
+            d.line([left, yy, W - right, yy], fill=(200, 200, 200) if m == 1 else (235, 235, 235))
+            if m == 1:
+                text((left - 6, yy), f"{10.0 ** e:g}", ax=1.0, ay=0.5)
+    for res in sorted(set(xs)):
+        d.line([X(res), top, X(res), H - bottom], fill=(235, 235, 235))
+        text((X(res), H - bottom + 6), str(res), ax=0.5)
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    text(((left + W - right) / 2, H - 25), "resolution (px, log scale)", ax=0.5)
+    text((10, top - 25), "ms per image (log)")
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    for i, (name, pts) in enumerate(lines.items()):
+        c, pts = colors[i % len(colors)], sorted(pts)
+        if len(pts) > 1:
+            d.line([(X(a), Y(b)) for a, b in pts], fill=c, width=3)
+        for a, b in pts:
+            d.ellipse([X(a) - 4, Y(b) - 4, X(a) + 4, Y(b) + 4], fill=c)
+        ly = top + 15 + 24 * i
+        d.line([W - right + 15, ly, W - right + 45, ly], fill=c, width=3)
+        text((W - right + 52, ly), name, ay=0.5)
+    img.save(path)
+
+
+def save(rows, args, title):
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+    if args.plot:
+        draw_plot(rows, args.plot, title)
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def environment(device):
+    """Device, torch version and the scan that runs there; printed as the header."""
+    import ssm
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        try:
+            scan = ssm.scan_backend(torch.empty(1, device=device))
+        except Exception as e:
+            scan = f"unavailable ({e})"
+        if scan == "cuda":
+            scan += f" (mamba-ssm {getattr(sys.modules.get('mamba_ssm'), '__version__', '?')})"
+    else:
+        name, scan = "cpu", "torch"
+    return dict(device=name, torch=torch.__version__, scan=scan)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default="dim,bidim,dimsum,lamamba,dit", help="families or config names")
+    p.add_argument("--size", default="L", help="size letter for families: T, S, B, L, XL, H")
+    p.add_argument("--res", default="256,512,1024,1536,2048", help="image sides in pixels (latent = res/8)")
+    p.add_argument("--batch", default="1", help="images per step: one number, or one per --res")
+    p.add_argument("--mode", choices=["train", "sample"], default="train")
+    p.add_argument("--scan", choices=["cuda", "torch"], default=None, help="force a selective-scan backend")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget", type=float, default=0, help="seconds; later configs are skipped (0 = no limit)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", default="bench.json")
+    p.add_argument("--plot", default="bench.png")
+    args = p.parse_args(argv)
+    if args.scan:
+        os.environ["DIFFUSION_MAMBA_SCAN"] = args.scan   # ssm reads it at every call
+    resolutions = [int(r) for r in args.res.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    if len(batches) == 1:
+        batches *= len(resolutions)
+    if len(batches) != len(resolutions) or any(r % VAE_FACTOR for r in resolutions):
+        raise SystemExit("--batch needs one value or one per --res; every --res must be a multiple of 8")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    info = environment(device)
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    title = f"{args.mode} step, {info['device']}, torch {info['torch']}, scan {info['scan']}, {precision}"
+    print(f"# bench: {title}\n")
+
+    models = [resolve(s.strip(), args.size.upper()) for s in args.models.split(",") if s.strip()]
+    rows = []
+    for name, family, factory, reason in models:
+        if factory is None:
+            row = dict.fromkeys(COLUMNS)
+            row.update(model=name, family=family, mode=args.mode, status=reason, **info)
+            rows.append(row)
+    start, oom_load = time.time(), {}
+    for res, batch in zip(resolutions, batches):   # resolution outermost: a budget cut keeps every model's small ones
+        for name, family, factory, _ in models:
+            if factory is None:
+                continue
+            if batch * res * res >= oom_load.get(name, math.inf):
+                row = dict.fromkeys(COLUMNS)
+                row.update(model=name, family=family, mode=args.mode, res=res, batch=batch, status="OOM*", **info)
+            elif args.budget and time.time() - start > args.budget:
+                row = dict.fromkeys(COLUMNS)
+                row.update(model=name, family=family, mode=args.mode, res=res, batch=batch,
+                           status="skipped (budget)", **info)
+            else:
+                row = measure(name, family, factory, res, batch, args, device, info)
+                if row["status"] == "OOM":
+                    oom_load[name] = min(oom_load.get(name, math.inf), batch * res * res)
+            print(f"[bench] {name} @ {res} x{batch} {args.mode}: {fmt(row['step_ms'])} ms/step, "
+                  f"{fmt(row['peak_mem_gib'], 2)} GiB, {row['status']} ({time.time() - start:.0f} s)", file=sys.stderr)
+            rows.append(row)
+            save(rows, args, title)
+
+    order = {m[0]: i for i, m in enumerate(models)}
+    rows.sort(key=lambda r: (order[r["model"]], r["res"] or 0))
+    print_table(rows)
+    print_summary(rows)
+    save(rows, args, title)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
