@@ -1,0 +1,77 @@
+"""
+Model registry (every model file's config dict in one place) and checkpoint loading for train.py and sample.py.
+"""
+import os
+
+import torch
+
+from dim import DiM_models, load_official_state_dict
+
+MODELS = {**DiM_models}
+FAMILY_DEFAULTS = {"dim": "DiM-S/2"}  # `--model dim` picks the family's usual config
+
+
+class ModelError(ValueError):
+    """An unknown model name or an unusable checkpoint; the message says what to change."""
+
+
+def resolve_model_name(name):
+    name = FAMILY_DEFAULTS.get(name.lower(), name)
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join([*FAMILY_DEFAULTS, *MODELS])}")
+    return name
+
+
+def build_model(name, **kwargs):
+    """name: a config ('DiM-S/2') or a family ('dim'); kwargs: input_size, in_channels, num_classes."""
+    return MODELS[resolve_model_name(name)](**kwargs)
+
+
+def is_official_dim(state_dict):
+    """A raw state dict from the official DiM repo (nnet_ema.pth): flat tensors, Mamba keys like '...A_log'."""
+    return (isinstance(state_dict, dict) and all(isinstance(v, torch.Tensor) for v in state_dict.values())
+            and any(k.endswith("A_log") for k in state_dict))
+
+
+def find_checkpoint(path):
+    """A checkpoint file, or a run folder of train.py (then its checkpoints/latest.pt)."""
+    return os.path.join(path, "checkpoints", "latest.pt") if os.path.isdir(path) else path
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint as a dict; clear errors for a missing file or a file of another kind."""
+    if not os.path.isfile(path):
+        raise ModelError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never run pickled code
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    ours = isinstance(ckpt, dict) and {"model", "ema", "args", "model_name", "model_kwargs"} <= ckpt.keys()
+    if not ours and not is_official_dim(ckpt):
+        raise ModelError(f"{path} is not a checkpoint of this project (expected one written by train.py, "
+                         "or an official DiM nnet_ema.pth)")
+    return ckpt
+
+
+def load_model(path, name=None, ema=True, **kwargs):
+    """Rebuild a checkpoint's model from its stored config and load its EMA weights (or the raw ones).
+
+    name: if given, the checkpoint must hold that model. Returns (model, ckpt); ckpt is None for an official DiM
+    state dict, which holds no config: then name and kwargs (input_size, in_channels, num_classes) build the model.
+    """
+    ckpt = load_checkpoint(path)
+    if is_official_dim(ckpt):
+        if name is None or None in kwargs.values():
+            raise ModelError(f"{path} is an official DiM state dict without a stored config: pass --model "
+                             "(e.g. DiM-H/2), --res and --num-classes")
+        model = build_model(name, **kwargs)
+        loaded, missing, unused = load_official_state_dict(model, ckpt)
+        print(f"loaded {len(loaded)} official DiM tensors from {path}; left at init: {missing or 'none'}; "
+              f"unused: {unused or 'none'}")
+        return model, None
+    if name is not None and resolve_model_name(name) != ckpt["model_name"]:
+        raise ModelError(f"{path} holds a {ckpt['model_name']} model, not {resolve_model_name(name)}; "
+                         f"drop --model or pass --model {ckpt['model_name']}")
+    model = build_model(ckpt["model_name"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    return model, ckpt

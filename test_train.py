@@ -1,0 +1,188 @@
+"""End-to-end tests of train.py and sample.py on CPU: learning, exact resume (one process and torchrun), sampling,
+the VAE path and the error messages. A tiny DiM on 8x8 Fashion-MNIST keeps the whole file around two minutes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from data import FASHION_MNIST_DIR, DataError
+from models import ModelError, build_model, resolve_model_name
+from test_data import tiny_vae, write_fake_fmnist, write_images
+
+MODEL = "DiM-T/2"
+OTHER_MODEL = "DiM-S/2"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
+                                reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+# Small and fast: 8x8 images (a 4x4 token grid), no sample grids, a high lr and no warm-up so a few hundred steps learn.
+FAST = ["--model", MODEL, "--res", "8", "--global-batch-size", "16", "--lr", "1e-3", "--warmup", "0",
+        "--log-every", "1", "--sample-every", "0", "--num-workers", "0"]
+
+
+def run_train(*argv):
+    return train.main(train.parse_args([str(a) for a in argv]))
+
+
+def run_sample(*argv):
+    return sample.main(sample.parse_args([str(a) for a in argv]))
+
+
+def losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 200-step run shared by the learning, sampling and error tests."""
+    results = tmp_path_factory.mktemp("results")
+    return run_train(*FAST, "--steps", 200, "--ckpt-every", 100, "--ema", 0.99, "--results-dir", results)
+
+
+def test_loss_decreases(trained):
+    curve = losses(trained)
+    assert len(curve) == 200
+    first, last = sum(curve[:20]) / 20, sum(curve[-50:]) / 50
+    # Observed: first ~1.0, last ~0.15 (ratio ~0.15); 0.4 leaves a wide margin.
+    assert last < 0.4 * first, (first, last)
+    assert sorted(os.listdir(os.path.join(trained, "checkpoints"))) == ["0000100.pt", "0000200.pt", "latest.pt"]
+    ckpt = torch.load(os.path.join(trained, "checkpoints", "latest.pt"), weights_only=True)
+    assert ckpt["step"] == 200 and ckpt["model_name"] == MODEL and ckpt["args"]["ema"] == 0.99
+    assert ckpt["args"]["weight_decay"] == build_model(MODEL, num_classes=0).train_defaults["weight_decay"]
+
+
+def test_resume_is_exact(tmp_path):
+    # num_workers 1 also checks that the DataLoader's worker seeding does not touch the training RNG
+    fast = [*FAST, "--num-workers", 1]
+    full = run_train(*fast, "--steps", 12, "--results-dir", tmp_path / "a")
+    # The interrupted run got to step 9 but its last checkpoint is at 6: resuming must also drop steps 7-9 from the log.
+    part = run_train(*fast, "--steps", 9, "--ckpt-every", 6, "--results-dir", tmp_path / "b")
+    resumed = run_train("--resume", os.path.join(part, "checkpoints", "0000006.pt"), "--steps", 12)
+    assert resumed == part
+    assert losses(resumed) == losses(full)  # bit-exact on CPU
+    # resuming from a run folder uses checkpoints/latest.pt; nothing is left to do
+    assert run_train("--resume", part, "--steps", 12) == part and len(losses(part)) == 12
+
+
+def test_torchrun_two_processes_resume_exact(tmp_path):
+    # A tiny image folder (3 classes x 8 images, 3 batches per epoch per process) so the runs cross epoch boundaries.
+    write_images(tmp_path / "data", 8, size=(12, 12), classes=["a", "b", "c"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port()}", "train.py",
+           "--model", MODEL, "--data", tmp_path / "data", "--res", 8, "--global-batch-size", 8, "--lr", "1e-3",
+           "--log-every", 1, "--sample-every", 0, "--num-workers", 0]
+
+    def torchrun(*argv):
+        out = subprocess.run([str(a) for a in [*cmd, *argv]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    torchrun("--steps", 8, "--results-dir", tmp_path / "a")
+    torchrun("--steps", 4, "--results-dir", tmp_path / "b")
+    run_b = os.path.join(tmp_path, "b", "000-DiM-T-2")
+    torchrun("--resume", run_b, "--steps", 8)
+    full = losses(os.path.join(tmp_path, "a", "000-DiM-T-2"))
+    assert len(full) == 8 and losses(run_b) == full
+    ckpt = torch.load(os.path.join(run_b, "checkpoints", "latest.pt"), weights_only=True)
+    assert len(ckpt["rng"]) == 2 and ckpt["data"] == (2, 2)  # 8 steps = epochs 0, 1 done + 2 batches of epoch 2
+
+
+def test_sample_grid_and_images(trained, tmp_path):
+    images = run_sample("--ckpt", trained, "--num-samples", 6, "--steps", 3, "--batch-size", 4,
+                        "--out", tmp_path / "s")
+    assert images.shape == (6, 1, 8, 8)
+    files = sorted(os.listdir(tmp_path / "s"))
+    assert files == [f"{i:06d}.png" for i in range(6)] + ["grid.png"]
+    assert Image.open(tmp_path / "s" / "000000.png").size == (8, 8)
+    # Another resolution than trained, other sampler, one class; the same seed gives the same images in any batching.
+    for sampler, batch in [("ddim", 2), ("ddim", 3)]:
+        images = run_sample("--ckpt", os.path.join(trained, "checkpoints", "0000100.pt"), "--res", 12,
+                            "--sampler", sampler, "--steps", 3, "--num-samples", 3, "--class-label", 4,
+                            "--batch-size", batch, "--out", tmp_path / f"r12_{batch}")
+        assert images.shape == (3, 1, 12, 12)
+    a, b = (Image.open(tmp_path / f"r12_{b}" / "000002.png") for b in (2, 3))
+    assert a.size == (12, 12) and a.tobytes() == b.tobytes()
+
+
+def test_errors(trained, tmp_path):
+    assert resolve_model_name("dim") == resolve_model_name("DiM-S/2") == "DiM-S/2"
+    with pytest.raises(ModelError, match="unknown model 'DiM-Q/7'.*DiM-S/2"):
+        build_model("DiM-Q/7")
+    with pytest.raises(DataError, match="resolution 9 is not divisible by 2"):
+        run_train(*FAST, "--res", 9, "--steps", 1, "--results-dir", tmp_path)
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        run_train(*FAST, "--data-dir", tmp_path / "nowhere", "--steps", 1, "--results-dir", tmp_path)
+    write_fake_fmnist(tmp_path / "bad_idx")
+    (tmp_path / "bad_idx" / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz is not a readable gzip"):
+        run_train(*FAST, "--data-dir", tmp_path / "bad_idx", "--steps", 1, "--results-dir", tmp_path)
+    write_images(tmp_path / "imgs", 15, size=(8, 8))
+    (tmp_path / "imgs" / "7_broken.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot read image .*7_broken.png"):
+        run_train(*FAST, "--data", tmp_path / "imgs", "--steps", 1, "--results-dir", tmp_path)
+    with pytest.raises(ModelError, match=f"holds a {MODEL} model, not {OTHER_MODEL}"):
+        run_train("--resume", trained, "--model", OTHER_MODEL)
+    with pytest.raises(ModelError, match=f"holds a {MODEL} model, not {OTHER_MODEL}"):
+        run_sample("--ckpt", trained, "--model", OTHER_MODEL)
+    with pytest.raises(ModelError, match="checkpoint .*missing.pt not found"):
+        run_sample("--ckpt", tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ModelError, match="not a checkpoint of this project"):
+        run_sample("--ckpt", tmp_path / "other.pt")
+    with pytest.raises(DataError, match="resolution 9 is not divisible by 2"):
+        run_sample("--ckpt", trained, "--res", 9)
+    with pytest.raises(ModelError, match="--class-label 10 is out of range"):
+        run_sample("--ckpt", trained, "--class-label", 10)
+
+
+def test_cli_errors_are_one_line(trained, tmp_path):
+    for script, argv, message in [
+            ("train.py", ["--model", "nope", "--results-dir", tmp_path], "error: unknown model 'nope'"),
+            ("sample.py", ["--ckpt", tmp_path / "missing.pt"], "error: checkpoint"),
+            ("sample.py", ["--ckpt", trained, "--res", 7], "error: resolution 7 is not divisible by 2")]:
+        out = subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 1 and out.stderr.strip().startswith(message), out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_vae_latents_train_and_sample(tmp_path):
+    tiny_vae().save_pretrained(tmp_path / "vae")  # 4 down blocks: 8x smaller, like Stable Diffusion's
+    with pytest.raises(DataError, match="resolution 40 is not divisible by 16"):
+        run_train(*FAST, "--vae", tmp_path / "vae", "--res", 40, "--steps", 1, "--results-dir", tmp_path)
+    write_images(tmp_path / "data", 4, size=(40, 36))
+    run = run_train(*FAST, "--vae", tmp_path / "vae", "--data", tmp_path / "data", "--res", 32, "--steps", 2,
+                    "--global-batch-size", 2, "--sample-every", 2, "--results-dir", tmp_path / "results")
+    assert len(losses(run)) == 2 and os.path.isfile(os.path.join(run, "samples", "0000002.png"))
+    ckpt = torch.load(os.path.join(run, "checkpoints", "latest.pt"), weights_only=True)
+    assert ckpt["model_kwargs"] == {"input_size": 4, "in_channels": 4, "num_classes": 0}
+    images = run_sample("--ckpt", run, "--res", 48, "--steps", 2, "--num-samples", 2, "--out", tmp_path / "s")
+    assert images.shape == (2, 3, 48, 48)  # decoded by the VAE stored in the checkpoint's args
+
+
+def test_official_dim_weights(tmp_path):
+    """sample.py on a raw official state dict (here the tiny one of the fidelity vectors) goes through
+    dim.load_official_state_dict."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    vectors = os.path.join(ROOT, "fidelity", "dim_small.safetensors")
+    if not os.path.isfile(vectors):
+        pytest.skip("fidelity vectors not present")
+    state = {k.removeprefix("model."): v for k, v in safetensors.load_file(vectors).items() if k.startswith("model.")}
+    torch.save(state, tmp_path / "nnet_ema.pth")
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    with pytest.raises(ModelError, match="pass --model"):
+        run_sample("--ckpt", tmp_path / "nnet_ema.pth")
+    images = run_sample("--ckpt", tmp_path / "nnet_ema.pth", "--model", MODEL, "--res", 128, "--num-classes", 10,
+                        "--vae", tmp_path / "vae", "--steps", 2, "--num-samples", 2, "--out", tmp_path / "s")
+    assert images.shape == (2, 3, 128, 128)
