@@ -1,15 +1,21 @@
 """
-Discrete-time Gaussian diffusion (DDPM, epsilon prediction) and its samplers, in one file.
+Training objectives and samplers for the diffusion models, in one file: discrete-time Gaussian diffusion (DDPM,
+epsilon prediction, optional learned variance) and flow matching on the GVP path (velocity prediction).
 
-Papers: DDPM (Ho et al. 2020), IDDPM (Nichol & Dhariwal 2021, respacing and learned-range variance), DDIM (Song et
-al. 2021), DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095, multistep 2M), classifier-free guidance (Ho & Salimans
-2022). Conventions follow DiT's `diffusion/` (0-based step index t in {0..N-1}); the formulas are those of
-reference/sampling.md, cited below as §n.
+Papers: DDPM (Ho et al. 2020), IDDPM (Nichol & Dhariwal 2021, respacing, learned-range variance, hybrid loss), DDIM
+(Song et al. 2021), DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095, multistep 2M), classifier-free guidance (Ho &
+Salimans 2022), SiT (Ma et al. 2024, GVP interpolant) as used by DiMSUM, Upsample Guidance (Hwang et al. 2024, arXiv
+2404.01709) as used by DiM. Conventions follow DiT's `diffusion/` (0-based step index t in {0..N-1}); the formulas
+are those of reference/sampling.md, cited below as §n.
 
 Layout:
   schedules       get_betas, respaced_timesteps, cfg_from_uvit
-  samplers        ddpm_sample, ddim_sample, dpmpp_2m_sample: plain functions of a denoiser closure
-  GaussianDiffusion  q_sample, training_loss, denoiser (network + CFG -> closure), sample
+  samplers        ddpm_sample, ddim_sample, dpmpp_2m_sample: plain functions of a denoiser closure;
+                  flow_ode_sample (Euler / Heun) of a velocity closure
+  losses          normal_kl, discretized_gaussian_nll (IDDPM's L_vb pieces)
+  GaussianDiffusion  q_sample, training_loss (+ vb_bpd), denoiser (network + CFG + Upsample Guidance), sample
+  FlowMatching    the same interface for the GVP path; its dpm++ / ddim reuse the samplers above
+  create_diffusion   the objective a model class asks for (class attributes objective, schedule, time_offset)
 
 The samplers never see the network. They take `denoise(x, i) -> (x0_hat, eps_hat, var_frac)` and a float64 grid
 `abar` of K + 1 cumulative signal fractions (abar[i] = alpha_i^2, sigma_i^2 = 1 - abar[i]; abar[K] = 1 is clean
@@ -18,11 +24,13 @@ closure: velocity prediction on the GVP flow path converts u_hat to (x0_hat, eps
 abar = sin^2(pi t / 2), and Upsample Guidance (§6) only changes eps_hat inside the closure.
 """
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")  # every name some objective accepts (CLI choices)
 
 
 #################################################################################
@@ -137,13 +145,86 @@ def dpmpp_2m_sample(denoise, x, abar, order=2, lower_order_final=True, progress=
     return x
 
 
+def flow_ode_sample(velocity, x, ts, order=2, progress=False):
+    """Fixed-step ODE solver for dx/dt = velocity(x, t) over the float64 grid ts (K+1,): Euler (order 1) or Heun
+    (order 2, the trapezoidal corrector of EDM Alg. 1; 2 evaluations per step, the last one at ts[K])."""
+    for i in _steps(len(ts) - 1, progress):
+        t, s = ts[i].item(), ts[i + 1].item()
+        u = velocity(x, t)
+        if order == 2:  # Heun: average the slopes at both ends of an Euler predictor step
+            u = 0.5 * (u + velocity(x + (s - t) * u, s))
+        x = x + (s - t) * u
+    return x
+
+
+#################################################################################
+#                                    Losses                                     #
+#################################################################################
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats; arguments broadcast."""
+    return 0.5 * (logvar2 - logvar1 - 1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_nll(x, mean, log_scale):
+    """-log P(x) per element, in nats, for data x in [-1, 1] quantised to 256 levels (DDPM §3.3 eq. 13 decoder).
+
+    P is the Gaussian mass of x's bin of width 2/255; the end bins extend to -inf / +inf. The normal CDF is the tanh
+    approximation that DiT / ADM use, so that losses compare with theirs.
+    """
+    cdf = lambda z: 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3)))
+    inv_std = torch.exp(-log_scale)
+    cdf_hi, cdf_lo = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
+    log_p = torch.where(x < -0.999, cdf_hi.clamp(min=1e-12).log(),
+                        torch.where(x > 0.999, (1 - cdf_lo).clamp(min=1e-12).log(),
+                                    (cdf_hi - cdf_lo).clamp(min=1e-12).log()))
+    return -log_p
+
+
+def _guided(model, x, t_in, y, cfg_scale, null_label):
+    """Network output with classifier-free guidance (§5), standard convention: (pred (B, C, ...), extra or None).
+
+    pred is the first C channels, guided; extra holds the channels beyond C (learned variance), taken unguided from
+    the conditional half as DiT does. All prediction channels are guided (DiT guides 3 of 4 for exact
+    reproducibility of its FID; add that as an option when needed). The guidance is affine in the prediction, so
+    guiding eps, x0 or the GVP velocity gives the same sample (§5).
+    """
+    B, C = x.shape[:2]
+    if y is None or cfg_scale == 1:
+        out = model(x, t_in, y)  # no guidance: one plain forward, no doubled batch
+        return out[:, :C], (out[:, C:] if out.shape[1] > C else None)
+    if null_label is None:
+        raise ValueError("cfg_scale != 1 needs null_label (the class id the network was trained to treat as 'no class')")
+    # [cond; uncond] in one forward: one big batch beats two small ones on a GPU
+    out = model(torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([y, torch.full_like(y, null_label)]))
+    cond, uncond = out[:B], out[B:]  # (B, C or 2C, ...)
+    return uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C]), (cond[:, C:] if out.shape[1] > C else None)
+
+
+def _check_steps(steps, most):
+    if not isinstance(steps, int) or not 1 <= steps <= most:
+        raise ValueError(f"steps must be an int in [1, {most}], got {steps!r}")
+
+
 #################################################################################
 #                               Gaussian diffusion                              #
 #################################################################################
 
+@dataclass
+class UpsampleGuidance:
+    """Upsample Guidance (§6) for sampling at m times the training resolution: m integer ratio, theta the weight,
+    eta the noisiest fraction of the schedule where it is active (the paper's and DiM's 1.0 and 0.3)."""
+    m: int
+    theta: float = 1.0
+    eta: float = 0.3
+
+
 class GaussianDiffusion:
     """Discrete-time DDPM, epsilon prediction. Index t in {0..N-1} (0-based, DiT convention); the network is
     called with t + time_offset (DiM/U-ViT networks were trained on n in {1..N}: time_offset=1)."""
+    objective = "eps"
+    samplers = ("ddpm", "ddim", "dpm++")
+    default_sampler = "dpm++"  # 25-50 steps; DiT's published numbers use ddpm 250
 
     def __init__(self, schedule="linear", num_steps=1000, time_offset=0):
         self.num_steps = num_steps
@@ -153,6 +234,13 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)        # (N,) abar_t, decreasing
         self.sqrt_abar = self.alphas_cumprod.sqrt()                       # (N,) alpha_t
         self.sqrt_one_minus_abar = (1 - self.alphas_cumprod).sqrt()       # (N,) sigma_t
+        # posterior q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta-tilde) (§4.1), for L_vb
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.post_c0 = abar_prev.sqrt() * self.betas / (1 - self.alphas_cumprod)                  # (N,)
+        self.post_ct = (1 - self.betas).sqrt() * (1 - abar_prev) / (1 - self.alphas_cumprod)      # (N,)
+        post_var = self.betas * (1 - abar_prev) / (1 - self.alphas_cumprod)                       # (N,), [0] = 0
+        self.post_logvar = torch.cat([post_var[1:2], post_var[1:]]).log()  # "clipped": log 0 -> log beta-tilde_1
+        self.log_betas = self.betas.log()
 
     def _extract(self, arr, t, x):
         """arr[t] for a batch of indices t (B,), cast to x's dtype and shaped (B, 1, ..., 1) to broadcast."""
@@ -163,54 +251,84 @@ class GaussianDiffusion:
         return self._extract(self.sqrt_abar, t, x0) * x0 + self._extract(self.sqrt_one_minus_abar, t, x0) * noise
 
     def training_loss(self, model, x0, y, noise=None, t=None):
-        """Simple-loss epsilon MSE (DDPM eq. 14), mean over all dimensions. x0 (B, C, ...); y (B,) or None."""
+        """Epsilon MSE (DDPM eq. 14), mean over all dimensions; with 2C outputs (eps, v) plus L_vb (vb_bpd), the
+        IDDPM hybrid loss as DiT trains it. x0 (B, C, ...); y (B,) or None.
+
+        IDDPM eq. 16 weights L_vb = sum_t L_t by lambda = 0.001; with t uniform that is N/1000 times one L_t, i.e.
+        1 for N = 1000. DiT's default (loss_type MSE, not RESCALED_MSE) adds one L_t unscaled for any N; so do we.
+        """
         if t is None:
             t = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        out = model(x_t, t + self.time_offset, y)  # (B, C, ...) or (B, 2C, ...) with learned variance
-        eps = out[:, : x0.shape[1]]
-        # TODO(learned sigma): with 2C outputs add L_vb on the variance channels with a stop-gradient on eps (§3).
-        return ((eps.float() - noise.float()) ** 2).mean()  # fp32 reduction even under bf16 autocast
+        out = model(x_t, t + self.time_offset, y).float()  # (B, C or 2C, ...); fp32 losses even under bf16 autocast
+        C = x0.shape[1]
+        loss = ((out[:, :C] - noise.float()) ** 2).mean()
+        if out.shape[1] == 2 * C:
+            # IDDPM §3.1: stop-gradient on the mean, so L_vb trains only the variance and L_simple only eps
+            loss = loss + self.vb_bpd(x0.float(), x_t.float(), t, out[:, :C].detach(), out[:, C:]).mean()
+        return loss
+
+    def vb_bpd(self, x0, x_t, t, eps, v):
+        """L_t of the variational bound per sample (B,), bits per dimension (§3): KL(q(x_{t-1} | x_t, x0) ||
+        p(x_{t-1} | x_t)) for t > 0, decoder NLL -log p(x0 | x_1) at t = 0. p has the mean implied by eps and the
+        learned-range log-variance f log beta_t + (1 - f) log beta-tilde_t, f = (v + 1) / 2 (IDDPM eq. 15)."""
+        ex = lambda arr: self._extract(arr, t, x_t)
+        x0_hat = (x_t - ex(self.sqrt_one_minus_abar) * eps) / ex(self.sqrt_abar)
+        mean = ex(self.post_c0) * x0_hat + ex(self.post_ct) * x_t
+        frac = (v + 1) / 2
+        logvar = frac * ex(self.log_betas) + (1 - frac) * ex(self.post_logvar)
+        kl = normal_kl(ex(self.post_c0) * x0 + ex(self.post_ct) * x_t, ex(self.post_logvar), mean, logvar)
+        nll = discretized_gaussian_nll(x0, mean, 0.5 * logvar)  # at t = 0: mean = x0_hat, as c0 = 1, ct = 0
+        first = (t == 0).view(-1, *([1] * (x0.ndim - 1)))
+        return torch.where(first, nll, kl).flatten(1).mean(1) / math.log(2)
 
     def predict_eps(self, model, x, t, y=None, cfg_scale=1.0, null_label=None):
-        """Network epsilon at step index t (int) with classifier-free guidance (§5), standard convention.
-
-        Returns (eps (B, C, ...), extra) where extra holds the network's channels beyond C (learned-variance
-        output, taken unguided from the conditional half as DiT does) or None. All eps channels are guided (DiT
-        guides 3 of 4 for exact reproducibility of its FID; add that as an option when needed).
-        """
-        B, C = x.shape[:2]
-        t_in = torch.full((B,), t + self.time_offset, device=x.device, dtype=torch.long)
-        if y is None or cfg_scale == 1:
-            out = model(x, t_in, y)  # no guidance: one plain forward, no doubled batch
-            return out[:, :C], (out[:, C:] if out.shape[1] > C else None)
-        if null_label is None:
-            raise ValueError("cfg_scale != 1 needs null_label (the class id the network was trained to treat as 'no class')")
-        # [cond; uncond] in one forward: one big batch beats two small ones on a GPU
-        y_in = torch.cat([y, torch.full_like(y, null_label)])
-        out = model(torch.cat([x, x]), torch.cat([t_in, t_in]), y_in)  # (2B, C or 2C, ...)
-        cond, uncond = out[:B], out[B:]
-        eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
-        return eps, (cond[:, C:] if out.shape[1] > C else None)
+        """Network epsilon at step index t (int) with classifier-free guidance (_guided): (eps (B, C, ...), extra)."""
+        t_in = torch.full((x.shape[0],), t + self.time_offset, device=x.device, dtype=torch.long)
+        return _guided(model, x, t_in, y, cfg_scale, null_label)
 
     def timesteps(self, steps):
         """Sampling grid as step indices, noisiest first: DiT's respaced subsequence, reversed. (K,)"""
-        if not isinstance(steps, int) or not 1 <= steps <= self.num_steps:
-            raise ValueError(f"steps must be an int in [1, {self.num_steps}], got {steps!r}")
+        _check_steps(steps, self.num_steps)
         return respaced_timesteps(self.num_steps, steps)[::-1]
 
-    def denoiser(self, model, timesteps, y=None, cfg_scale=1.0, null_label=None):
+    def ug_level(self, t, m):
+        """Upsample Guidance's low-resolution input (§6) for step index t and ratio m: (P, tau).
+
+        Average pooling m x m keeps the signal but divides the noise variance by m^2, so avgpool(x_t) / sqrt(P)
+        with P = abar_t + (1 - abar_t) / m^2 has unit variance and SNR m^2 SNR(t); tau is the step whose SNR is
+        nearest to that (absolute difference in SNR, as DiM's get_tau).
+        """
+        a = self.alphas_cumprod[t].item()
+        snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
+        return a + (1 - a) / m ** 2, (snr - m * m * a / (1 - a)).abs().argmin().item()
+
+    def denoiser(self, model, timesteps, y=None, cfg_scale=1.0, null_label=None, upsample_guidance=None):
         """Closure denoise(x, i) -> (x0_hat, eps_hat, var_frac) at grid point i, plus the grid abar (K+1,) float64.
 
         var_frac is the learned-range weight f = (v + 1) / 2 of IDDPM when the network outputs 2C channels, else None.
+        With upsample_guidance (an UpsampleGuidance), eps_hat on x (B, C, H, W) gets Upsample Guidance (§6).
         """
         abar = torch.cat([self.alphas_cumprod[timesteps], torch.ones(1, dtype=torch.float64)])  # (K+1,)
+        ug = upsample_guidance
 
         def denoise(x, i):
-            eps, extra = self.predict_eps(model, x, timesteps[i], y, cfg_scale, null_label)
+            t = timesteps[i]
+            eps, extra = self.predict_eps(model, x, t, y, cfg_scale, null_label)
             eps = eps.to(x.dtype)  # keep the sample dtype fixed if the network (e.g. under autocast) returns another
+            # w_t = theta 1[t >= (1 - eta) T] with t = index / (N - 1): only the noisiest eta of the schedule, where
+            # the global layout forms; later steps refine local detail that the high-resolution pass gets right
+            if ug is not None and ug.theta != 0 and t / (self.num_steps - 1) >= 1 - ug.eta:
+                m = ug.m
+                if x.ndim != 4 or x.shape[2] % m or x.shape[3] % m:
+                    raise ValueError(f"Upsample Guidance needs (B, C, H, W) with H, W divisible by m = {m}")
+                P, tau = self.ug_level(t, m)
+                # CFG at both resolutions; eps_lo / m is on the scale of avgpool of the high-resolution noise
+                eps_lo, _ = self.predict_eps(model, F.avg_pool2d(x, m) / math.sqrt(P), tau, y, cfg_scale, null_label)
+                eps = eps + ug.theta * F.interpolate(eps_lo.to(x.dtype) / m - F.avg_pool2d(eps, m),
+                                                     scale_factor=m, mode="nearest")
             a = abar[i].item()
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)  # §3; no clipping (latents are unbounded)
             var_frac = None if extra is None else (extra + 1) / 2
@@ -220,21 +338,112 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, model, noise, y=None, sampler="dpm++", steps=50, cfg_scale=1.0, null_label=None,
-               eta=0.0, generator=None, progress=False) -> torch.Tensor:
+               eta=0.0, generator=None, progress=False, upsample_guidance=None) -> torch.Tensor:
         """Draw x0 from pure noise (B, C, ...) with `steps` network evaluations; returns the same shape and dtype.
 
         All samplers share one grid: DiT's respaced timesteps from N-1 down to 0 (evenly strided, rounded), then
         a final clean point (abar = 1). For 'dpm++' this is the discrete analogue of DPM-Solver's time_uniform
         grid from T = 1 to eps = 1/N, evaluated at exact discrete alpha/sigma, with denoise-to-zero at the end.
-        `generator` drives all sampler noise (ddpm, ddim with eta > 0).
+        `generator` drives all sampler noise (ddpm, ddim with eta > 0). `upsample_guidance`: see denoiser; the
+        model must accept both resolutions (e.g. a resized positional embedding).
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        if sampler not in self.samplers:
+            raise ValueError(f"unknown sampler {sampler!r} for {self.objective!r}; choose one of {self.samplers}")
         if eta != 0 and sampler != "ddim":
             raise ValueError("eta is a DDIM parameter; use sampler='ddim'")
-        denoise, abar = self.denoiser(model, self.timesteps(steps), y, cfg_scale, null_label)
+        denoise, abar = self.denoiser(model, self.timesteps(steps), y, cfg_scale, null_label, upsample_guidance)
         if sampler == "ddpm":
             return ddpm_sample(denoise, noise, abar, generator, progress)
         if sampler == "ddim":
             return ddim_sample(denoise, noise, abar, eta, generator, progress)
         return dpmpp_2m_sample(denoise, noise, abar, order=2, progress=progress)
+
+
+#################################################################################
+#                                 Flow matching                                 #
+#################################################################################
+
+def gvp_coefs(t):
+    """GVP path x_t = alpha x0 + sigma eps (§2): alpha = sin(pi t / 2), sigma = cos(pi t / 2); t = 0 noise, 1 data."""
+    return torch.sin(math.pi / 2 * t), torch.cos(math.pi / 2 * t)
+
+
+def gvp_velocity_to_x0_eps(x, u, t):
+    """(x0_hat, eps_hat) from the velocity u at x_t (§3): exact, since u = alpha' x0 + sigma' eps is a second linear
+    equation beside x_t = alpha x0 + sigma eps, with determinant (pi / 2)(alpha^2 + sigma^2) = pi / 2 at every t;
+    no division by alpha, so t = 0 (pure noise) is fine. t float or broadcastable tensor."""
+    a, s = gvp_coefs(torch.as_tensor(t, dtype=torch.float64))
+    a, s = a.to(x.dtype), s.to(x.dtype)
+    return a * x + (2 / math.pi) * s * u, s * x - (2 / math.pi) * a * u
+
+
+class FlowMatching:
+    """Flow matching on the GVP path with velocity prediction (DiMSUM; SiT `--path-type GVP`). The network gets
+    continuous t in [0, 1] (1 = data, SiT convention), as a float tensor (B,)."""
+    objective = "flow"
+    samplers = ("heun", "euler", "dpm++", "ddim")
+    # heun integrates the trained ODE itself, the closest to DiMSUM's dopri5. Per network evaluation it matches dpm++
+    # on Gaussian data (20 evaluations: both 0.3% std error) and converges faster beyond (50: 0.05% vs 0.2%)
+    default_sampler = "heun"
+
+    def training_loss(self, model, x0, y, noise=None, t=None):
+        """Velocity MSE (§3), mean over all dimensions, t ~ U[0, 1]. x0 (B, C, ...); y (B,) or None."""
+        if t is None:
+            t = torch.rand(x0.shape[0], device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        a, s = gvp_coefs(t.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1))))
+        target = (math.pi / 2) * (s * x0 - a * noise)  # d/dt of x_t = a x0 + s eps
+        out = model(a * x0 + s * noise, t, y)
+        return ((out[:, : x0.shape[1]].float() - target.float()) ** 2).mean()
+
+    @torch.no_grad()
+    def sample(self, model, noise, y=None, sampler="heun", steps=50, cfg_scale=1.0, null_label=None,
+               generator=None, progress=False) -> torch.Tensor:
+        """Integrate the flow from t = 0 (noise (B, C, ...)) to t = 1 on the uniform grid t_i = i / steps.
+
+        euler / heun solve dx/dt = u(x, t) directly (heun: 2 network evaluations a step, 1 for the others). dpm++ /
+        ddim run the VP samplers above on abar(t) = sin^2(pi t / 2) with (x0_hat, eps_hat) from u. The grid starts
+        at t = 0 exactly: x0_hat needs no division there (gvp_velocity_to_x0_eps), the start noise is the exact
+        marginal (no t_min approximation), and the first step, from lambda = -inf, is exact DDIM. Uniform t is
+        DPM-Solver's time_uniform and symmetric in lambda = log tan(pi t / 2). Every flow sampler is
+        deterministic; `generator` is accepted for GaussianDiffusion's interface.
+        """
+        if sampler not in self.samplers:
+            raise ValueError(f"unknown sampler {sampler!r} for {self.objective!r}; choose one of {self.samplers}")
+        _check_steps(steps, 10 ** 6)
+        ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64)  # (K+1,)
+        t_dtype = torch.promote_types(noise.dtype, torch.float32)  # the network's time never in bf16
+
+        def velocity(x, t):
+            t_in = torch.full((x.shape[0],), t, device=x.device, dtype=t_dtype)
+            return _guided(model, x, t_in, y, cfg_scale, null_label)[0].to(x.dtype)
+
+        if sampler in ("euler", "heun"):
+            return flow_ode_sample(velocity, noise, ts, 1 if sampler == "euler" else 2, progress)
+
+        def denoise(x, i):
+            return (*gvp_velocity_to_x0_eps(x, velocity(x, ts[i].item()), ts[i].item()), None)
+
+        abar = gvp_coefs(ts)[0] ** 2
+        abar[-1] = 1.0  # clean data exactly, whatever sin(pi / 2) rounds to
+        if sampler == "ddim":
+            return ddim_sample(denoise, noise, abar, progress=progress)
+        # no lower_order_final: near t = 1 the uniform grid's lambda steps grow gently (r = log 1.5 / log 2 = 0.58
+        # for any K), unlike the jump into the last discrete DDPM step that it guards against; 10 steps: std error
+        # -2.0% without, -6.0% with
+        return dpmpp_2m_sample(denoise, noise, abar, order=2, lower_order_final=False, progress=progress)
+
+
+def create_diffusion(model, **overrides):
+    """The training objective and sampler a model class (or instance) asks for, from its class attributes:
+    objective ("eps" or "flow"), and for "eps" schedule ("linear" / "scaled_linear", required) and time_offset
+    (default 0). overrides go to the constructor (e.g. num_steps=)."""
+    objective = getattr(model, "objective", None)
+    if objective == "eps":
+        kwargs = dict(schedule=model.schedule, time_offset=getattr(model, "time_offset", 0))
+        return GaussianDiffusion(**{**kwargs, **overrides})
+    if objective == "flow":
+        return FlowMatching(**overrides)
+    raise ValueError(f"unknown objective {objective!r} on {getattr(model, '__name__', type(model).__name__)}; "
+                     "set the class attribute objective = 'eps' or 'flow'")

@@ -75,3 +75,50 @@ def load_model(path, name=None, ema=True, **kwargs):
     model = build_model(ckpt["model_name"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema" if ema else "model"])
     return model, ckpt
+
+
+def resize_grid_tensor(value, new_shape, old_grid, new_grid):
+    """Bilinearly resize a learned positional embedding to another token grid (DiM's 256 -> 512 fine-tune).
+    Handles (1, prefix + h*w, D) tables (the prefix, e.g. DiM's time and class entries, is kept) and (1, h, w, D)
+    maps. old_grid/new_grid: (h, w) token grids."""
+    if value.dim() == 4:
+        grid = value.permute(0, 3, 1, 2)
+    else:
+        prefix_len = value.shape[1] - old_grid[0] * old_grid[1]
+        prefix, grid = value[:, :prefix_len], value[:, prefix_len:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid.float(), size=new_grid, mode="bilinear", align_corners=False)
+    grid = grid.to(value.dtype).permute(0, 2, 3, 1)
+    out = grid if value.dim() == 4 else torch.cat([prefix, grid.reshape(1, -1, grid.shape[-1])], dim=1)
+    if tuple(out.shape) != tuple(new_shape):
+        raise ModelError(f"cannot resize a tensor of shape {tuple(value.shape)} to {tuple(new_shape)}")
+    return out
+
+
+def init_from_checkpoint(model, path, model_name):
+    """Weak-to-strong start (DiM Sec. 4): load every weight of a checkpoint trained at a lower resolution into
+    `model`, resizing the tensors that depend on the token grid. Uses the checkpoint's EMA weights, as DiM's
+    512 fine-tune starts from the 256 nnet_ema. Returns (copied, resized, skipped) key lists."""
+    ckpt = load_checkpoint(path)
+    if is_official_dim(ckpt):
+        import dim
+        loaded, missing, unused = dim.load_official_state_dict(model, ckpt)
+        return loaded, [], unused
+    if ckpt["model_name"] != model_name:
+        raise ModelError(f"--init-from {path} holds a {ckpt['model_name']} model, not {model_name}: "
+                         f"pass --model {ckpt['model_name']} or a checkpoint of {model_name}")
+    old_side = ckpt["model_kwargs"]["input_size"] // model.patch_size  # same config, so the same patch size
+    new_side = model.input_size // model.patch_size
+    ours, copied, resized, skipped = model.state_dict(), [], [], []
+    for key, value in ckpt["ema"].items():
+        if key not in ours:
+            skipped.append(key)
+        elif value.shape == ours[key].shape:
+            ours[key] = value
+            copied.append(key)
+        elif "pos_embed" in key:
+            ours[key] = resize_grid_tensor(value, ours[key].shape, (old_side, old_side), (new_side, new_side))
+            resized.append(key)
+        else:
+            skipped.append(key)
+    model.load_state_dict(ours)
+    return copied, resized, skipped

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from data import DataError, build_dataset, check_resolution, load_vae, save_grid, vae_decode, vae_encode, vae_factor
 from diffusion import GaussianDiffusion
-from models import ModelError, build_model, find_checkpoint, is_official_dim, load_checkpoint, resolve_model_name
+from models import (ModelError, build_model, find_checkpoint, init_from_checkpoint, is_official_dim, load_checkpoint,
+                    resolve_model_name)
 
 HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout", "ema")
 # Flags that only steer the run; on --resume, the ones given on the command line replace the stored ones. All
@@ -202,6 +203,11 @@ def main(args):
     for k in HYPERPARAMETERS:  # None means "the model's own recipe"; the checkpoint stores the resolved values
         if getattr(args, k) is None:
             setattr(args, k, model.train_defaults[k])
+    if args.init_from and ckpt is None:  # weak-to-strong: start from weights trained at a lower resolution
+        copied, resized, skipped = init_from_checkpoint(model, find_checkpoint(args.init_from), args.model)
+        if master:
+            print(f"--init-from {args.init_from}: copied {len(copied)} tensors, resized {resized or 'none'} to the "
+                  f"{args.res}px grid, could not load {skipped or 'none'}; fresh optimizer and EMA")
     ema = deepcopy(model).float().requires_grad_(False).eval()
     diffusion = GaussianDiffusion(schedule=model.schedule, time_offset=model.time_offset)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -339,6 +345,8 @@ def parse_args(argv=None):
     parser.add_argument("--sample-every", type=int, default=None, help="default 5000; 0 = never")
     parser.add_argument("--log-every", type=int, default=None, help="default 100")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", default=None, help="start from this checkpoint's EMA weights, trained at "
+                        "another resolution (weak-to-strong fine-tuning); positional embeddings are resized")
     parser.add_argument("--resume", default=None, help="a checkpoint or a run folder; continues it exactly "
                         "(settings come from the checkpoint; only run-control flags such as --steps apply)")
     parser.add_argument("--num-workers", type=int, default=None, help="default 4")
