@@ -338,20 +338,27 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, model, noise, y=None, sampler="dpm++", steps=50, cfg_scale=1.0, null_label=None,
-               eta=0.0, generator=None, progress=False, upsample_guidance=None) -> torch.Tensor:
+               eta=0.0, generator=None, progress=False, upsample_guidance=None, init=None,
+               strength=1.0) -> torch.Tensor:
         """Draw x0 from pure noise (B, C, ...) with `steps` network evaluations; returns the same shape and dtype.
 
         All samplers share one grid: DiT's respaced timesteps from N-1 down to 0 (evenly strided, rounded), then
         a final clean point (abar = 1). For 'dpm++' this is the discrete analogue of DPM-Solver's time_uniform
         grid from T = 1 to eps = 1/N, evaluated at exact discrete alpha/sigma, with denoise-to-zero at the end.
         `generator` drives all sampler noise (ddpm, ddim with eta > 0). `upsample_guidance`: see denoiser; the
-        model must accept both resolutions (e.g. a resized positional embedding).
+        model must accept both resolutions (e.g. a resized positional embedding). With `init` (a clean sample, e.g.
+        an upsampled image), only the least noisy `strength` fraction of the schedule is run, starting from init
+        re-noised to that level with `noise` (SDEdit; the patch route of training-free upsampling).
         """
         if sampler not in self.samplers:
             raise ValueError(f"unknown sampler {sampler!r} for {self.objective!r}; choose one of {self.samplers}")
         if eta != 0 and sampler != "ddim":
             raise ValueError("eta is a DDIM parameter; use sampler='ddim'")
-        denoise, abar = self.denoiser(model, self.timesteps(steps), y, cfg_scale, null_label, upsample_guidance)
+        timesteps = self.timesteps(steps)
+        if init is not None:
+            timesteps = [t for t in timesteps if t <= strength * (self.num_steps - 1)] or timesteps[-1:]
+            noise = self.q_sample(init, torch.full((init.shape[0],), timesteps[0], device=init.device), noise)
+        denoise, abar = self.denoiser(model, timesteps, y, cfg_scale, null_label, upsample_guidance)
         if sampler == "ddpm":
             return ddpm_sample(denoise, noise, abar, generator, progress)
         if sampler == "ddim":
@@ -399,8 +406,9 @@ class FlowMatching:
 
     @torch.no_grad()
     def sample(self, model, noise, y=None, sampler="heun", steps=50, cfg_scale=1.0, null_label=None,
-               generator=None, progress=False) -> torch.Tensor:
+               generator=None, progress=False, init=None, strength=1.0) -> torch.Tensor:
         """Integrate the flow from t = 0 (noise (B, C, ...)) to t = 1 on the uniform grid t_i = i / steps.
+        With `init`, start at t = 1 - strength from init mixed with `noise` on the GVP path (SDEdit).
 
         euler / heun solve dx/dt = u(x, t) directly (heun: 2 network evaluations a step, 1 for the others). dpm++ /
         ddim run the VP samplers above on abar(t) = sin^2(pi t / 2) with (x0_hat, eps_hat) from u. The grid starts
@@ -412,7 +420,11 @@ class FlowMatching:
         if sampler not in self.samplers:
             raise ValueError(f"unknown sampler {sampler!r} for {self.objective!r}; choose one of {self.samplers}")
         _check_steps(steps, 10 ** 6)
-        ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64)  # (K+1,)
+        t0 = 0.0 if init is None else 1.0 - strength
+        ts = torch.linspace(t0, 1, steps + 1, dtype=torch.float64)  # (K+1,)
+        if init is not None:
+            a, s = gvp_coefs(torch.tensor(t0))
+            noise = a.item() * init + s.item() * noise
         t_dtype = torch.promote_types(noise.dtype, torch.float32)  # the network's time never in bf16
 
         def velocity(x, t):

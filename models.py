@@ -6,9 +6,13 @@ import os
 import torch
 
 from dim import DiM_models, load_official_state_dict
+from dimsum import DiMSUM_models
+from dit import DiT_models
+from lamamba import LaMamba_models
 
-MODELS = {**DiM_models}
-FAMILY_DEFAULTS = {"dim": "DiM-S/2"}  # `--model dim` picks the family's usual config
+MODELS = {**DiM_models, **DiMSUM_models, **LaMamba_models, **DiT_models}
+# `--model dim` picks the family's usual config: the smallest paper-sized one, which trains on one GPU.
+FAMILY_DEFAULTS = {"dim": "DiM-S/2", "dimsum": "DiMSUM-B/2", "lamamba": "LaMamba-S", "dit": "DiT-S/2"}
 
 
 class ModelError(ValueError):
@@ -100,8 +104,7 @@ def init_from_checkpoint(model, path, model_name):
     512 fine-tune starts from the 256 nnet_ema. Returns (copied, resized, skipped) key lists."""
     ckpt = load_checkpoint(path)
     if is_official_dim(ckpt):
-        import dim
-        loaded, missing, unused = dim.load_official_state_dict(model, ckpt)
+        loaded, missing, unused = load_official_state_dict(model, ckpt)
         return loaded, [], unused
     if ckpt["model_name"] != model_name:
         raise ModelError(f"--init-from {path} holds a {ckpt['model_name']} model, not {model_name}: "

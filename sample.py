@@ -18,10 +18,53 @@ import torch
 from tqdm import tqdm
 
 from data import DataError, check_resolution, load_vae, save_grid, to_pil, vae_decode, vae_factor
-from diffusion import SAMPLERS, GaussianDiffusion
+from diffusion import SAMPLERS, UpsampleGuidance, create_diffusion
 from models import ModelError, find_checkpoint, load_model
 
 OFFICIAL_DIM_VAE = "stabilityai/sd-vae-ft-ema"  # the KL-f8 autoencoder U-ViT and DiM trained on
+
+
+class TiledModel(torch.nn.Module):
+    """Runs `model` on overlapping tiles of its trained size and averages the predictions where tiles overlap
+    (MultiDiffusion, DemoFusion): every forward stays at the trained size, so memory stays flat and models whose
+    structure is tied to the grid work at any output size. Same call as the model: tiled(x, t, y)."""
+    def __init__(self, model, tile, overlap):
+        super().__init__()
+        self.model, self.tile = model, tile
+        self.stride = max(1, round(tile * (1 - overlap)))
+        self.patch_size, self.num_classes = model.patch_size, model.num_classes
+
+    def starts(self, size):
+        if size <= self.tile:
+            return [0]
+        return sorted(set(list(range(0, size - self.tile, self.stride)) + [size - self.tile]))
+
+    def forward(self, x, t, y=None):
+        N, _, H, W = x.shape
+        out, count = None, torch.zeros(1, 1, H, W, device=x.device, dtype=torch.float32)
+        for i in self.starts(H):
+            for j in self.starts(W):
+                pred = self.model(x[:, :, i:i + self.tile, j:j + self.tile], t, y).float()   # (N, C', tile, tile)
+                if out is None:
+                    out = torch.zeros(N, pred.shape[1], H, W, device=x.device)
+                out[:, :, i:i + self.tile, j:j + self.tile] += pred
+                count[:, :, i:i + self.tile, j:j + self.tile] += 1
+        return (out / count).to(x.dtype)
+
+
+def upsample_plan(args, res, trained_res, diffusion):
+    """Which training-free route generates above the trained size: 'guidance' (DiM's Upsample Guidance, for
+    epsilon models at an integer ratio), 'patch' (sample at the trained size, upsample, re-noise, tiled denoising)
+    or 'none' (plain sampling at the new size, positional embeddings resized)."""
+    mode = args.upsample
+    if mode == "auto":
+        integer_ratio = res % trained_res == 0 and res // trained_res >= 2
+        mode = "none" if res <= trained_res else ("guidance" if integer_ratio and diffusion.objective == "eps"
+                                                  else "patch")
+    if mode == "guidance" and (diffusion.objective != "eps" or res % trained_res or res < 2 * trained_res):
+        raise ModelError(f"--upsample guidance needs an epsilon model and --res a multiple (>= 2x) of the trained "
+                         f"{trained_res}px; use --upsample patch or none")
+    return mode
 
 
 def main(args):
@@ -40,19 +83,29 @@ def main(args):
     factor = vae_factor(vae) if vae else 1
     check_resolution(res, model.patch_size, factor)
     model = model.to(device).eval()
-    diffusion = GaussianDiffusion(schedule=model.schedule, time_offset=model.time_offset)
+    diffusion = create_diffusion(model)
+    sampler = args.sampler or diffusion.default_sampler
+    if sampler not in diffusion.samplers:
+        raise ModelError(f"--sampler {sampler} does not fit a {diffusion.objective} model; choose one of "
+                         f"{', '.join(diffusion.samplers)}")
+    trained_res = train_args.get("res") or model.input_size * factor
+    upsample = upsample_plan(args, res, trained_res, diffusion)
     num_classes = model.num_classes
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         raise ModelError(f"--class-label {args.class_label} is out of range: the model has {num_classes} classes")
     cfg = args.cfg if args.cfg is not None else (1.5 if num_classes else 1.0)
     bf16 = device.type == "cuda"
     print(f"{ckpt_path}: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M), "
-          f"{args.num_samples} samples at {res}px, {args.sampler} {args.steps} steps, cfg {cfg}")
+          f"{args.num_samples} samples at {res}px (trained {trained_res}px, upsample {upsample}), {sampler} "
+          f"{args.steps} steps, cfg {cfg}")
 
     # All initial noise drawn up front, so it does not depend on --batch-size (nor, with ddim/dpm++, do the images).
     g = torch.Generator(device).manual_seed(args.seed)
     shape = (model.in_channels, res // factor, res // factor)
     noise = torch.randn(args.num_samples, *shape, device=device, generator=g)
+    if upsample == "patch":  # the trained-size first pass gets its own noise, also drawn up front
+        lo = trained_res // factor
+        noise_lo = torch.randn(args.num_samples, shape[0], lo, lo, device=device, generator=g)
     if not num_classes:
         labels = None
     elif args.class_label is not None:
@@ -63,10 +116,21 @@ def main(args):
     images = []
     for i in tqdm(range(0, args.num_samples, args.batch_size), desc="batches"):
         y = labels[i:i + args.batch_size] if labels is not None else None
+        common = dict(sampler=sampler, steps=args.steps, cfg_scale=cfg, null_label=num_classes, generator=g)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = diffusion.sample(model, noise[i:i + args.batch_size], y, sampler=args.sampler, steps=args.steps,
-                                 cfg_scale=cfg, null_label=num_classes, generator=g)
-        # (--upsample, Upsample Guidance for resolutions far above the trained one, will wrap this call.)
+            if upsample == "patch":
+                # 1. a sample at the trained size; 2. upsampled; 3. re-noised and denoised at the target size by
+                # the model applied to overlapping tiles of the trained size
+                x_lo = diffusion.sample(model, noise_lo[i:i + args.batch_size], y, **common)
+                x_up = torch.nn.functional.interpolate(x_lo.float(), size=shape[1:], mode="bicubic")
+                tiled = TiledModel(model, noise_lo.shape[-1], args.tile_overlap)
+                x = diffusion.sample(tiled, noise[i:i + args.batch_size], y, init=x_up.to(x_lo.dtype),
+                                     strength=args.renoise, **common)
+            elif upsample == "guidance":
+                ug = UpsampleGuidance(m=res // trained_res, theta=args.ug_scale, eta=args.ug_window)
+                x = diffusion.sample(model, noise[i:i + args.batch_size], y, upsample_guidance=ug, **common)
+            else:
+                x = diffusion.sample(model, noise[i:i + args.batch_size], y, **common)
         if vae is not None:
             x = vae_decode(vae, x.float())
         images.append(x.float().cpu())
@@ -88,7 +152,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=None, help="check the checkpoint holds this model; required for "
                         "official DiM weights (e.g. DiM-H/2)")
     parser.add_argument("--res", type=int, default=None, help="image side in pixels (default: the trained one)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="dpm++")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None,
+                        help="default: the model's (dpm++ for epsilon models, heun for flow matching)")
     parser.add_argument("--steps", type=int, default=50, help="network evaluations (x2 with CFG)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale w, 1 = none "
                         "(default 1.5 class-conditional, 1 unconditional)")
@@ -99,6 +164,15 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--vae", default=None, help="decode latents with this VAE (default: the one trained on; "
                         f"{OFFICIAL_DIM_VAE} for official DiM weights)")
+    parser.add_argument("--upsample", choices=["auto", "guidance", "patch", "none"], default="auto",
+                        help="above the trained size: Upsample Guidance (DiM), patch (tiled re-denoising) or none; "
+                        "auto picks guidance for epsilon models at an integer ratio, else patch")
+    parser.add_argument("--ug-scale", type=float, default=1.0, help="Upsample Guidance weight theta (DiM: 1)")
+    parser.add_argument("--ug-window", type=float, default=0.3, help="guide the noisiest fraction eta of the "
+                        "schedule (DiM: 0.3)")
+    parser.add_argument("--tile-overlap", type=float, default=0.5, help="patch route: overlap of adjacent tiles")
+    parser.add_argument("--renoise", type=float, default=0.6, help="patch route: fraction of the schedule re-run "
+                        "on the upsampled sample (1 = from pure noise)")
     parser.add_argument("--num-classes", type=int, default=1000, help="official DiM weights only (ImageNet: 1000)")
     return parser.parse_args(argv)
 

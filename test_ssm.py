@@ -1,6 +1,14 @@
-"""CPU tests for ssm.py: the chunked pure-PyTorch scan against the sequential reference, and the Mamba mixer."""
+"""
+CPU tests for ssm.py: the chunked pure-PyTorch scan and the Triton kernels (in Triton's interpreter) against the
+sequential reference, backend selection, and the Mamba mixer.
+"""
 
+import json
 import math
+import os
+import subprocess
+import sys
+import types
 
 import pytest
 import torch
@@ -134,6 +142,140 @@ def test_backend_forced_cuda(monkeypatch):
     inputs = make_inputs(1, 2, 3, 2)
     selective_scan(**inputs)
     assert len(calls) == 1
+
+
+# -----------------------------------------------------------------------------
+# Triton backend: the kernels run in Triton's CPU interpreter. TRITON_INTERPRET=1 must be set before triton is
+# imported, so all cases run in one subprocess (_triton_worker) and the tests below check its results.
+# -----------------------------------------------------------------------------
+
+# name: (b, dim, L, N), make_inputs options, softplus, fp32 launch config overrides (fwd, bwd)
+TRITON_CASES = {
+    "default": ((2, 8, 37, 4), {}, True, {}, {}),  # L not a multiple of the tile; border states recomputed
+    "grouped": ((2, 8, 37, 4), dict(G=2), True, {}, {}),  # channel block shrinks to the 4 channels of a group
+    "grouped_g1_ragged": ((1, 12, 21, 3), dict(G=1), True, {}, {}),  # N not a power of 2, dim not a block multiple
+    "no_options": ((2, 8, 29, 4), dict(with_D=False, with_z=False, with_bias=False), False, {}, {}),
+    "D_softplus": ((1, 8, 29, 4), dict(with_z=False, with_bias=False), True, {}, {}),
+    "z_bias_no_softplus": ((1, 8, 29, 4), dict(with_D=False), False, {}, {}),
+    "large_delta": ((1, 8, 40, 8), dict(big_delta=True), True, {}, {}),
+    "large_delta_no_softplus": ((1, 8, 40, 8), dict(big_delta=True), False, {}, {}),
+    "many_chunks": ((1, 8, 75, 4), {}, True, dict(CHUNK=16), {}),  # 5 saved chunks, the last one partial
+    "tile_per_chunk": ((1, 8, 30, 4), {}, True, dict(CHUNK=4), {}),  # one tile per chunk
+    "single_step": ((2, 6, 1, 4), {}, True, {}, {}),
+    "partials_no_atomics": ((2, 8, 37, 4), dict(G=2), True, {}, dict(ATOMIC=False)),
+}
+
+
+def _triton_worker():
+    """Run in a subprocess with TRITON_INTERPRET=1; prints one JSON line: errors per case, or why to skip."""
+    if ssm.triton is None or not ssm.triton_interpreted():
+        print(json.dumps({"__skip__": "triton is not importable"}))
+        return
+    try:  # some triton/numpy pairs cannot interpret loops with run-time bounds (triton 3.6 with numpy >= 2.4)
+        selective_scan(**make_inputs(1, 2, 3, 2), delta_softplus=True, backend="triton")
+    except Exception as e:
+        print(json.dumps({"__skip__": f"Triton's interpreter fails here: {type(e).__name__}: {e}"[:300]}))
+        return
+    defaults = {k: dict(v[4]) for k, v in ssm.TRITON_CONFIG.items()}
+    out = {}
+    for name, (shape, opts, softplus, fwd_cfg, bwd_cfg) in TRITON_CASES.items():
+        ssm.TRITON_CONFIG["fwd"][4] = dict(defaults["fwd"], **fwd_cfg)
+        ssm.TRITON_CONFIG["bwd"][4] = dict(defaults["bwd"], **bwd_cfg)
+        inputs = make_inputs(*shape, **opts)
+        if not softplus:  # dt = delta + bias must be positive without the softplus
+            inputs["delta"] = inputs["delta"].abs()
+            if inputs["delta_bias"] is not None:
+                inputs["delta_bias"] = inputs["delta_bias"].abs()
+        y, grads = run_with_grads(ssm.selective_scan_triton, inputs, torch.float32, delta_softplus=softplus)
+        y_ref, grads_ref = run_with_grads(selective_scan_ref, inputs, torch.float64, delta_softplus=softplus)
+        errs = {"out": rel_err(y, y_ref) if torch.isfinite(y).all() else math.inf}
+        errs.update({k: rel_err(g, grads_ref[k]) if torch.isfinite(g).all() else math.inf for k, g in grads.items()})
+        errs["missing"] = sorted(set(grads_ref) ^ set(grads))
+        errs["dtype_shape_ok"] = y.dtype == torch.float32 and y.shape == y_ref.shape
+        out[name] = errs
+        ssm.TRITON_CONFIG["fwd"][4], ssm.TRITON_CONFIG["bwd"][4] = defaults["fwd"], defaults["bwd"]
+
+    # bf16 inputs: bf16 output, error of bf16 rounding only (the scan runs in fp32)
+    inputs = make_inputs(1, 8, 24, 4)
+    half = {k: (v.bfloat16() if k in ("u", "delta", "B", "C", "z") else v) for k, v in inputs.items()}
+    y = selective_scan(**half, delta_softplus=True, backend="triton")
+    y_ref = selective_scan_ref(**{k: v.double() for k, v in half.items()}, delta_softplus=True)
+    out["bf16"] = {"dtype_ok": y.dtype == torch.bfloat16, "out": rel_err(y, y_ref)}
+
+    # the Mamba mixer on the triton backend against the reference loop, parameters' gradients included
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=4, d_conv=3)
+    x = torch.randn(2, 19, 16)
+    res = {}
+    for backend in ("triton", "ref"):
+        m.backend = backend
+        m.zero_grad()
+        y = m(x)
+        y.square().mean().backward()
+        res[backend] = (y.detach(), {k: p.grad.clone() for k, p in m.named_parameters()})
+    out["mamba_mixer"] = {"out": rel_err(res["triton"][0], res["ref"][0]),
+                          **{k: rel_err(g, res["ref"][1][k]) for k, g in res["triton"][1].items()}}
+    print(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def triton_results():
+    if ssm.triton is None:
+        pytest.skip("triton is not importable")
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFUSION_MAMBA_SCAN="")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", "import test_ssm; test_ssm._triton_worker()"], cwd=here, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "__skip__" in res:
+        pytest.skip(res["__skip__"])
+    return res
+
+
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_scan_matches_reference(triton_results, name):
+    errs = dict(triton_results[name])
+    assert errs.pop("missing") == [] and errs.pop("dtype_shape_ok")
+    # fp32 kernels against the fp64 loop: outputs and every gradient (measured ~1e-7)
+    assert max(errs.values()) < 1e-5, errs
+
+
+def test_triton_scan_bf16(triton_results):
+    assert triton_results["bf16"]["dtype_ok"]
+    assert triton_results["bf16"]["out"] < 1e-2  # bf16 output rounding only
+
+
+def test_triton_mamba_mixer_matches_reference(triton_results):
+    errs = triton_results["mamba_mixer"]
+    assert errs["out"] < 1e-5 and max(errs.values()) < 1e-4, errs
+
+
+def test_backend_triton_selection(monkeypatch):
+    monkeypatch.delenv("DIFFUSION_MAMBA_SCAN", raising=False)
+    gpu = types.SimpleNamespace(is_cuda=True)  # scan_backend only looks at .is_cuda
+    monkeypatch.setattr(ssm, "_cuda_scan_fn", lambda *a: None)
+    assert scan_backend(gpu) == "cuda"  # mamba-ssm first
+    monkeypatch.setattr(ssm, "_cuda_scan_fn", None)
+    monkeypatch.setattr(ssm, "triton", object())
+    assert scan_backend(gpu) == "triton"  # then triton on a GPU
+    assert scan_backend(torch.zeros(1)) == "torch"  # never on CPU tensors unless forced
+    assert scan_backend(torch.zeros(1), backend="triton") == "triton"
+    monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "triton")
+    assert scan_backend(torch.zeros(1)) == "triton"
+    monkeypatch.delenv("DIFFUSION_MAMBA_SCAN")
+    monkeypatch.setattr(ssm, "triton", None)
+    with pytest.warns(UserWarning, match="pure-PyTorch"):
+        ssm._warned.clear()
+        assert scan_backend(gpu) == "torch"  # neither: the pure-PyTorch scan, with a warning
+    with pytest.raises(RuntimeError):
+        scan_backend(gpu, backend="triton")  # forcing triton without triton is an error
+
+
+@pytest.mark.skipif(ssm.triton is None or ssm.triton_interpreted(), reason="needs triton without its interpreter")
+def test_triton_on_cpu_tensors_needs_interpreter():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        selective_scan(**make_inputs(1, 2, 3, 2), backend="triton")
 
 
 # -----------------------------------------------------------------------------

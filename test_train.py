@@ -199,3 +199,27 @@ def test_weak_to_strong_init_from(trained, tmp_path, capsys):
     with pytest.raises(ModelError, match="holds a DiM-T/2 model, not DiM-S/2"):
         run_train(*[a if a != MODEL else OTHER_MODEL for a in at16], "--steps", 1, "--results-dir", tmp_path / "x",
                   "--init-from", trained)
+
+
+def test_training_free_upsampling(trained, tmp_path, capsys):
+    # 2x the trained size: Upsample Guidance (auto); 20 px: the patch route; both give images of the asked size.
+    for res, mode in [(16, "auto"), (20, "patch"), (16, "none")]:
+        images = run_sample("--ckpt", trained, "--res", res, "--upsample", mode, "--steps", 4, "--num-samples", 2,
+                            "--out", tmp_path / f"{res}{mode}")
+        assert images.shape == (2, 1, res, res) and torch.isfinite(images).all()
+    out = capsys.readouterr().out
+    assert "upsample guidance" in out and "upsample patch" in out
+    with pytest.raises(ModelError, match="multiple"):
+        run_sample("--ckpt", trained, "--res", 20, "--upsample", "guidance", "--out", tmp_path / "bad")
+
+
+def test_tiled_model_matches_a_local_model():
+    # For a per-pixel model, averaging overlapping tiles must give exactly the untiled prediction.
+    class PerPixel(torch.nn.Module):
+        patch_size, num_classes = 1, 0
+        def forward(self, x, t, y=None):
+            return x * 2 + t.view(-1, 1, 1, 1)
+    x, t = torch.randn(2, 3, 20, 28), torch.tensor([1.0, 2.0])
+    tiled = sample.TiledModel(PerPixel(), tile=8, overlap=0.5)
+    assert tiled.starts(20) == [0, 4, 8, 12] and tiled.starts(28)[-1] == 20
+    assert torch.allclose(tiled(x, t), PerPixel()(x, t))

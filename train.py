@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import DataError, build_dataset, check_resolution, load_vae, save_grid, vae_decode, vae_encode, vae_factor
-from diffusion import GaussianDiffusion
+from diffusion import create_diffusion
 from models import (ModelError, build_model, find_checkpoint, init_from_checkpoint, is_official_dim, load_checkpoint,
                     resolve_model_name)
 
@@ -152,7 +152,7 @@ def save_samples(ema, diffusion, vae, shape, num_classes, path, device, seed, au
     y = torch.arange(k, device=device).repeat(4) if k else None
     noise = torch.randn(4 * k if k else 16, *shape, device=device, generator=g)
     with autocast:
-        x = diffusion.sample(ema, noise, y, sampler="dpm++", steps=25, cfg_scale=1.5 if k else 1.0,
+        x = diffusion.sample(ema, noise, y, sampler=diffusion.default_sampler, steps=25, cfg_scale=1.5 if k else 1.0,
                              null_label=num_classes, generator=g)
     if vae is not None:
         x = vae_decode(vae, x.float())
@@ -209,7 +209,7 @@ def main(args):
             print(f"--init-from {args.init_from}: copied {len(copied)} tensors, resized {resized or 'none'} to the "
                   f"{args.res}px grid, could not load {skipped or 'none'}; fresh optimizer and EMA")
     ema = deepcopy(model).float().requires_grad_(False).eval()
-    diffusion = GaussianDiffusion(schedule=model.schedule, time_offset=model.time_offset)
+    diffusion = create_diffusion(model)  # the model's objective: eps (+ learned sigma) or flow matching
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             betas=model.train_defaults["betas"], eps=model.train_defaults["eps"])
 

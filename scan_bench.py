@@ -1,0 +1,333 @@
+"""
+Speed, memory and accuracy of the selective scan backends of ssm.py: mamba-ssm's CUDA kernel, the Triton kernels
+and the chunked pure-PyTorch scan.
+
+    python scan_bench.py                 # GPU: accuracy table, then timings at batch 8, 1536 channels, N 16, bf16
+    python scan_bench.py --sweep         # GPU: also time launch configurations of the Triton kernels first
+    python scan_bench.py --smoke         # tiny shapes; on a CPU it runs the Triton kernels in Triton's interpreter
+
+Timing: median of CUDA-event timings after warm-up, with the L2 cache flushed before every repetition.
+"fwd+bwd" is one forward and torch.autograd.grad for all inputs. "extra GB" is the peak allocation above what was
+allocated before the call (inputs), i.e. outputs, saved states, gradients and workspace.
+Errors are relative: max|a - b| / max|b| against an fp64 run of the sequential reference on the same inputs.
+Prints markdown tables; writes scan_bench.json into $OUT when that variable is set.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+p = argparse.ArgumentParser()
+p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself (runs on a CPU)")
+p.add_argument("--sweep", action="store_true", help="time launch configurations of the Triton kernels")
+p.add_argument("--lengths", default="256,1024,4096,16384")
+p.add_argument("--no-torch", action="store_true", help="skip the pure-PyTorch rows")
+p.add_argument("--no-accuracy", action="store_true")
+p.add_argument("--fwd-config", default=None, help="JSON overriding ssm.TRITON_CONFIG['fwd'][2]")
+p.add_argument("--bwd-config", default=None, help="JSON overriding ssm.TRITON_CONFIG['bwd'][2]")
+args = p.parse_args()
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by ssm)
+import ssm  # noqa: E402
+
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+if dev == "cpu" and not args.smoke:
+    sys.exit("no GPU: run with --smoke")
+has_cuda = dev == "cuda" and ssm._cuda_scan_fn is not None
+has_triton = ssm.triton is not None
+torch.backends.cuda.matmul.allow_tf32 = False
+if args.fwd_config:
+    ssm.TRITON_CONFIG["fwd"][2].update(json.loads(args.fwd_config))
+if args.bwd_config:
+    ssm.TRITON_CONFIG["bwd"][2].update(json.loads(args.bwd_config))
+
+results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+           "triton": getattr(ssm.triton, "__version__", None), "has_cuda_scan": has_cuda,
+           "triton_config": ssm.TRITON_CONFIG}
+try:
+    import mamba_ssm
+    results["mamba_ssm"] = mamba_ssm.__version__
+except Exception:
+    results["mamba_ssm"] = None
+print(f"device {results['device']}, torch {torch.__version__}, triton {results['triton']}, "
+      f"mamba-ssm {results['mamba_ssm']} (kernel usable: {has_cuda})")
+print(f"triton config: {json.dumps(ssm.TRITON_CONFIG)}")
+
+IMPLS = {"cuda": lambda **kw: ssm.selective_scan(**kw, backend="cuda"),
+         "triton": lambda **kw: ssm.selective_scan(**kw, backend="triton"),
+         "torch": lambda **kw: ssm.selective_scan(**kw, backend="torch"),
+         "ref": lambda **kw: ssm.selective_scan(**kw, backend="ref")}
+available = [k for k, ok in (("cuda", has_cuda), ("triton", has_triton), ("torch", not args.no_torch)) if ok]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def scan_inputs(b, dim, L, N, dtype, seed=0, G=None, big_delta=False, with_z=True, with_D=True):
+    """Inputs as in a Mamba block: dt bias from Mamba's init, S4D-real A; u/delta/B/C/z in dtype, rest fp32."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, device=dev, generator=g)
+    dt0 = torch.exp(torch.empty(dim, device=dev).uniform_(math.log(1e-3), math.log(0.1), generator=g))
+    bc = (b, N, L) if G is None else (b, G, N, L)
+    delta = 5 + 15 * torch.rand(b, dim, L, device=dev, generator=g) if big_delta else 0.5 * rn(b, dim, L)
+    x = dict(u=rn(b, dim, L), delta=delta, A=-torch.arange(1, N + 1, device=dev, dtype=torch.float32).repeat(dim, 1),
+             B=rn(*bc), C=rn(*bc), D=rn(dim) if with_D else None, z=rn(b, dim, L) if with_z else None,
+             delta_bias=dt0 + torch.log(-torch.expm1(-dt0)))
+    return {k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z") and v is not None else v) for k, v in x.items()}
+
+
+def leaves_of(inputs, dtype=None, grad=True):
+    return {k: (v.detach().to(dtype or v.dtype).clone().requires_grad_(grad) if v is not None else None)
+            for k, v in inputs.items()}
+
+
+def fwd_bwd(impl, inputs, dtype=None):
+    leaves = leaves_of(inputs, dtype)
+    y = IMPLS[impl](**leaves, delta_softplus=True)
+    dy = torch.randn(y.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(y.dtype)
+    names = [k for k, v in leaves.items() if v is not None]
+    grads = torch.autograd.grad(y, [leaves[k] for k in names], dy)
+    return y.detach(), dict(zip(names, grads))
+
+
+_flush = torch.empty(256 * 2 ** 20 if dev == "cuda" else 1, dtype=torch.int8, device=dev)
+
+
+def time_ms(fn, budget_ms=300.0, max_reps=50):
+    """Median ms of fn() over repetitions, L2 flushed before each, after warm-up (first call = compile)."""
+    fn()
+    if dev == "cpu":
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = 1e3 * (time.perf_counter() - t0)
+    reps = int(max(3, min(max_reps, budget_ms / max(est, 1e-3))))
+    times = []
+    for _ in range(reps):
+        _flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def extra_gb(fn):
+    """Peak allocation during fn() above what was allocated before it, in GB."""
+    if dev == "cpu":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - base) / 1e9
+
+
+def fmt(x, spec=".3f"):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+# -----------------------------------------------------------------------------
+# 1. accuracy against the fp64 sequential reference
+# -----------------------------------------------------------------------------
+
+if not args.no_accuracy:
+    base = (1, 8, 45, 4) if args.smoke else (2, 256, 1024, 16)
+    b_, d_, L_, N_ = base
+    cases = [
+        ("fp32, z, D, softplus", dict(dtype=torch.float32)),
+        ("fp32, large delta (dt 5-20)", dict(dtype=torch.float32, big_delta=True)),
+        (f"fp32, grouped B/C G=4, no z/D, L {L_ - 24}", dict(dtype=torch.float32, G=4, with_z=False, with_D=False,
+                                                             L=L_ - 24)),
+        ("bf16, z, D, softplus", dict(dtype=torch.bfloat16)),
+        ("bf16, large delta", dict(dtype=torch.bfloat16, big_delta=True)),
+    ]
+    impls = [k for k in available if k != "torch"] + (["torch"] if "torch" in available else [])
+    print(f"\n## Accuracy vs fp64 sequential reference, (batch, dim, L, N) = {base}; relative max error\n")
+    print("| case | impl | out | u | delta | A | B | C | D | z | delta_bias |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    results["accuracy"] = []
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    for label, c in cases:
+        c = dict(c)
+        dtype, L = c.pop("dtype"), c.pop("L", L_)
+        inputs = scan_inputs(b_, d_, L, N_, dtype, **c)
+        y_ref, g_ref = fwd_bwd("ref", inputs, torch.float64)
+        for impl in impls:
+            try:
+                y, g = fwd_bwd(impl, inputs)
+            except Exception as e:  # e.g. an implementation that does not support a case
+                print(f"| {label} | {impl} | failed: {type(e).__name__}: {str(e)[:80]} |")
+                continue
+            row = {"case": label, "impl": impl, "out": rel(y, y_ref), **{k: rel(g[k], g_ref[k]) for k in g}}
+            results["accuracy"].append(row)
+            print(f"| {label} | {impl} | " + " | ".join(fmt(row.get(k), ".1e") for k in ["out"] + names) + " |")
+
+    # the Mamba mixer end to end: triton backend against the cuda backend, same weights
+    if has_cuda and has_triton:
+        d_model, Bsz, Lm = 512, 4, 1024
+        print(f"\n## Mamba mixer d_model {d_model}, B {Bsz}, L {Lm}: triton backend vs cuda backend (rel. error)\n")
+        print("| precision | out | worst param grad (name) |")
+        print("|---|---|---|")
+        results["mixer"] = []
+        torch.manual_seed(0)
+        m = ssm.Mamba(d_model).to(dev)
+        xm = torch.randn(Bsz, Lm, d_model, device=dev)
+        for amp in (False, True):
+            outs, grads = {}, {}
+            for backend in ("cuda", "triton"):
+                m.backend = backend
+                m.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    ym = m(xm)
+                ym.float().square().mean().backward()
+                outs[backend], grads[backend] = ym.detach(), {k: q.grad.clone() for k, q in m.named_parameters()}
+            errs = {k: rel(grads["triton"][k], grads["cuda"][k]) for k in grads["cuda"]}
+            worst = max(errs, key=errs.get)
+            row = {"precision": "bf16 autocast" if amp else "fp32", "out": rel(outs["triton"], outs["cuda"]), **errs}
+            results["mixer"].append(row)
+            print(f"| {row['precision']} | {row['out']:.1e} | {errs[worst]:.1e} ({worst}) |")
+
+# -----------------------------------------------------------------------------
+# 2. launch-configuration sweep of the Triton kernels (main shape)
+# -----------------------------------------------------------------------------
+
+MAIN = (1, 16, 32, 4) if args.smoke else (8, 1536, 4096, 16)
+if args.sweep and has_triton:
+    inputs = scan_inputs(*MAIN, torch.bfloat16)
+    x = dict(inputs)
+    A, Bg, Cg = x["A"], ssm._as_groups(x["B"]), ssm._as_groups(x["C"])
+    fargs = (x["u"], x["delta"], A, Bg, Cg, x["D"], x["z"], x["delta_bias"], True)
+    ref_out = IMPLS["cuda" if has_cuda else "triton"](**inputs, delta_softplus=True)
+    dout = torch.randn(ref_out.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(
+        ref_out.dtype)  # the same as fwd_bwd's
+    default = {k: dict(v[2]) for k, v in ssm.TRITON_CONFIG.items()}
+    print(f"\n## Triton launch sweep at {MAIN} bf16 (fwd: forward kernel; bwd: backward kernel + dB/dC reduction)\n")
+    print("| kernel | config | ms | extra GB | err vs " + ("cuda" if has_cuda else "default") + " |")
+    print("|---|---|---|---|---|")
+    results["sweep"] = []
+    fwd_space = [dict(BD=bd, T=t, num_warps=w, CHUNK=64) for bd, t, w in (
+        (4, 8, 1), (8, 8, 1), (16, 8, 1), (8, 8, 2), (16, 8, 2))]
+    if args.smoke:
+        fwd_space = fwd_space[:2]
+    for cfg in fwd_space:
+        ssm.TRITON_CONFIG["fwd"][2] = cfg
+        try:
+            out = ssm._triton_scan_fwd(*fargs)[0]
+            err = rel(out, ref_out)
+            ms = time_ms(lambda: ssm._triton_scan_fwd(*fargs), budget_ms=100)
+            row = dict(kernel="fwd", config=cfg, ms=ms, err=err)
+        except Exception as e:
+            row = dict(kernel="fwd", config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}")
+        results["sweep"].append(row)
+        print(f"| fwd | {json.dumps(cfg)} | {fmt(row.get('ms'))} | – | {fmt(row.get('err'), '.1e')} "
+              f"{row.get('error', '')}|")
+    ok = [r for r in results["sweep"] if "ms" in r and r["err"] < 2e-2]
+    ssm.TRITON_CONFIG["fwd"][2] = min(ok, key=lambda r: r["ms"])["config"] if ok else default["fwd"]
+
+    _, g_def = fwd_bwd("cuda" if has_cuda else "triton", inputs)
+    # warps and channels per program (8 to 32 state updates per thread and tile), atomics, chunk of saved states
+    bwd_space = [dict(BD=bd, T=8, num_warps=w, ATOMIC=at, CHUNK=ch) for bd, w, at, ch in (
+        (2, 1, True, 64), (4, 1, True, 64), (8, 1, True, 64), (4, 2, True, 64), (8, 2, True, 64), (16, 4, True, 64),
+        (4, 1, False, 64), (4, 1, True, 128), (4, 1, True, 32))]
+    if args.smoke:
+        bwd_space = bwd_space[:2]
+    for cfg in bwd_space:
+        cfg = dict(cfg)
+        chunk = cfg.pop("CHUNK")
+        ssm.TRITON_CONFIG["bwd"][2] = cfg
+        fcfg = dict(ssm.TRITON_CONFIG["fwd"][2])
+        ssm.TRITON_CONFIG["fwd"][2] = dict(fcfg, CHUNK=chunk)
+        try:
+            out, states, ch = ssm._triton_scan_fwd(*fargs)
+            bargs = (dout, *fargs[:-1], True, states, ch)
+            grads = ssm._triton_scan_bwd(*bargs)
+            gr = dict(u=grads[0], delta=grads[1], B=grads[3][:, 0], C=grads[4][:, 0])
+            err = max(rel(gr[k], g_def[k]) for k in gr)
+            ms = time_ms(lambda: ssm._triton_scan_bwd(*bargs), budget_ms=100)
+            gb = extra_gb(lambda: ssm._triton_scan_bwd(*bargs))
+            row = dict(kernel="bwd", config=dict(cfg, CHUNK=chunk), ms=ms, gb=gb, err=err)
+        except Exception as e:
+            row = dict(kernel="bwd", config=dict(cfg, CHUNK=chunk), error=f"{type(e).__name__}: {str(e)[:100]}")
+        ssm.TRITON_CONFIG["fwd"][2] = fcfg
+        results["sweep"].append(row)
+        print(f"| bwd | {json.dumps(row['config'])} | {fmt(row.get('ms'))} | {fmt(row.get('gb'))} | "
+              f"{fmt(row.get('err'), '.1e')} {row.get('error', '')}|")
+    ok = [r for r in results["sweep"] if r["kernel"] == "bwd" and "ms" in r and r["err"] < 5e-2]
+    if ok:
+        best = dict(min(ok, key=lambda r: r["ms"])["config"])
+        ssm.TRITON_CONFIG["fwd"][2]["CHUNK"] = best.pop("CHUNK")
+        ssm.TRITON_CONFIG["bwd"][2] = best
+    else:
+        ssm.TRITON_CONFIG["bwd"][2] = default["bwd"]
+    print(f"\nchosen: {json.dumps(ssm.TRITON_CONFIG)}")
+    results["triton_config_chosen"] = json.loads(json.dumps(ssm.TRITON_CONFIG))
+
+# -----------------------------------------------------------------------------
+# 3. speed and memory
+# -----------------------------------------------------------------------------
+
+lengths = [32] if args.smoke else [int(v) for v in args.lengths.split(",")]
+b_, d_, N_ = (1, 16, 4) if args.smoke else (8, 1536, 16)
+results["bench"] = []
+rows = []
+for L in lengths:
+    inputs = scan_inputs(b_, d_, L, N_, torch.bfloat16)
+    plain = leaves_of(inputs, grad=False)
+    dy = torch.randn(b_, d_, L, device=dev).to(torch.bfloat16)
+    for impl in available:
+        f = IMPLS[impl]
+        row = dict(impl=impl, shape=f"B{b_} D{d_} L{L} N{N_}", L=L)
+        # pure PyTorch: (B, D, L, N) fp32 intermediates, ~27 GB for fwd+bwd at L 4096 (OOM beyond)
+        big = impl == "torch" and b_ * d_ * L * N_ > 8 * 1536 * 4096 * 16
+        try:
+            with torch.no_grad():
+                row["fwd_ms"] = time_ms(lambda: f(**plain, delta_softplus=True))
+                row["fwd_gb"] = extra_gb(lambda: f(**plain, delta_softplus=True))
+            if not big:
+                leaves = leaves_of(inputs)
+                names = [k for k, v in leaves.items() if v is not None]
+
+                def step():
+                    return torch.autograd.grad(f(**leaves, delta_softplus=True), [leaves[k] for k in names], dy)
+
+                row["fb_ms"] = time_ms(step)
+                row["fb_gb"] = extra_gb(step)
+        except torch.OutOfMemoryError:
+            row["note"] = "out of memory"
+        torch.cuda.empty_cache() if dev == "cuda" else None
+        rows.append(row)
+        results["bench"].append(row)
+
+print(f"\n## Speed and memory, bf16 u/delta/z/B/C, fp32 A/D/bias, softplus, with z ({results['device']})\n")
+print("| impl | shape | fwd ms | fwd+bwd ms | extra GB fwd / fwd+bwd | vs CUDA fwd / fwd+bwd |")
+print("|---|---|---|---|---|---|")
+for row in rows:
+    c = next((r for r in rows if r["impl"] == "cuda" and r["L"] == row["L"]), None)
+    ratio = lambda k: (row[k] / c[k]) if c and k in row and k in c else None
+    row["ratio_fwd"], row["ratio_fb"] = ratio("fwd_ms"), ratio("fb_ms")
+    gb = f"{fmt(row.get('fwd_gb'), '.2f')} / {fmt(row.get('fb_gb'), '.2f')}"
+    note = f" ({row['note']})" if "note" in row else ""
+    print(f"| {row['impl']} | {row['shape']} | {fmt(row.get('fwd_ms'))} | {fmt(row.get('fb_ms'))}{note} | {gb} | "
+          f"{fmt(row['ratio_fwd'], '.2f')}x / {fmt(row['ratio_fb'], '.2f')}x |")
+
+if os.environ.get("OUT"):
+    with open(os.path.join(os.environ["OUT"], "scan_bench.json"), "w") as fh:
+        json.dump(results, fh, indent=1, default=str)
