@@ -6,6 +6,7 @@ Every dataset returns (image, label) with image a float tensor in [-1, 1], (C, r
 random flips and label dropout happen in train.py on the whole batch, from the RNG that checkpoints save, so a
 resumed run can skip the batches it has already seen without replaying any augmentation draws.
 """
+import functools
 import gzip
 import math
 import os
@@ -176,14 +177,22 @@ def vae_factor(vae):
 
 
 @torch.no_grad()
+def per_frame(fn, x):
+    """Apply an image function to clips (N, C, T, H, W) frame by frame; images (N, C, H, W) pass straight through."""
+    if x.ndim == 4:
+        return fn(x)
+    return fn(x.transpose(1, 2).flatten(0, 1)).unflatten(0, (x.shape[0], -1)).transpose(1, 2)
+
+
 def vae_encode(vae, x):
-    """Images in [-1, 1] -> latents with roughly unit variance (a posterior sample, as in LDM/DiT/DiM training)."""
-    return vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+    """Images (or clips) in [-1, 1] -> latents with roughly unit variance (a posterior sample, as in LDM/DiT/DiM
+    training)."""
+    return per_frame(lambda im: vae.encode(im).latent_dist.sample() * vae.config.scaling_factor, x)
 
 
 @torch.no_grad()
 def vae_decode(vae, z):
-    return vae.decode(z / vae.config.scaling_factor).sample
+    return per_frame(lambda lat: vae.decode(lat / vae.config.scaling_factor).sample, z)
 
 
 #################################################################################
@@ -206,3 +215,217 @@ def save_grid(x, path, nrow=None, pad=2):
         top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
         grid[:, top:top + h, left:left + w] = x[i].float().cpu()
     to_pil(grid).save(path)
+
+
+#################################################################################
+#        Video (bidim.py): Moving Fashion-MNIST, video folders, GIF writers      #
+#################################################################################
+# Every video dataset returns (clip, label): clip in [-1, 1] of shape (C, T, H, W), channels then time, as the
+# models take it. As for images there is no randomness at load time: item i is always the same clip.
+
+VIDEO_EXTENSIONS = (".gif",)                                                   # one file = one video
+FRAME_EXTENSIONS = tuple(e for e in IMAGE_EXTENSIONS if e not in VIDEO_EXTENSIONS)
+
+
+#################################################################################
+#                              Moving Fashion-MNIST                             #
+#################################################################################
+
+@functools.lru_cache(maxsize=2)
+def load_fashion_mnist(root):
+    """The 60k Fashion-MNIST training images (60000, 28, 28) and labels (60000,) as uint8 arrays; cached."""
+    paths = [os.path.join(root, f"train-{kind}-idx{n}-ubyte.gz") for kind, n in (("images", 3), ("labels", 1))]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"Fashion-MNIST not found: {path} is missing. Install it with "
+                            "`sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR")
+    return read_idx(paths[0], 0x00000803), read_idx(paths[1], 0x00000801)
+
+
+class MovingFashionMNIST(Dataset):
+    """`digits` Fashion-MNIST objects moving in straight lines and bouncing off the walls of a size x size frame.
+
+    As Moving MNIST: 28 x 28 objects in 64 x 64 frames, overlaps combined with max, random start position and
+    direction. Objects scale with the frame (round(28 * size / 64) pixels, the same proportion at any size), speeds
+    are uniform in [2, 5] * size / 64 pixels per frame. Clip i is drawn from numpy's Generator seeded with
+    (seed, i): the same clip every time, independent of the other items. Label: the class of the first object,
+    so the clips support class-conditional generation. Returns ((1, num_frames, size, size) in [-1, 1], label).
+    """
+    num_classes = 10
+    channels = 1
+
+    def __init__(self, root=None, num_frames=16, size=64, digits=2, num_clips=10000, seed=0):
+        if num_frames < 1 or digits < 1 or num_clips < 1 or size < 8:
+            raise DataError(f"MovingFashionMNIST needs num_frames, digits, num_clips >= 1 and size >= 8; got "
+                            f"num_frames={num_frames}, digits={digits}, num_clips={num_clips}, size={size}")
+        images, labels = load_fashion_mnist(root or FASHION_MNIST_DIR)
+        self.object_size = round(28 * size / 64)
+        if self.object_size != 28:   # resize all objects once, with anti-aliasing when shrinking
+            x = torch.from_numpy(images.copy()).unsqueeze(1).float()
+            x = F.interpolate(x, size=self.object_size, mode="bilinear", antialias=True, align_corners=False)
+            images = x.round().clamp(0, 255).to(torch.uint8).squeeze(1).numpy()
+        self.images, self.labels = images, labels
+        self.num_frames, self.size, self.digits, self.num_clips, self.seed = num_frames, size, digits, num_clips, seed
+
+    def __len__(self):
+        return self.num_clips
+
+    def trajectory(self, i):
+        """Clip i's objects and motion: (object indices (digits,), top-left corners (num_frames, digits, 2) as
+        integer (row, column)), every corner within [0, size - object_size]."""
+        if not 0 <= i < self.num_clips:
+            raise IndexError(f"clip {i} out of range for {self.num_clips} clips")
+        rng = np.random.default_rng((self.seed, i))
+        objects = rng.integers(0, len(self.images), self.digits)
+        room = self.size - self.object_size
+        pos = rng.uniform(0, room, (self.digits, 2))
+        angle = rng.uniform(0, 2 * math.pi, self.digits)
+        speed = rng.uniform(2, 5, self.digits) * self.size / 64                # < room: one reflection suffices
+        vel = np.stack([np.sin(angle), np.cos(angle)], axis=1) * speed[:, None]
+        corners = []
+        for _ in range(self.num_frames):
+            corners.append(np.rint(pos).astype(np.int64))
+            pos = pos + vel
+            low, high = pos < 0, pos > room                                    # bounce: reflect off the wall
+            pos = np.where(low, -pos, np.where(high, 2 * room - pos, pos))
+            vel = np.where(low | high, -vel, vel)
+        return objects, np.clip(np.stack(corners), 0, room)
+
+    def __getitem__(self, i):
+        objects, corners = self.trajectory(i)
+        s = self.object_size
+        clip = np.zeros((self.num_frames, self.size, self.size), dtype=np.uint8)
+        for k, obj in enumerate(objects):
+            for t, (r, c) in enumerate(corners[:, k]):
+                np.maximum(clip[t, r:r + s, c:c + s], self.images[obj], out=clip[t, r:r + s, c:c + s])
+        return torch.from_numpy(clip).float().div(127.5).sub(1)[None], int(self.labels[objects[0]])
+
+
+#################################################################################
+#                                 Video folders                                 #
+#################################################################################
+
+def gif_length(path):
+    """Number of frames in a GIF; DataError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return getattr(img, "n_frames", 1)
+    except (OSError, EOFError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"cannot read video {path}: {e}") from None
+
+
+class VideoFolder(Dataset):
+    """Unconditional RGB clips from a folder of videos, searched recursively: every folder that directly holds
+    frame images (any of data.py's image types but GIF, sorted by name) is one video, and every .gif file is one
+    video. Each video of n frames gives n // num_frames clips of num_frames consecutive frames (stride num_frames,
+    non-overlapping; pass stride for more); frames are centre-cropped and resized to size x size as data.py's
+    ImageFolder does. Videos shorter than num_frames are skipped (counted in .skipped). An unreadable GIF stops
+    construction, an unreadable frame stops training, each with an error naming the file.
+    Returns ((3, num_frames, size, size) in [-1, 1], 0); num_classes = 0 (train.py then trains with y = None).
+    """
+    num_classes = 0
+    channels = 3
+
+    def __init__(self, root, num_frames, size, stride=None):
+        if not os.path.isdir(root):
+            raise DataError(f"no such folder of videos: {root!r}")
+        if num_frames < 1:
+            raise DataError(f"num_frames must be >= 1, got {num_frames}")
+        self.videos = []   # (path, frame paths or None for a GIF, number of frames)
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files = sorted(f for f in files if not f.startswith("."))
+            frames = [os.path.join(folder, f) for f in files if f.lower().endswith(FRAME_EXTENSIONS)]
+            if frames:
+                self.videos.append((folder, frames, len(frames)))
+            for f in files:
+                if f.lower().endswith(VIDEO_EXTENSIONS):
+                    path = os.path.join(folder, f)
+                    self.videos.append((path, None, gif_length(path)))
+        if not self.videos:
+            raise DataError(f"{root} holds no videos: expected subfolders of frame images "
+                            f"({', '.join(FRAME_EXTENSIONS)}) or {', '.join(VIDEO_EXTENSIONS)} files")
+        stride = stride or num_frames
+        self.clips = [(v, start) for v, (_, _, n) in enumerate(self.videos)
+                      for start in range(0, n - num_frames + 1, stride)]
+        self.skipped = sum(n < num_frames for _, _, n in self.videos)
+        if not self.clips:
+            raise DataError(f"all {len(self.videos)} videos in {root} are shorter than num_frames={num_frames} "
+                            f"(the longest has {max(n for _, _, n in self.videos)} frames)")
+        self.num_frames, self.size = num_frames, size
+
+    def __len__(self):
+        return len(self.clips)
+
+    def read_frames(self, v, start):
+        """num_frames PIL images (RGB) of video v from frame start."""
+        path, frames, _ = self.videos[v]
+        if frames is None:
+            try:
+                with Image.open(path) as img:
+                    out = []
+                    for k in range(start, start + self.num_frames):
+                        img.seek(k)
+                        out.append(img.convert("RGB"))
+                    return out
+            except (OSError, EOFError) as e:
+                raise DataError(f"cannot read video {path}: {e}") from None
+        out = []
+        for frame in frames[start:start + self.num_frames]:
+            try:
+                with Image.open(frame) as img:
+                    out.append(img.convert("RGB"))
+            except OSError as e:
+                raise DataError(f"cannot read frame {frame}: {e}") from None
+        return out
+
+    def __getitem__(self, i):
+        arr = np.stack([center_crop_arr(img, self.size) for img in self.read_frames(*self.clips[i])])  # (T, H, W, 3)
+        return torch.from_numpy(arr).permute(3, 0, 1, 2).float() / 127.5 - 1, 0
+
+
+def build_video_dataset(name_or_path, res, num_frames, data_dir=None):
+    """Returns (dataset, num_classes, channels) like data.build_dataset: 'moving-fashion-mnist' (res x res frames)
+    or a folder of videos."""
+    if name_or_path == "moving-fashion-mnist":
+        return (MovingFashionMNIST(data_dir, num_frames=num_frames, size=res), MovingFashionMNIST.num_classes,
+                MovingFashionMNIST.channels)
+    return VideoFolder(name_or_path, num_frames, res), VideoFolder.num_classes, VideoFolder.channels
+
+
+#################################################################################
+#                                 Saving videos                                 #
+#################################################################################
+
+def _as_batch(clip):
+    """(C, T, H, W) or (N, C, T, H, W) -> (N, C, T, H, W) on the CPU, float."""
+    if clip.dim() == 4:
+        clip = clip[None]
+    if clip.dim() != 5 or clip.shape[1] not in (1, 3):
+        raise ValueError(f"expected a clip (C, T, H, W) or clips (N, C, T, H, W) with C = 1 or 3, "
+                         f"got {tuple(clip.shape)}")
+    return clip.detach().float().cpu()
+
+
+def save_gif(clip, path, fps=8, nrow=None, pad=2):
+    """Write clips in [-1, 1] as one looping GIF; a batch (N, C, T, H, W) plays as a grid, nrow clips per row
+    (default about square). Pillow merges identical consecutive frames into one longer frame."""
+    clips = _as_batch(clip)
+    n, c, T, h, w = clips.shape
+    if n > 1:   # tile every frame into a grid, clip k at row k // nrow, column k % nrow
+        nrow = nrow or math.ceil(math.sqrt(n))
+        rows = math.ceil(n / nrow)
+        grid = torch.full((c, T, rows * (h + pad) + pad, nrow * (w + pad) + pad), -1.0)
+        for k in range(n):
+            top, left = pad + (k // nrow) * (h + pad), pad + (k % nrow) * (w + pad)
+            grid[:, :, top:top + h, left:left + w] = clips[k]
+        clips = grid[None]
+    frames = [to_pil(clips[0, :, t]) for t in range(T)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+
+
+def save_frame_strip(clip, path, pad=2):
+    """Write clips in [-1, 1] as one PNG: the frames of each clip left to right, one clip per row."""
+    clips = _as_batch(clip)
+    T = clips.shape[2]
+    save_grid(clips.transpose(1, 2).flatten(0, 1), path, nrow=T, pad=pad)   # (N*T, C, H, W), T per row

@@ -5,14 +5,15 @@ import os
 
 import torch
 
+from bidim import BiDiM_models
 from dim import DiM_models, load_official_state_dict
 from dimsum import DiMSUM_models
 from dit import DiT_models
 from lamamba import LaMamba_models
 
-MODELS = {**DiM_models, **DiMSUM_models, **LaMamba_models, **DiT_models}
+MODELS = {**DiM_models, **BiDiM_models, **DiMSUM_models, **LaMamba_models, **DiT_models}
 # `--model dim` picks the family's usual config: the smallest paper-sized one, which trains on one GPU.
-FAMILY_DEFAULTS = {"dim": "DiM-S/2", "dimsum": "DiMSUM-B/2", "lamamba": "LaMamba-S", "dit": "DiT-S/2"}
+FAMILY_DEFAULTS = {"dim": "DiM-S/2", "bidim": "BiDiM-S/2", "dimsum": "DiMSUM-B/2", "lamamba": "LaMamba-S", "dit": "DiT-S/2"}
 
 
 class ModelError(ValueError):

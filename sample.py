@@ -17,7 +17,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import DataError, check_resolution, load_vae, save_grid, to_pil, vae_decode, vae_factor
+from data import (DataError, check_resolution, load_vae, save_frame_strip, save_gif, save_grid, to_pil, vae_decode,
+                  vae_factor)
 from diffusion import SAMPLERS, UpsampleGuidance, create_diffusion
 from models import ModelError, find_checkpoint, load_model
 
@@ -101,7 +102,10 @@ def main(args):
 
     # All initial noise drawn up front, so it does not depend on --batch-size (nor, with ddim/dpm++, do the images).
     g = torch.Generator(device).manual_seed(args.seed)
-    shape = (model.in_channels, res // factor, res // factor)
+    frames = args.frames or getattr(model, "num_frames", None)
+    if frames and upsample != "none":
+        raise ModelError("training-free upsampling is for images; sample clips at --res up to the trained size")
+    shape = (model.in_channels, *([frames] if frames else []), res // factor, res // factor)
     noise = torch.randn(args.num_samples, *shape, device=device, generator=g)
     if upsample == "patch":  # the trained-size first pass gets its own noise, also drawn up front
         lo = trained_res // factor
@@ -137,6 +141,13 @@ def main(args):
     images = torch.cat(images)
 
     os.makedirs(args.out, exist_ok=True)
+    if frames:  # each clip as an animated GIF and a frame strip, plus all clips in one GIF
+        for i, clip in enumerate(images):
+            save_gif(clip, os.path.join(args.out, f"{i:06d}.gif"))
+            save_frame_strip(clip, os.path.join(args.out, f"{i:06d}.png"))
+        save_gif(images, os.path.join(args.out, "grid.gif"))
+        print(f"wrote {len(images)} clips (GIF and frame strip) and grid.gif to {args.out}")
+        return images
     for i, x in enumerate(images):
         to_pil(x).save(os.path.join(args.out, f"{i:06d}.png"))
     cycling = labels is not None and args.class_label is None and num_classes <= 16
@@ -164,6 +175,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--vae", default=None, help="decode latents with this VAE (default: the one trained on; "
                         f"{OFFICIAL_DIM_VAE} for official DiM weights)")
+    parser.add_argument("--frames", type=int, default=None, help="video models: frames per clip (default: trained)")
     parser.add_argument("--upsample", choices=["auto", "guidance", "patch", "none"], default="auto",
                         help="above the trained size: Upsample Guidance (DiM), patch (tiled re-denoising) or none; "
                         "auto picks guidance for epsilon models at an integer ratio, else patch")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import bidim
-import video_data
+import data as video_data
 from data import DataError
 from diffusion import GaussianDiffusion
 from ssm import Mamba

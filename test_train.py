@@ -223,3 +223,17 @@ def test_tiled_model_matches_a_local_model():
     tiled = sample.TiledModel(PerPixel(), tile=8, overlap=0.5)
     assert tiled.starts(20) == [0, 4, 8, 12] and tiled.starts(28)[-1] == 20
     assert torch.allclose(tiled(x, t), PerPixel()(x, t))
+
+
+def test_video_bidim_trains_and_samples_gifs(tmp_path):
+    # BiDiM on Moving Fashion-MNIST clips: train a few steps, resume-safe checkpoint, GIF and frame-strip samples.
+    run = run_train("--model", "BiDiM-T/2", "--video", "--frames", 4, "--res", 16, "--global-batch-size", 4,
+                    "--steps", 3, "--log-every", 1, "--sample-every", 0, "--num-workers", 0, "--results-dir", tmp_path)
+    assert len(losses(run)) == 3
+    clips = run_sample("--ckpt", run, "--steps", 2, "--num-samples", 2, "--out", tmp_path / "s")
+    assert clips.shape == (2, 1, 4, 16, 16)
+    files = set(os.listdir(tmp_path / "s"))
+    assert {"000000.gif", "000000.png", "grid.gif"} <= files
+    assert Image.open(tmp_path / "s" / "000000.gif").n_frames >= 2
+    with pytest.raises(ModelError, match="image model"):
+        run_train("--model", MODEL, "--video", "--frames", 4, "--res", 16, "--steps", 1, "--results-dir", tmp_path)

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import DataError, build_dataset, check_resolution, load_vae, save_grid, vae_decode, vae_encode, vae_factor
+from data import (DataError, build_dataset, build_video_dataset, check_resolution, load_vae, save_frame_strip, save_gif,
+                  save_grid, vae_decode, vae_encode, vae_factor)
 from diffusion import create_diffusion
 from models import (ModelError, build_model, find_checkpoint, init_from_checkpoint, is_official_dim, load_checkpoint,
                     resolve_model_name)
@@ -149,14 +150,19 @@ def save_samples(ema, diffusion, vae, shape, num_classes, path, device, seed, au
     """A grid from the EMA model: one column per class (first 10), few DPM-Solver++ steps, fixed noise."""
     g = torch.Generator(device).manual_seed(seed)  # own generator: sampling must not move the training RNG
     k = min(num_classes, 10)
-    y = torch.arange(k, device=device).repeat(4) if k else None
-    noise = torch.randn(4 * k if k else 16, *shape, device=device, generator=g)
+    rows = 4 if len(shape) == 3 else 1  # clips: one row, each is a whole sequence of frames
+    y = torch.arange(k, device=device).repeat(rows) if k else None
+    noise = torch.randn(rows * k if k else 4 * rows, *shape, device=device, generator=g)
     with autocast:
         x = diffusion.sample(ema, noise, y, sampler=diffusion.default_sampler, steps=25, cfg_scale=1.5 if k else 1.0,
                              null_label=num_classes, generator=g)
     if vae is not None:
         x = vae_decode(vae, x.float())
-    save_grid(x, path, nrow=k or None)
+    if x.ndim == 5:  # clips: an animated GIF (a grid of clips) and a frame strip
+        save_gif(x.float(), path.replace(".png", ".gif"), nrow=k or None)
+        save_frame_strip(x.float()[:8], path)
+    else:
+        save_grid(x, path, nrow=k or None)
 
 
 #################################################################################
@@ -194,11 +200,20 @@ def main(args):
     # Data, then the model sized for it. A VAE turns 3-channel images into latent images vae_factor times smaller.
     vae = load_vae(args.vae, device) if args.vae else None
     factor = vae_factor(vae) if vae else 1
-    dataset, num_classes, channels = build_dataset(args.data, args.res, args.data_dir, 3 if vae else args.channels)
+    if args.video:  # clips (C, T, H, W): Moving Fashion-MNIST or a folder of videos; the model takes num_frames
+        data_name = "moving-fashion-mnist" if args.data == "fashion-mnist" else args.data
+        dataset, num_classes, channels = build_video_dataset(data_name, args.res, args.frames, args.data_dir)
+    else:
+        dataset, num_classes, channels = build_dataset(args.data, args.res, args.data_dir, 3 if vae else args.channels)
     model_kwargs = dict(input_size=args.res // factor, in_channels=vae.config.latent_channels if vae else channels,
-                        num_classes=num_classes)
+                        num_classes=num_classes, **({"num_frames": args.frames} if args.video else {}))
     torch.manual_seed(args.seed)  # same initial weights on every rank and for every world size
-    model = build_model(args.model, **model_kwargs).to(device)
+    try:
+        model = build_model(args.model, **model_kwargs).to(device)
+    except TypeError as e:
+        if not args.video:
+            raise
+        raise ModelError(f"{args.model} is an image model; --video needs one that takes clips (BiDiM)") from e
     check_resolution(args.res, model.patch_size, factor)
     for k in HYPERPARAMETERS:  # None means "the model's own recipe"; the checkpoint stores the resolved values
         if getattr(args, k) is None:
@@ -271,7 +286,7 @@ def main(args):
             epoch, batch_in_epoch, x, y = next(data)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             flip = torch.rand(x.shape[0], device=device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)  # horizontal flip, images or clips
             if vae is not None:
                 x = vae_encode(vae, x)
             if num_classes:  # label dropout trains the unconditional model that classifier-free guidance needs
@@ -313,7 +328,8 @@ def main(args):
                          "step": step, "data": (epoch, batch_in_epoch)}
                 save_checkpoint(state, ckpt_dir, world, master)
             if master and args.sample_every > 0 and step % args.sample_every == 0:
-                shape = (raw_model.in_channels, args.res // factor, args.res // factor)
+                frames = (args.frames,) if args.video else ()
+                shape = (raw_model.in_channels, *frames, args.res // factor, args.res // factor)
                 save_samples(ema, diffusion, vae, shape, num_classes,
                              os.path.join(run_dir, "samples", f"{step:07d}.png"), device, args.seed, autocast)
             t0 += time.time() - t_pause  # images/s counts training time, not checkpoints and sample grids
@@ -330,6 +346,9 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", default=None, help="where Fashion-MNIST's .gz files are")
     parser.add_argument("--res", type=int, default=None, help="image side in pixels (default 32, 256 with --vae)")
     parser.add_argument("--channels", type=int, choices=[1, 3], default=1, help="Fashion-MNIST as grey or RGB")
+    parser.add_argument("--video", action="store_true", help="train on clips (BiDiM); --data fashion-mnist then "
+                        "means Moving Fashion-MNIST, else a folder of videos (frame folders or GIFs)")
+    parser.add_argument("--frames", type=int, default=16, help="frames per clip with --video")
     parser.add_argument("--vae", default=None, help="train on the latents of this diffusers AutoencoderKL "
                         "(a local folder or a hub id such as stabilityai/sd-vae-ft-ema)")
     parser.add_argument("--global-batch-size", type=int, default=128)
