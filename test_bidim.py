@@ -16,13 +16,7 @@ from diffusion import GaussianDiffusion
 from ssm import Mamba
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Many small ops: on a shared 2-core runner two intra-op threads make each op ~100x slower, one is steady.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def open_gates(model, std=0.1):

@@ -17,13 +17,7 @@ from diffusion import (SAMPLERS, FlowMatching, GaussianDiffusion, UpsampleGuidan
                        gvp_coefs, gvp_velocity_to_x0_eps, normal_kl, respaced_timesteps)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: intra-op threads only add overhead (10-30x on a shared 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 MU = torch.tensor([0.5, -1.2, 2.0, 0.8], dtype=torch.float64)

@@ -7,13 +7,7 @@ import lamamba
 from test_models import find_fidelity, read_safetensors, relative_error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Many small ops: on a shared 2-core runner two intra-op threads make each op ~100x slower, one is steady.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ------------------------------------------------------------------------------------------------------
