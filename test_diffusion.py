@@ -530,3 +530,28 @@ def test_ug_leaves_a_scale_consistent_model_unchanged():
         # control: the i.i.d. predictor at 8x8 is not consistent with the 4x4 one, and UG moves its samples
         iid = lambda x, t, y: model(x, t, y, iid=x.shape[-1] == 8)
         assert not torch.allclose(run(iid, UpsampleGuidance(m=m)), run(iid, None), atol=1e-3)
+
+
+def test_ug_term_matches_direct_computation_on_a_tiny_model():
+    # Inside the window the guided eps equals eps_hi + up_m(eps_lo / m - avgpool_m(eps_hi)) computed by hand with a
+    # real (tiny) DiM; outside it the guidance term is exactly zero.
+    import dim
+    torch.manual_seed(0)
+    model = dim.DiM_T_2(input_size=8, in_channels=1, num_classes=0).eval()
+    d = GaussianDiffusion("scaled_linear", time_offset=1)
+    x = torch.randn(2, 1, 16, 16)
+    ts = d.timesteps(10)
+    plain, _ = d.denoiser(model, ts)
+    guided, abar = d.denoiser(model, ts, upsample_guidance=UpsampleGuidance(m=2))
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            _, eps_plain, _ = plain(x, i)
+            _, eps_guided, _ = guided(x, i)
+            if t / 999 < 0.7:
+                assert torch.equal(eps_guided, eps_plain)
+                continue
+            P, tau = d.ug_level(t, 2)
+            eps_lo = model(F.avg_pool2d(x, 2) / math.sqrt(P), torch.full((2,), tau + 1), None)
+            expected = eps_plain + F.interpolate(eps_lo / 2 - F.avg_pool2d(eps_plain, 2), scale_factor=2, mode="nearest")
+            assert torch.allclose(eps_guided, expected, atol=1e-6)
+            assert not torch.allclose(eps_guided, eps_plain, atol=1e-4)

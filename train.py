@@ -325,6 +325,7 @@ def main(args):
             if (args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.steps:
                 state = {"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                          "args": vars(args), "model_name": args.model, "model_kwargs": model_kwargs,
+                         "objective": diffusion.objective,
                          "step": step, "data": (epoch, batch_in_epoch)}
                 save_checkpoint(state, ckpt_dir, world, master)
             if master and args.sample_every > 0 and step % args.sample_every == 0:
