@@ -380,7 +380,7 @@ def main(argv=None):
     p.add_argument("--res", default="256,512,1024,1536,2048", help="image sides in pixels (latent = res/8)")
     p.add_argument("--batch", default="1", help="images per step: one number, or one per --res")
     p.add_argument("--mode", choices=["train", "sample"], default="train")
-    p.add_argument("--scan", choices=["cuda", "torch"], default=None, help="force a selective-scan backend")
+    p.add_argument("--scan", choices=["cuda", "triton", "torch"], default=None, help="force a selective-scan backend")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=0, help="seconds; later configs are skipped (0 = no limit)")
