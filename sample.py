@@ -6,21 +6,36 @@ Sample images from a checkpoint written by train.py (or an official DiM nnet_ema
     python sample.py --ckpt nnet_ema.pth --model DiM-H/2 --res 256 --num-classes 1000 --cfg 1.4 \
         --vae stabilityai/sd-vae-ft-ema
 
-Writes DIR/grid.png and DIR/000000.png, ... The model is rebuilt from the config stored in the checkpoint and
-runs with its EMA weights; any resolution divisible by the patch size (x 8 with a VAE) works, because the models
-resize their positional embeddings to the grid they are given.
+Many samples for FID, in batches, on one GPU or several (each process generates every world-th sample):
+
+    python sample.py --ckpt results/000-DiM-S-2 --num-samples 10000 --format npz --no-grid
+    torchrun --nproc_per_node=8 sample.py --ckpt results/000-DiM-S-2 --num-samples 50000 --format npz
+    python fid.py --samples samples/samples.npz --ref fashion-mnist-test
+
+Writes DIR/grid.png and DIR/000000.png, ... (--format png) or DIR/samples.npz (--format npz: one uint8 array arr_0
+of shape (N, H, W, C), as ADM's and DiT's sample scripts write it). The model is rebuilt from the config stored in
+the checkpoint and runs with its EMA weights; any resolution divisible by the patch size (x 8 with a VAE) works,
+because the models resize their positional embeddings to the grid they are given.
+
+Sample i always starts from the same noise (its own generator, seeded from --seed and i) and, without --class-label,
+has class i % num_classes, so a set of samples does not depend on --batch-size or on the number of processes. The
+default samplers (dpm++, heun) and ddim are deterministic from there; ddpm also draws noise at every step, per
+batch, so its samples do depend on the batching.
 """
 import argparse
 import os
 import sys
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image
 from tqdm import tqdm
 
-from data import (DataError, check_resolution, load_vae, save_frame_strip, save_gif, save_grid, to_pil, vae_decode,
-                  vae_factor)
+from data import DataError, check_resolution, load_vae, save_frame_strip, save_gif, save_grid, vae_decode, vae_factor
 from diffusion import SAMPLERS, UpsampleGuidance, create_diffusion
 from models import ModelError, find_checkpoint, load_model
+from train import setup_distributed
 
 OFFICIAL_DIM_VAE = "stabilityai/sd-vae-ft-ema"  # the KL-f8 autoencoder U-ViT and DiM trained on
 
@@ -68,9 +83,70 @@ def upsample_plan(args, res, trained_res, diffusion):
     return mode
 
 
+# Sample i of --seed s draws its initial noise from a generator seeded s * NOISE_SEED_STRIDE + i (distinct for all
+# i < the stride); ddpm's per-step noise comes from per-batch generators seeded above STEP_SEED_OFFSET.
+NOISE_SEED_STRIDE = 1_000_003
+STEP_SEED_OFFSET = 1 << 62
+GRID_MAX = 256  # grid.png / grid.gif show the first GRID_MAX samples: a preview, not a 50k-image mosaic
+
+
+def sample_noise(index, seed, shapes):
+    """Sample `index`'s initial noise, one tensor per shape, from its own CPU generator: the same whatever the
+    batch size, the number of processes or the device."""
+    g = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + index)
+    return [torch.randn(shape, generator=g) for shape in shapes]
+
+
+def to_uint8(x):
+    """[-1, 1] floats -> uint8 on the CPU, rounded as data.to_pil rounds, so PNGs keep their exact bytes."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def to_float(x):
+    """uint8 -> [-1, 1] floats, for data.py's grid and GIF writers (which round back to the same bytes)."""
+    return x.float() / 127.5 - 1
+
+
+def gather(images, indices, num_samples, out_dir, rank, world):
+    """Collective: every rank's uint8 samples and their indices -> all samples in index order, on rank 0 (None
+    elsewhere). Through part files next to the output rather than all_gather_object, so only rank 0 ever holds
+    the whole set (and NCCL needs no CPU objects); the processes must share out_dir (one node, or a shared disk)."""
+    if world == 1:
+        return images
+    part = os.path.join(out_dir, f"part-{rank:03d}-of-{world:03d}.npz")
+    np.savez(part, images=images.numpy(), indices=np.asarray(indices, dtype=np.int64))
+    dist.barrier()
+    if rank != 0:
+        return None
+    merged = None
+    for r in range(world):
+        path = os.path.join(out_dir, f"part-{r:03d}-of-{world:03d}.npz")
+        with np.load(path) as f:
+            part_images, part_indices = f["images"], f["indices"]
+        if len(part_indices):  # a rank gets no samples when there are fewer samples than ranks
+            if merged is None:
+                merged = np.empty((num_samples, *part_images.shape[1:]), dtype=np.uint8)
+            merged[part_indices] = part_images
+        os.remove(path)
+    return torch.from_numpy(merged)
+
+
 def main(args):
+    """Generate args.num_samples samples and write them; returns them as a uint8 tensor (N, C, [T,] H, W) (on
+    rank 0 under torchrun; None on the other ranks)."""
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ModelError(f"--num-samples and --batch-size must be >= 1 (got {args.num_samples}, {args.batch_size})")
+    rank, world, device = setup_distributed()
+    try:
+        return generate(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def generate(args, rank, world, device):
     torch.backends.cuda.matmul.allow_tf32 = True
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    master = rank == 0
     ckpt_path = find_checkpoint(args.ckpt)
 
     # A train.py checkpoint knows its model, resolution and VAE; an official state dict knows none of them.
@@ -94,66 +170,89 @@ def main(args):
     num_classes = model.num_classes
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         raise ModelError(f"--class-label {args.class_label} is out of range: the model has {num_classes} classes")
-    cfg = args.cfg if args.cfg is not None else (1.5 if num_classes else 1.0)
-    bf16 = device.type == "cuda"
-    print(f"{ckpt_path}: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M), "
-          f"{args.num_samples} samples at {res}px (trained {trained_res}px, upsample {upsample}), {sampler} "
-          f"{args.steps} steps, cfg {cfg}")
-
-    # All initial noise drawn up front, so it does not depend on --batch-size (nor, with ddim/dpm++, do the images).
-    g = torch.Generator(device).manual_seed(args.seed)
     frames = args.frames or getattr(model, "num_frames", None)
     if frames and upsample != "none":
         raise ModelError("training-free upsampling is for images; sample clips at --res up to the trained size")
-    shape = (model.in_channels, *([frames] if frames else []), res // factor, res // factor)
-    noise = torch.randn(args.num_samples, *shape, device=device, generator=g)
-    if upsample == "patch":  # the trained-size first pass gets its own noise, also drawn up front
-        lo = trained_res // factor
-        noise_lo = torch.randn(args.num_samples, shape[0], lo, lo, device=device, generator=g)
-    if not num_classes:
-        labels = None
-    elif args.class_label is not None:
-        labels = torch.full((args.num_samples,), args.class_label, device=device)
-    else:  # cycle through the classes so a grid shows all of them
-        labels = torch.arange(args.num_samples, device=device) % num_classes
+    cfg = args.cfg if args.cfg is not None else (1.5 if num_classes else 1.0)
+    bf16 = device.type == "cuda"
+    if master:
+        print(f"{ckpt_path}: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M), "
+              f"{args.num_samples} samples at {res}px (trained {trained_res}px, upsample {upsample}), {sampler} "
+              f"{args.steps} steps, cfg {cfg}" + (f", {world} processes" if world > 1 else ""))
 
+    shape = (model.in_channels, *([frames] if frames else []), res // factor, res // factor)
+    shapes = [shape]
+    if upsample == "patch":  # the trained-size first pass gets its own noise, from the same per-sample generator
+        lo = trained_res // factor
+        shapes.append((shape[0], lo, lo))
+
+    # Rank r generates samples r, r + world, ...: every rank gets a similar share, and sample i is the same for any
+    # number of processes. Each batch becomes uint8 at once, so 10k+ samples never sit in memory as floats.
+    mine = list(range(rank, args.num_samples, world))
+    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     images = []
-    for i in tqdm(range(0, args.num_samples, args.batch_size), desc="batches"):
-        y = labels[i:i + args.batch_size] if labels is not None else None
+    for idx in tqdm(batches, desc="batches", disable=not master):
+        noises = [torch.stack(n).to(device) for n in zip(*(sample_noise(i, args.seed, shapes) for i in idx))]
+        noise = noises[0]  # noises[1]: the patch route's trained-size noise
+        if not num_classes:
+            y = None
+        else:  # one class, or cycle through the classes so a grid shows all of them
+            y = torch.tensor([args.class_label if args.class_label is not None else i % num_classes for i in idx],
+                             device=device)
+        g = torch.Generator(device).manual_seed(STEP_SEED_OFFSET + args.seed * NOISE_SEED_STRIDE + idx[0])
         common = dict(sampler=sampler, steps=args.steps, cfg_scale=cfg, null_label=num_classes, generator=g)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if upsample == "patch":
                 # 1. a sample at the trained size; 2. upsampled; 3. re-noised and denoised at the target size by
                 # the model applied to overlapping tiles of the trained size
-                x_lo = diffusion.sample(model, noise_lo[i:i + args.batch_size], y, **common)
+                x_lo = diffusion.sample(model, noises[1], y, **common)
                 x_up = torch.nn.functional.interpolate(x_lo.float(), size=shape[1:], mode="bicubic")
-                tiled = TiledModel(model, noise_lo.shape[-1], args.tile_overlap)
-                x = diffusion.sample(tiled, noise[i:i + args.batch_size], y, init=x_up.to(x_lo.dtype),
-                                     strength=args.renoise, **common)
+                tiled = TiledModel(model, noises[1].shape[-1], args.tile_overlap)
+                x = diffusion.sample(tiled, noise, y, init=x_up.to(x_lo.dtype), strength=args.renoise, **common)
             elif upsample == "guidance":
                 ug = UpsampleGuidance(m=res // trained_res, theta=args.ug_scale, eta=args.ug_window)
-                x = diffusion.sample(model, noise[i:i + args.batch_size], y, upsample_guidance=ug, **common)
+                x = diffusion.sample(model, noise, y, upsample_guidance=ug, **common)
             else:
-                x = diffusion.sample(model, noise[i:i + args.batch_size], y, **common)
+                x = diffusion.sample(model, noise, y, **common)
         if vae is not None:
             x = vae_decode(vae, x.float())
-        images.append(x.float().cpu())
-    images = torch.cat(images)
-
+        images.append(to_uint8(x))
     os.makedirs(args.out, exist_ok=True)
-    if frames:  # each clip as an animated GIF and a frame strip, plus all clips in one GIF
-        for i, clip in enumerate(images):
-            save_gif(clip, os.path.join(args.out, f"{i:06d}.gif"))
-            save_frame_strip(clip, os.path.join(args.out, f"{i:06d}.png"))
-        save_gif(images, os.path.join(args.out, "grid.gif"))
-        print(f"wrote {len(images)} clips (GIF and frame strip) and grid.gif to {args.out}")
-        return images
-    for i, x in enumerate(images):
-        to_pil(x).save(os.path.join(args.out, f"{i:06d}.png"))
-    cycling = labels is not None and args.class_label is None and num_classes <= 16
-    save_grid(images, os.path.join(args.out, "grid.png"), nrow=num_classes if cycling else None)  # a column per class
-    print(f"wrote {len(images)} images and grid.png to {args.out}")
+    images = gather(torch.cat(images) if images else torch.zeros(0, dtype=torch.uint8), mine, args.num_samples,
+                    args.out, rank, world)
+    if master:
+        write_samples(images, args, cycling_classes=num_classes if args.class_label is None else 0)
     return images
+
+
+def write_samples(images, args, cycling_classes):
+    """uint8 samples (N, C, [T,] H, W) -> args.out: PNGs (clips: GIFs and frame strips) or one npz, plus a grid."""
+    clips = images.ndim == 5
+    written = []
+    if args.format == "npz":  # channels last, as ADM's/DiT's npz and fid.py expect; (N, T, H, W, C) for clips
+        path = os.path.join(args.out, "samples.npz")
+        np.savez(path, arr_0=images.movedim(1, -1).numpy())
+        written.append(f"{path} {tuple(images.movedim(1, -1).shape)}")
+    elif clips:
+        for i, clip in enumerate(images):
+            save_gif(to_float(clip), os.path.join(args.out, f"{i:06d}.gif"))
+            save_frame_strip(to_float(clip), os.path.join(args.out, f"{i:06d}.png"))
+        written.append(f"{len(images)} clips (GIF and frame strip)")
+    else:
+        for i, x in enumerate(images):
+            arr = x.permute(1, 2, 0).numpy()
+            Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(os.path.join(args.out, f"{i:06d}.png"))
+        written.append(f"{len(images)} images")
+    if not args.no_grid:
+        head = to_float(images[:GRID_MAX])
+        if clips:
+            save_gif(head, os.path.join(args.out, "grid.gif"))
+            written.append("grid.gif")
+        else:  # a column per class when cycling through a few classes
+            save_grid(head, os.path.join(args.out, "grid.png"), nrow=cycling_classes if 0 < cycling_classes <= 16
+                      else None)
+            written.append("grid.png")
+    print(f"wrote {' and '.join(written)} to {args.out}")
 
 
 def parse_args(argv=None):
@@ -172,7 +271,11 @@ def parse_args(argv=None):
     parser.add_argument("--class-label", type=int, default=None, help="all samples of this class (default: cycle)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--format", choices=["png", "npz"], default="png", help="png: one file per sample; npz: "
+                        "OUT/samples.npz, uint8 arr_0 (N, H, W, C) (clips: (N, T, H, W, C)), for fid.py")
+    parser.add_argument("--no-grid", action="store_true", help=f"skip grid.png / grid.gif (else of the first "
+                        f"{GRID_MAX} samples)")
     parser.add_argument("--vae", default=None, help="decode latents with this VAE (default: the one trained on; "
                         f"{OFFICIAL_DIM_VAE} for official DiM weights)")
     parser.add_argument("--frames", type=int, default=None, help="video models: frames per clip (default: trained)")
