@@ -110,7 +110,8 @@ class DiMBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(3, dim) / dim ** 0.5)
 
     def forward(self, x, adaln, order, skip=None):
-        """x: (N, L, D) residual stream, adaln: (N, 3D), order/inverse: (L,) token permutation and its inverse."""
+        """x: (N, L, D) residual stream, adaln: (N, 3D), order: ((L,), (L,)) this layer's token permutation and its
+        inverse."""
         if skip is not None:
             x = self.skip_linear(torch.cat([x, skip.to(x.dtype)], dim=-1))
         shift, scale, gate = (self.scale_shift_table[None] + adaln.view(-1, 3, x.shape[-1])).unbind(1)
@@ -281,16 +282,14 @@ def official_to_project(key):
     if key in fixed:
         return fixed[key]
     parts = key.split(".")
-    if parts[0] == "transformer_blocks" and len(parts) >= 4:
-        rest = ".".join(parts[2:])
+    if parts[0] == "transformer_blocks" and len(parts) >= 3:
+        block, rest = parts[1], ".".join(parts[2:])
         if rest.startswith("attn1."):
-            return f"blocks.{parts[1]}.mamba.{rest[6:]}"
+            return f"blocks.{block}.mamba.{rest[len('attn1.'):]}"
         if rest == "norm1.norm.weight":
-            return f"blocks.{parts[1]}.norm.weight"
+            return f"blocks.{block}.norm.weight"
         if rest == "scale_shift_table" or rest.startswith("skip_linear."):
-            return f"blocks.{parts[1]}.{rest}"
-    if parts[0] == "transformer_blocks" and len(parts) == 3 and parts[2] == "scale_shift_table":
-        return f"blocks.{parts[1]}.scale_shift_table"
+            return f"blocks.{block}.{rest}"
     return None
 
 
