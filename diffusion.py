@@ -404,9 +404,16 @@ class FlowMatching:
         out = model(a * x0 + s * noise, t, y)
         return ((out[:, : x0.shape[1]].float() - target.float()) ** 2).mean()
 
+    def ug_level(self, t, m):
+        """Upsample Guidance's low-resolution input (§6) at flow time t and ratio m: (P, tau), as
+        GaussianDiffusion.ug_level. On the GVP path SNR(t) = tan^2(pi t / 2), so the time with SNR m^2 SNR(t) has a
+        closed form, tau = (2 / pi) atan(m tan(pi t / 2)), where the discrete schedule searches its nearest step."""
+        a = math.sin(math.pi / 2 * t) ** 2
+        return a + (1 - a) / m ** 2, (2 / math.pi) * math.atan(m * math.tan(math.pi / 2 * t))
+
     @torch.no_grad()
     def sample(self, model, noise, y=None, sampler="heun", steps=50, cfg_scale=1.0, null_label=None,
-               generator=None, progress=False, init=None, strength=1.0) -> torch.Tensor:
+               generator=None, progress=False, upsample_guidance=None, init=None, strength=1.0) -> torch.Tensor:
         """Integrate the flow from t = 0 (noise (B, C, ...)) to t = 1 on the uniform grid t_i = i / steps.
         With `init`, start at t = 1 - strength from init mixed with `noise` on the GVP path (SDEdit).
 
@@ -416,6 +423,9 @@ class FlowMatching:
         marginal (no t_min approximation), and the first step, from lambda = -inf, is exact DDIM. Uniform t is
         DPM-Solver's time_uniform and symmetric in lambda = log tan(pi t / 2). Every flow sampler is
         deterministic; `generator` is accepted for GaussianDiffusion's interface.
+
+        `upsample_guidance` works through the VP form: eps_hat from u, guided as in GaussianDiffusion.denoiser on
+        the noisiest eta of the flow time (t <= eta), and turned back into a velocity, so every sampler uses it.
         """
         if sampler not in self.samplers:
             raise ValueError(f"unknown sampler {sampler!r} for {self.objective!r}; choose one of {self.samplers}")
@@ -427,9 +437,26 @@ class FlowMatching:
             noise = a.item() * init + s.item() * noise
         t_dtype = torch.promote_types(noise.dtype, torch.float32)  # the network's time never in bf16
 
+        ug = upsample_guidance
+
         def velocity(x, t):
             t_in = torch.full((x.shape[0],), t, device=x.device, dtype=t_dtype)
-            return _guided(model, x, t_in, y, cfg_scale, null_label)[0].to(x.dtype)
+            u = _guided(model, x, t_in, y, cfg_scale, null_label)[0].to(x.dtype)
+            # t = 0 is skipped: x_0 is the noise itself, so eps_hat = x exactly and the guidance term is zero there
+            if ug is not None and ug.theta != 0 and 0 < t <= ug.eta:
+                m = ug.m
+                if x.ndim != 4 or x.shape[2] % m or x.shape[3] % m:
+                    raise ValueError(f"Upsample Guidance needs (B, C, H, W) with H, W divisible by m = {m}")
+                P, tau = self.ug_level(t, m)
+                x_lo = F.avg_pool2d(x, m) / math.sqrt(P)
+                tau_in = torch.full((x.shape[0],), tau, device=x.device, dtype=t_dtype)
+                u_lo = _guided(model, x_lo, tau_in, y, cfg_scale, null_label)[0].to(x.dtype)
+                eps = gvp_velocity_to_x0_eps(x, u, t)[1]
+                eps_lo = gvp_velocity_to_x0_eps(x_lo, u_lo, tau)[1]
+                delta = ug.theta * F.interpolate(eps_lo / m - F.avg_pool2d(eps, m), scale_factor=m, mode="nearest")
+                # x_t fixed: u = (pi / 2)(sigma x_t - eps) / alpha (§3), so eps + delta is u - (pi / 2) delta / alpha
+                u = u - (math.pi / 2 / math.sin(math.pi / 2 * t)) * delta
+            return u
 
         if sampler in ("euler", "heun"):
             return flow_ode_sample(velocity, noise, ts, 1 if sampler == "euler" else 2, progress)

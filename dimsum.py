@@ -517,10 +517,14 @@ def DiMSUM_L_2(**kwargs):
 def DiMSUM_B_2(**kwargs):
     return DiMSUM(depth=12, hidden_size=768, patch_size=2, **kwargs)
 
+def DiMSUM_S_2(**kwargs):
+    """DiT-S's width and depth; for one-GPU runs and the Fashion-MNIST comparison."""
+    return DiMSUM(depth=12, hidden_size=384, patch_size=2, **kwargs)
+
 def DiMSUM_T_2(**kwargs):
     """Tiny config for tests and CPU runs (the size of the official fidelity vector)."""
     return DiMSUM(depth=8, hidden_size=64, patch_size=2, **kwargs)
 
 
 DiMSUM_models = {"DiMSUM-B/2": DiMSUM_B_2, "DiMSUM-L/2": DiMSUM_L_2, "DiMSUM-XL/2": DiMSUM_XL_2,
-                 "DiMSUM-T/2": DiMSUM_T_2}
+                 "DiMSUM-S/2": DiMSUM_S_2, "DiMSUM-T/2": DiMSUM_T_2}

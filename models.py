@@ -13,7 +13,7 @@ from lamamba import LaMamba_models
 
 MODELS = {**DiM_models, **BiDiM_models, **DiMSUM_models, **LaMamba_models, **DiT_models}
 # `--model dim` picks the family's usual config: the smallest paper-sized one, which trains on one GPU.
-FAMILY_DEFAULTS = {"dim": "DiM-S/2", "bidim": "BiDiM-S/2", "dimsum": "DiMSUM-B/2", "lamamba": "LaMamba-S", "dit": "DiT-S/2"}
+FAMILY_DEFAULTS = {"dim": "DiM-S/2", "bidim": "BiDiM-S/2", "dimsum": "DiMSUM-S/2", "lamamba": "LaMamba-S", "dit": "DiT-S/2"}
 
 
 class ModelError(ValueError):

@@ -69,17 +69,16 @@ class TiledModel(torch.nn.Module):
 
 
 def upsample_plan(args, res, trained_res, diffusion):
-    """Which training-free route generates above the trained size: 'guidance' (DiM's Upsample Guidance, for
-    epsilon models at an integer ratio), 'patch' (sample at the trained size, upsample, re-noise, tiled denoising)
+    """Which training-free route generates above the trained size: 'guidance' (DiM's Upsample Guidance, at an
+    integer ratio; flow models through their VP form), 'patch' (sample at the trained size, upsample, re-noise, tiled denoising)
     or 'none' (plain sampling at the new size, positional embeddings resized)."""
     mode = args.upsample
     if mode == "auto":
         integer_ratio = res % trained_res == 0 and res // trained_res >= 2
-        mode = "none" if res <= trained_res else ("guidance" if integer_ratio and diffusion.objective == "eps"
-                                                  else "patch")
-    if mode == "guidance" and (diffusion.objective != "eps" or res % trained_res or res < 2 * trained_res):
-        raise ModelError(f"--upsample guidance needs an epsilon model and --res a multiple (>= 2x) of the trained "
-                         f"{trained_res}px; use --upsample patch or none")
+        mode = "none" if res <= trained_res else ("guidance" if integer_ratio else "patch")
+    if mode == "guidance" and (res % trained_res or res < 2 * trained_res):
+        raise ModelError(f"--upsample guidance needs --res a multiple (>= 2x) of the trained {trained_res}px; "
+                         "use --upsample patch or none")
     return mode
 
 
@@ -281,7 +280,7 @@ def parse_args(argv=None):
     parser.add_argument("--frames", type=int, default=None, help="video models: frames per clip (default: trained)")
     parser.add_argument("--upsample", choices=["auto", "guidance", "patch", "none"], default="auto",
                         help="above the trained size: Upsample Guidance (DiM), patch (tiled re-denoising) or none; "
-                        "auto picks guidance for epsilon models at an integer ratio, else patch")
+                        "auto picks guidance at an integer ratio, else patch")
     parser.add_argument("--ug-scale", type=float, default=1.0, help="Upsample Guidance weight theta (DiM: 1)")
     parser.add_argument("--ug-window", type=float, default=0.3, help="guide the noisiest fraction eta of the "
                         "schedule (DiM: 0.3)")

@@ -254,6 +254,10 @@ def test_other_families_learn_and_sample(model, objective, sampler, steps, tmp_p
     assert ckpt["objective"] == objective
     images = run_sample("--ckpt", run, "--sampler", sampler, "--steps", 5, "--num-samples", 2, "--out", tmp_path / "s")
     assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    if objective == "flow":  # Upsample Guidance through the VP form, with the flow's own sampler
+        images = run_sample("--ckpt", run, "--res", 16, "--upsample", "guidance", "--steps", 4, "--num-samples", 2,
+                            "--out", tmp_path / "ug")
+        assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
 
 
 def test_upsampling_at_3x_in_both_modes(trained, tmp_path):
