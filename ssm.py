@@ -643,20 +643,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     return _TritonSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
-def causal_conv1d(x, weight, bias=None):
-    """Depthwise causal convolution: out[:, c, l] = bias[c] + sum_k weight[c, 0, k] * x[:, c, l - K + 1 + k].
-    x: (B, D, L), weight: (D, 1, K) as nn.Conv1d(D, D, K, groups=D) stores it. Written as K shifted multiply-adds
-    rather than a grouped convolution: cuDNN's depthwise kernels are slow for these shapes, the sum fuses well."""
-    K = weight.shape[-1]
-    L = x.shape[-1]
-    xp = F.pad(x, (K - 1, 0))  # (B, D, L + K - 1): zeros before the first token, so no output sees the future
-    w = weight.to(x.dtype)
-    out = xp[..., :L] * w[:, :, 0]
-    for k in range(1, K):
-        out = out + xp[..., k:k + L] * w[:, :, k]
-    return out if bias is None else out + bias.to(x.dtype)[:, None]
-
-
 # -----------------------------------------------------------------------------
 # Mamba mixer (parameter names and init as mamba_ssm.modules.mamba_simple.Mamba)
 # -----------------------------------------------------------------------------
