@@ -90,7 +90,7 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
 
 
 def count_gmacs(model, grid):
-    """(total, scan) GMACs of one forward of one image on a grid x grid latent, on the model's device."""
+    """(total, scan) GMACs of one forward of one image on a grid x grid input, on the model's device."""
     import ssm
     original, scans = ssm.selective_scan, []
 
@@ -102,7 +102,7 @@ def count_gmacs(model, grid):
     # patch the function in ssm and wherever a model file imported it by name
     modules = [m for m in list(sys.modules.values()) if getattr(m, "__dict__", {}).get("selective_scan") is original]
     device = next(model.parameters()).device
-    x = torch.randn(1, LATENT_CHANNELS, grid, grid, device=device)
+    x = torch.randn(1, getattr(model, "in_channels", LATENT_CHANNELS), grid, grid, device=device)
     t, y = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
