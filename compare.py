@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 
@@ -27,7 +26,7 @@ DEFAULT_MODELS = ["DiT-S/2", "DiM-S/2", "BiDiM-S/2", "DiMSUM-S/2", "LaMamba-S"]
 # betas and eps stay each model's own (train_defaults).
 RECIPE = ["--lr", "2e-4", "--warmup", "50", "--ema", "0.99", "--grad-clip", "1.0", "--weight-decay", "0",
           "--label-dropout", "0.1"]
-STAGES = ["speed", "train", "sample", "fid", "table"]
+STAGES = ["speed", "train", "sample", "fid", "table"]  # in the order they run
 
 
 def tag(name):
@@ -74,8 +73,9 @@ def stage_speed(args):
     speed = json.load(open(path)) if os.path.exists(path) else {}
     from diffusion import create_diffusion
     from models import build_model
+    from bench import median_time
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
     for name in args.models:
         if name in speed:
             continue
@@ -86,25 +86,17 @@ def stage_speed(args):
         x = torch.randn(args.batch_size, 1, 32, 32, device=device)
         y = torch.randint(0, 10, (args.batch_size,), device=device)
 
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = diffusion.training_loss(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        def steps(n=3):
+            for _ in range(n):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss = diffusion.training_loss(model, x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
 
-        for _ in range(2):  # compile the Triton kernels, warm the allocator
-            step()
-        times = []
-        for _ in range(3):
-            sync()
-            t0 = time.time()
-            for _ in range(3):
-                step()
-            sync()
-            times.append((time.time() - t0) / 3)
-        cuda = device.type == "cuda"
-        speed[name] = {"img_per_s": args.batch_size / sorted(times)[1],
+        # the warm-up call compiles the Triton kernels and warms the allocator
+        seconds = median_time(steps, warmup=1, repeats=3, cuda=cuda) / 3
+        speed[name] = {"img_per_s": args.batch_size / seconds,
                        "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                        "device": torch.cuda.get_device_name() if cuda else "CPU"}
         print(f"{name}: {speed[name]['img_per_s']:.0f} img/s on {speed[name]['device']}", flush=True)
@@ -226,10 +218,11 @@ def parse_args(argv=None):
 
 def main(args):
     os.makedirs(args.out, exist_ok=True)
+    run = {"speed": stage_speed, "train": stage_train, "sample": stage_sample, "fid": stage_fid, "table": stage_table}
     for stage in STAGES:
         if stage in args.stages.split(","):
             print(f"== {stage}", flush=True)
-            globals()[f"stage_{stage}"](args)
+            run[stage](args)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,18 @@ class UpsampleGuidance:
     theta: float = 1.0
     eta: float = 0.3
 
+    def low_res_input(self, x, P):
+        """avgpool_m(x_t) / sqrt(P): the unit-variance low-resolution input (P from the objective's ug_level)."""
+        if x.ndim != 4 or x.shape[2] % self.m or x.shape[3] % self.m:
+            raise ValueError(f"Upsample Guidance needs (B, C, H, W) with H, W divisible by m = {self.m}")
+        return F.avg_pool2d(x, self.m) / math.sqrt(P)
+
+    def correction(self, eps, eps_lo):
+        """theta up_m(eps_lo / m - avgpool_m(eps)), added to the high-resolution eps; eps_lo / m is on the scale
+        of the average-pooled high-resolution noise."""
+        m = self.m
+        return self.theta * F.interpolate(eps_lo / m - F.avg_pool2d(eps, m), scale_factor=m, mode="nearest")
+
 
 class GaussianDiffusion:
     """Discrete-time DDPM, epsilon prediction. Index t in {0..N-1} (0-based, DiT convention); the network is
@@ -321,14 +333,10 @@ class GaussianDiffusion:
             # w_t = theta 1[t >= (1 - eta) T] with t = index / (N - 1): only the noisiest eta of the schedule, where
             # the global layout forms; later steps refine local detail that the high-resolution pass gets right
             if ug is not None and ug.theta != 0 and t / (self.num_steps - 1) >= 1 - ug.eta:
-                m = ug.m
-                if x.ndim != 4 or x.shape[2] % m or x.shape[3] % m:
-                    raise ValueError(f"Upsample Guidance needs (B, C, H, W) with H, W divisible by m = {m}")
-                P, tau = self.ug_level(t, m)
-                # CFG at both resolutions; eps_lo / m is on the scale of avgpool of the high-resolution noise
-                eps_lo, _ = self.predict_eps(model, F.avg_pool2d(x, m) / math.sqrt(P), tau, y, cfg_scale, null_label)
-                eps = eps + ug.theta * F.interpolate(eps_lo.to(x.dtype) / m - F.avg_pool2d(eps, m),
-                                                     scale_factor=m, mode="nearest")
+                P, tau = self.ug_level(t, ug.m)
+                # CFG at both resolutions
+                eps_lo, _ = self.predict_eps(model, ug.low_res_input(x, P), tau, y, cfg_scale, null_label)
+                eps = eps + ug.correction(eps, eps_lo.to(x.dtype))
             a = abar[i].item()
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)  # §3; no clipping (latents are unbounded)
             var_frac = None if extra is None else (extra + 1) / 2
@@ -444,16 +452,12 @@ class FlowMatching:
             u = _guided(model, x, t_in, y, cfg_scale, null_label)[0].to(x.dtype)
             # t = 0 is skipped: x_0 is the noise itself, so eps_hat = x exactly and the guidance term is zero there
             if ug is not None and ug.theta != 0 and 0 < t <= ug.eta:
-                m = ug.m
-                if x.ndim != 4 or x.shape[2] % m or x.shape[3] % m:
-                    raise ValueError(f"Upsample Guidance needs (B, C, H, W) with H, W divisible by m = {m}")
-                P, tau = self.ug_level(t, m)
-                x_lo = F.avg_pool2d(x, m) / math.sqrt(P)
+                P, tau = self.ug_level(t, ug.m)
+                x_lo = ug.low_res_input(x, P)
                 tau_in = torch.full((x.shape[0],), tau, device=x.device, dtype=t_dtype)
                 u_lo = _guided(model, x_lo, tau_in, y, cfg_scale, null_label)[0].to(x.dtype)
                 eps = gvp_velocity_to_x0_eps(x, u, t)[1]
-                eps_lo = gvp_velocity_to_x0_eps(x_lo, u_lo, tau)[1]
-                delta = ug.theta * F.interpolate(eps_lo / m - F.avg_pool2d(eps, m), scale_factor=m, mode="nearest")
+                delta = ug.correction(eps, gvp_velocity_to_x0_eps(x_lo, u_lo, tau)[1])
                 # x_t fixed: u = (pi / 2)(sigma x_t - eps) / alpha (§3), so eps + delta is u - (pi / 2) delta / alpha
                 u = u - (math.pi / 2 / math.sin(math.pi / 2 * t)) * delta
             return u

@@ -31,10 +31,8 @@ try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _cuda_scan_fn
 except Exception:
     _cuda_scan_fn = None
-_cuda_broken = False  # set when the kernel imported but failed at its first call
-_cuda_verified = False  # set after the first successful kernel call
-_triton_broken = False  # set when the Triton scan failed at its first (automatically chosen) call
-_triton_verified = False
+# GPU kernels ('cuda', 'triton') that failed at their first automatically chosen call, or that have succeeded once
+_broken, _verified = set(), set()
 _warned = set()
 
 BACKENDS = ("cuda", "triton", "torch", "ref")
@@ -57,9 +55,9 @@ def scan_backend(x, backend=None):
         if backend == "triton" and triton is None:
             raise RuntimeError("scan backend 'triton' requested but triton is not importable")
         return backend
-    if x.is_cuda and _cuda_scan_fn is not None and not _cuda_broken:
+    if x.is_cuda and _cuda_scan_fn is not None and "cuda" not in _broken:
         return "cuda"
-    if x.is_cuda and triton is not None and not _triton_broken:
+    if x.is_cuda and triton is not None and "triton" not in _broken:
         return "triton"
     if x.is_cuda:
         _warn_once("neither mamba-ssm's CUDA selective scan nor triton is usable; using the pure-PyTorch scan "
@@ -81,36 +79,27 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     backend: None = auto, 'cuda' (mamba-ssm kernel), 'triton' (Triton kernels), 'torch' (chunked pure PyTorch),
     'ref' (sequential loop).
     """
-    global _cuda_broken, _cuda_verified, _triton_broken, _triton_verified
     which = scan_backend(u, backend)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     forced = backend or os.environ.get("DIFFUSION_MAMBA_SCAN")
-    if which == "cuda":
-        if _cuda_verified or forced == "cuda":
-            return _cuda_scan_fn(*args)
+    # A GPU kernel chosen automatically is verified at its first call; if that fails, the next one down is used
+    # (cuda -> triton -> torch). mamba-ssm reports a missing extension as a RuntimeError; Triton can fail in many
+    # ways on a GPU or driver it cannot compile for.
+    for kernel, fn, failure in (("cuda", _cuda_scan_fn, RuntimeError), ("triton", selective_scan_triton, Exception)):
+        if which != kernel:
+            continue
+        if kernel in _verified or forced == kernel:
+            return fn(*args)
         try:
-            y = _cuda_scan_fn(*args)
-            _cuda_verified = True
+            y = fn(*args)
+            _verified.add(kernel)
             return y
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError as e:  # e.g. "selective_scan_cuda is not installed" in newer mamba-ssm
-            _cuda_broken = True
-            which = scan_backend(u)  # triton if usable, else torch
-            _warn_once(f"mamba-ssm CUDA selective scan failed at first call ({e}); using the {which} scan")
-    if which == "triton":
-        if _triton_verified or forced == "triton":
-            return selective_scan_triton(*args)
-        try:
-            y = selective_scan_triton(*args)
-            _triton_verified = True
-            return y
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:  # e.g. a GPU or driver that this Triton cannot compile for
-            _triton_broken = True
-            which = "torch"
-            _warn_once(f"Triton selective scan failed at first call ({e}); using the pure-PyTorch scan")
+        except failure as e:
+            _broken.add(kernel)
+            which = scan_backend(u)  # the next usable one
+            _warn_once(f"the {kernel} selective scan failed at its first call ({e}); using the {which} scan")
     if which == "ref":
         return selective_scan_ref(*args)
     return selective_scan_torch(*args)

@@ -144,6 +144,26 @@ def test_backend_forced_cuda(monkeypatch):
     assert len(calls) == 1
 
 
+def test_auto_kernel_falls_back_after_a_failed_first_call(monkeypatch):
+    # A kernel picked automatically that fails at its first call is marked broken, the next choice runs instead
+    # (with one warning), and the result is that backend's.
+    monkeypatch.delenv("DIFFUSION_MAMBA_SCAN", raising=False)
+    picks = iter(["cuda", "torch"])
+    monkeypatch.setattr(ssm, "scan_backend", lambda x, backend=None: next(picks))
+    monkeypatch.setattr(ssm, "_broken", set())
+    monkeypatch.setattr(ssm, "_verified", set())
+    monkeypatch.setattr(ssm, "_warned", set())
+
+    def missing(*args):
+        raise RuntimeError("selective_scan_cuda is not installed")
+
+    monkeypatch.setattr(ssm, "_cuda_scan_fn", missing)
+    inputs = make_inputs(1, 2, 5, 2)
+    with pytest.warns(UserWarning, match="cuda selective scan failed at its first call .*using the torch scan"):
+        y = selective_scan(**inputs)
+    assert torch.equal(y, ssm.selective_scan_torch(**inputs)) and ssm._broken == {"cuda"} and not ssm._verified
+
+
 # -----------------------------------------------------------------------------
 # Triton backend: the kernels run in Triton's CPU interpreter. TRITON_INTERPRET=1 must be set before triton is
 # imported, so all cases run in one subprocess (_triton_worker) and the tests below check its results.
