@@ -2,7 +2,8 @@
 BiDiM: "Scaling Diffusion Mamba with Bidirectional SSMs for Efficient Image and Video Generation".
 Mo & Tian, arXiv 2405.15881 (called "DiM" in the paper; not Teng et al.'s DiM, which is dim.py). No official code.
 
-What is known about the paper (reference/bidim.md): DiT's self-attention is replaced by Mamba blocks that scan the
+What is known about the paper (its abstract and summaries of its text; [V]: verified in MAGI, Zhou et al.
+2025, Table 3): DiT's self-attention is replaced by Mamba blocks that scan the
 token sequence forward and reversed, flip the backward output back and *sum* the two [S]; latent diffusion in the SD
 KL-f8 VAE with patchified latents and positional embeddings [S]; a "class token" carries the label [S]; images on
 ImageNet and unconditional 16-frame video on UCF-101 (FVD 358.8 at 256^2, SD-1.4 VAE) [V]; linear cost in tokens.
@@ -73,7 +74,7 @@ import torch.nn.functional as F
 
 from dit import (FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_1d_sincos_pos_embed,
                  get_2d_sincos_pos_embed, modulate)
-from ssm import Mamba, selective_scan
+from ssm import Mamba, count_scan_flops, selective_scan
 
 
 #################################################################################
@@ -143,6 +144,7 @@ class BiDiM(nn.Module):
     objective = "eps"
     schedule = "linear"             # DiT's linear betas, 1e-4 to 0.02 over 1000 steps
     time_offset = 0                 # the network sees the DDPM index 0..999
+    video = True                    # built with num_frames=T it takes clips (train.py --video reads this)
     # DiT's recipe (the paper's is unknown). DiT clips no gradients: 1e6 is never reached.
     train_defaults = dict(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, warmup=0,
                           grad_clip=1e6, label_dropout=0.1, ema=0.9999)
@@ -254,30 +256,17 @@ class BiDiM(nn.Module):
 def flops(model, input_size=None, num_frames=None, batch_size=1):
     """(total, scan) GMACs of one forward pass (DiT's "GFLOPs" convention: a multiply-add counts once) at
     input_size (latent side; default model.input_size) and, for a video model, num_frames (default model's).
-    Linears and convolutions are counted by torch's FlopCounterMode; the selective scan, opaque to it, is
-    replaced by a stub that records its shapes and adds b*d*L*(9N + 1) (+ b*d*L with z), as bench.py does.
+    Linears and convolutions are counted by torch's FlopCounterMode, the selective scan by ssm.count_scan_flops.
     Works on the meta device: build the model under `with torch.device("meta")` for an instant count."""
     from torch.utils.flop_counter import FlopCounterMode
-    global selective_scan
     size = input_size or model.input_size
     frames = num_frames or model.num_frames
     device = next(model.parameters()).device
     shape = (batch_size, model.in_channels) + ((frames,) if model.num_frames is not None else ()) + (size, size)
     x, t = torch.zeros(shape, device=device), torch.zeros(batch_size, dtype=torch.long, device=device)
-    scans = []
-
-    def stub(u, delta, A, B, C, D=None, z=None, *args, **kwargs):
-        b, d, L = u.shape
-        scans.append(b * d * L * (9 * A.shape[-1] + 1 + (z is not None)))
-        return torch.zeros_like(u)
-
-    scan, selective_scan = selective_scan, stub
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x, t, t)
-    finally:
-        selective_scan = scan
-    return counter.get_total_flops() / 2e9 + sum(scans) / 1e9, sum(scans) / 1e9
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, count_scan_flops() as scans:
+        model(x, t, t)
+    return counter.get_total_flops() / 2e9 + scans.macs / 1e9, scans.macs / 1e9
 
 
 #################################################################################

@@ -1,6 +1,19 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures. This file also puts the repository root on sys.path (pytest inserts a rootdir
+conftest's folder), so tests/ and the top-level test_models.py import the library the same way."""
+import gzip
+import json
+import os
+import socket
+import struct
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+ROOT = Path(__file__).parent
+FIDELITY_DIR = ROOT / "fidelity"
 
 
 @pytest.fixture(scope="module")
@@ -11,3 +24,96 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fidelity vectors: official models' outputs on known weights (fidelity/README.md)
+# ------------------------------------------------------------------------------------------------------
+
+def read_safetensors(path):
+    """Minimal safetensors reader (8-byte header length, JSON header, raw little-endian data), so the
+    tests need no extra package."""
+    dtypes = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I32": torch.int32}
+    blob = Path(path).read_bytes()
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw = bytearray(blob[8 + n + start: 8 + n + end])
+        out[name] = torch.frombuffer(raw, dtype=dtypes[info["dtype"]]).reshape(info["shape"]).clone()
+    return out
+
+
+def load_fidelity(name):
+    """(tensors, meta) of fidelity/NAME.{safetensors,json}. The vectors ship in the repository, so a missing
+    one is a failure, never a skip."""
+    path = FIDELITY_DIR / f"{name}.safetensors"
+    if not path.exists():
+        pytest.fail(f"fidelity vector {path} is missing (it ships in the repository)")
+    return read_safetensors(path), json.loads(path.with_suffix(".json").read_text())
+
+
+@pytest.fixture
+def fidelity():
+    """load(name) -> (tensors, meta) of a fidelity vector; fails if the vector is missing."""
+    return load_fidelity
+
+
+@pytest.fixture
+def relative_error():
+    """max |a - b| / max |b|."""
+    return lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Data on disk
+# ------------------------------------------------------------------------------------------------------
+
+def write_idx(path, array, magic):
+    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_fmnist():
+    """write(folder, n=12): a tiny Fashion-MNIST training set (white images, labels 0..9 cycling)."""
+    def write(folder, n=12):
+        os.makedirs(folder, exist_ok=True)
+        write_idx(os.path.join(folder, "train-images-idx3-ubyte.gz"), np.full((n, 28, 28), 255), 0x00000803)
+        write_idx(os.path.join(folder, "train-labels-idx1-ubyte.gz"), np.arange(n) % 10, 0x00000801)
+    return write
+
+
+@pytest.fixture
+def image_folder():
+    """write(folder, n, size=(20, 14), classes=()): n flat-colour PNGs per class subfolder (or in folder)."""
+    def write(folder, n, size=(20, 14), classes=()):
+        for c in classes or [""]:
+            os.makedirs(os.path.join(folder, c), exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", size, (40 * i % 256, 80, 160)).save(os.path.join(folder, c, f"{i}.png"))
+    return write
+
+
+@pytest.fixture
+def tiny_vae():
+    """A random diffusers AutoencoderKL with Stable Diffusion's 8x downsampling (4 down blocks), 4 latents."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
+                                   down_block_types=("DownEncoderBlock2D",) * 4,
+                                   up_block_types=("UpDecoderBlock2D",) * 4,
+                                   layers_per_block=1, norm_num_groups=4, sample_size=32).eval()
+
+
+@pytest.fixture
+def free_port():
+    """A TCP port free at the time of the call, for torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]

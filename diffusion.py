@@ -5,8 +5,8 @@ epsilon prediction, optional learned variance) and flow matching on the GVP path
 Papers: DDPM (Ho et al. 2020), IDDPM (Nichol & Dhariwal 2021, respacing, learned-range variance, hybrid loss), DDIM
 (Song et al. 2021), DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095, multistep 2M), classifier-free guidance (Ho &
 Salimans 2022), SiT (Ma et al. 2024, GVP interpolant) as used by DiMSUM, Upsample Guidance (Hwang et al. 2024, arXiv
-2404.01709) as used by DiM. Conventions follow DiT's `diffusion/` (0-based step index t in {0..N-1}); the formulas
-are those of reference/sampling.md, cited below as §n.
+2404.01709) as used by DiM. Conventions follow DiT's `diffusion/` (0-based step index t in {0..N-1}); each formula below cites its paper
+(section, equation).
 
 Layout:
   schedules       get_betas, respaced_timesteps, cfg_from_uvit
@@ -20,8 +20,9 @@ Layout:
 The samplers never see the network. They take `denoise(x, i) -> (x0_hat, eps_hat, var_frac)` and a float64 grid
 `abar` of K + 1 cumulative signal fractions (abar[i] = alpha_i^2, sigma_i^2 = 1 - abar[i]; abar[K] = 1 is clean
 data), and step grid point i -> i + 1. Any variance-preserving parameterisation plugs in by supplying another
-closure: velocity prediction on the GVP flow path converts u_hat to (x0_hat, eps_hat) (§3) with
-abar = sin^2(pi t / 2), and Upsample Guidance (§6) only changes eps_hat inside the closure.
+closure: velocity prediction on the GVP flow path converts u_hat to (x0_hat, eps_hat) (exact on SiT's GVP path) with
+abar = sin^2(pi t / 2), and Upsample Guidance (Hwang et al. 2024, Sec. 3) only changes eps_hat inside the
+closure.
 """
 import math
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")  # every name some objecti
 #################################################################################
 
 def get_betas(schedule: str, num_steps: int = 1000) -> torch.Tensor:
-    """Per-step noise variances beta_t, t = 0..N-1, float64 (§2)."""
+    """Per-step noise variances beta_t, t = 0..N-1, float64 (linear: DDPM Sec. 4; scaled-linear: LDM, Stable
+    Diffusion's, which DiM trains with)."""
     if schedule == "linear":
         # DiT / ADM: 1e-4 .. 0.02 for N = 1000; scaling by 1000/N keeps abar_{N-1} about the same for other N.
         scale = 1000 / num_steps
@@ -80,7 +82,8 @@ def _steps(K, progress):
 
 
 def ddpm_sample(denoise, x, abar, generator=None, progress=False):
-    """Ancestral sampling from the Gaussian posterior q(x_s | x_t, x0_hat) on a respaced grid (§4.1)."""
+    """Ancestral sampling from the Gaussian posterior q(x_s | x_t, x0_hat) on a respaced grid (DDPM eqs. 6-7;
+    respacing: IDDPM Sec. 4)."""
     K = len(abar) - 1
     for i in _steps(K, progress):
         x0, _, var_frac = denoise(x, i)
@@ -101,7 +104,7 @@ def ddpm_sample(denoise, x, abar, generator=None, progress=False):
 
 
 def ddim_sample(denoise, x, abar, eta=0.0, generator=None, progress=False):
-    """DDIM (§4.2): re-noise x0_hat to the next level with the predicted eps; eta = 0 is deterministic."""
+    """DDIM (Song et al. 2021, eq. 12): re-noise x0_hat to the next level with the predicted eps; eta = 0 is deterministic."""
     K = len(abar) - 1
     for i in _steps(K, progress):
         x0, eps, _ = denoise(x, i)
@@ -114,7 +117,8 @@ def ddim_sample(denoise, x, abar, eta=0.0, generator=None, progress=False):
 
 
 def dpmpp_2m_sample(denoise, x, abar, order=2, lower_order_final=True, progress=False):
-    """DPM-Solver++ 2M: multistep, data prediction, exponential integrator in lambda = log(alpha/sigma) (§4.3).
+    """DPM-Solver++ 2M: multistep, data prediction, exponential integrator in lambda = log(alpha/sigma) (Lu et al.
+    2022, Alg. 2).
 
     First order (= DDIM) where the 2M extrapolation is unavailable or unsafe: the first step (no history), the
     last step to sigma = 0 (lambda = inf; it returns the final x0_hat, as diffusers' final_sigmas_type="zero")
@@ -182,12 +186,13 @@ def discretized_gaussian_nll(x, mean, log_scale):
 
 
 def _guided(model, x, t_in, y, cfg_scale, null_label):
-    """Network output with classifier-free guidance (§5), standard convention: (pred (B, C, ...), extra or None).
+    """Network output with classifier-free guidance (Ho & Salimans 2022, eq. 6, whose w is
+    U-ViT's s; written here as eps_u + w (eps_c - eps_u)), standard convention: (pred (B, C, ...), extra or None).
 
     pred is the first C channels, guided; extra holds the channels beyond C (learned variance), taken unguided from
     the conditional half as DiT does. All prediction channels are guided (DiT guides 3 of 4 for exact
     reproducibility of its FID; add that as an option when needed). The guidance is affine in the prediction, so
-    guiding eps, x0 or the GVP velocity gives the same sample (§5).
+    guiding eps, x0 or the GVP velocity gives the same sample (each is affine in the prediction at fixed x_t).
     """
     B, C = x.shape[:2]
     if y is None or cfg_scale == 1:
@@ -212,7 +217,7 @@ def _check_steps(steps, most):
 
 @dataclass
 class UpsampleGuidance:
-    """Upsample Guidance (§6) for sampling at m times the training resolution: m integer ratio, theta the weight,
+    """Upsample Guidance (Hwang et al. 2024, arXiv 2404.01709, Sec. 3) for sampling at m times the training resolution: m integer ratio, theta the weight,
     eta the noisiest fraction of the schedule where it is active (the paper's and DiM's 1.0 and 0.3)."""
     m: int
     theta: float = 1.0
@@ -246,7 +251,7 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)        # (N,) abar_t, decreasing
         self.sqrt_abar = self.alphas_cumprod.sqrt()                       # (N,) alpha_t
         self.sqrt_one_minus_abar = (1 - self.alphas_cumprod).sqrt()       # (N,) sigma_t
-        # posterior q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta-tilde) (§4.1), for L_vb
+        # posterior q(x_{t-1} | x_t, x0) = N(c0 x0 + ct x_t, beta-tilde) (DDPM eqs. 6-7), for L_vb
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         self.post_c0 = abar_prev.sqrt() * self.betas / (1 - self.alphas_cumprod)                  # (N,)
         self.post_ct = (1 - self.betas).sqrt() * (1 - abar_prev) / (1 - self.alphas_cumprod)      # (N,)
@@ -283,7 +288,7 @@ class GaussianDiffusion:
         return loss
 
     def vb_bpd(self, x0, x_t, t, eps, v):
-        """L_t of the variational bound per sample (B,), bits per dimension (§3): KL(q(x_{t-1} | x_t, x0) ||
+        """L_t of the variational bound per sample (B,), bits per dimension (IDDPM Sec. 3.1): KL(q(x_{t-1} | x_t, x0) ||
         p(x_{t-1} | x_t)) for t > 0, decoder NLL -log p(x0 | x_1) at t = 0. p has the mean implied by eps and the
         learned-range log-variance f log beta_t + (1 - f) log beta-tilde_t, f = (v + 1) / 2 (IDDPM eq. 15)."""
         ex = lambda arr: self._extract(arr, t, x_t)
@@ -307,7 +312,7 @@ class GaussianDiffusion:
         return respaced_timesteps(self.num_steps, steps)[::-1]
 
     def ug_level(self, t, m):
-        """Upsample Guidance's low-resolution input (§6) for step index t and ratio m: (P, tau).
+        """Upsample Guidance's low-resolution input (Hwang et al. 2024, Sec. 3) for step index t and ratio m: (P, tau).
 
         Average pooling m x m keeps the signal but divides the noise variance by m^2, so avgpool(x_t) / sqrt(P)
         with P = abar_t + (1 - abar_t) / m^2 has unit variance and SNR m^2 SNR(t); tau is the step whose SNR is
@@ -321,7 +326,7 @@ class GaussianDiffusion:
         """Closure denoise(x, i) -> (x0_hat, eps_hat, var_frac) at grid point i, plus the grid abar (K+1,) float64.
 
         var_frac is the learned-range weight f = (v + 1) / 2 of IDDPM when the network outputs 2C channels, else None.
-        With upsample_guidance (an UpsampleGuidance), eps_hat on x (B, C, H, W) gets Upsample Guidance (§6).
+        With upsample_guidance (an UpsampleGuidance), eps_hat on x (B, C, H, W) gets Upsample Guidance (Hwang et al. 2024).
         """
         abar = torch.cat([self.alphas_cumprod[timesteps], torch.ones(1, dtype=torch.float64)])  # (K+1,)
         ug = upsample_guidance
@@ -338,7 +343,7 @@ class GaussianDiffusion:
                 eps_lo, _ = self.predict_eps(model, ug.low_res_input(x, P), tau, y, cfg_scale, null_label)
                 eps = eps + ug.correction(eps, eps_lo.to(x.dtype))
             a = abar[i].item()
-            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)  # §3; no clipping (latents are unbounded)
+            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)  # DDPM eq. 15; no clipping (latents are unbounded)
             var_frac = None if extra is None else (extra + 1) / 2
             return x0, eps, var_frac
 
@@ -379,12 +384,13 @@ class GaussianDiffusion:
 #################################################################################
 
 def gvp_coefs(t):
-    """GVP path x_t = alpha x0 + sigma eps (§2): alpha = sin(pi t / 2), sigma = cos(pi t / 2); t = 0 noise, 1 data."""
+    """GVP path x_t = alpha x0 + sigma eps (SiT, Ma et al. 2024, the GVP interpolant;
+    willisma/SiT, transport/path.py, GVPCPlan): alpha = sin(pi t / 2), sigma = cos(pi t / 2); t = 0 noise, 1 data."""
     return torch.sin(math.pi / 2 * t), torch.cos(math.pi / 2 * t)
 
 
 def gvp_velocity_to_x0_eps(x, u, t):
-    """(x0_hat, eps_hat) from the velocity u at x_t (§3): exact, since u = alpha' x0 + sigma' eps is a second linear
+    """(x0_hat, eps_hat) from the velocity u at x_t (SiT's GVP path): exact, since u = alpha' x0 + sigma' eps is a second linear
     equation beside x_t = alpha x0 + sigma eps, with determinant (pi / 2)(alpha^2 + sigma^2) = pi / 2 at every t;
     no division by alpha, so t = 0 (pure noise) is fine. t float or broadcastable tensor."""
     a, s = gvp_coefs(torch.as_tensor(t, dtype=torch.float64))
@@ -402,7 +408,7 @@ class FlowMatching:
     default_sampler = "heun"
 
     def training_loss(self, model, x0, y, noise=None, t=None):
-        """Velocity MSE (§3), mean over all dimensions, t ~ U[0, 1]. x0 (B, C, ...); y (B,) or None."""
+        """Velocity MSE (SiT, Ma et al. 2024), mean over all dimensions, t ~ U[0, 1]. x0 (B, C, ...); y (B,) or None."""
         if t is None:
             t = torch.rand(x0.shape[0], device=x0.device)
         if noise is None:
@@ -413,7 +419,7 @@ class FlowMatching:
         return ((out[:, : x0.shape[1]].float() - target.float()) ** 2).mean()
 
     def ug_level(self, t, m):
-        """Upsample Guidance's low-resolution input (§6) at flow time t and ratio m: (P, tau), as
+        """Upsample Guidance's low-resolution input (Hwang et al. 2024, Sec. 3) at flow time t and ratio m: (P, tau), as
         GaussianDiffusion.ug_level. On the GVP path SNR(t) = tan^2(pi t / 2), so the time with SNR m^2 SNR(t) has a
         closed form, tau = (2 / pi) atan(m tan(pi t / 2)), where the discrete schedule searches its nearest step."""
         a = math.sin(math.pi / 2 * t) ** 2
@@ -458,7 +464,7 @@ class FlowMatching:
                 u_lo = _guided(model, x_lo, tau_in, y, cfg_scale, null_label)[0].to(x.dtype)
                 eps = gvp_velocity_to_x0_eps(x, u, t)[1]
                 delta = ug.correction(eps, gvp_velocity_to_x0_eps(x_lo, u_lo, tau)[1])
-                # x_t fixed: u = (pi / 2)(sigma x_t - eps) / alpha (§3), so eps + delta is u - (pi / 2) delta / alpha
+                # x_t fixed: u = (pi / 2)(sigma x_t - eps) / alpha (the GVP conversion), so eps + delta is u - (pi / 2) delta / alpha
                 u = u - (math.pi / 2 / math.sin(math.pi / 2 * t)) * delta
             return u
 

@@ -6,7 +6,7 @@ import os
 import torch
 
 from bidim import BiDiM_models
-from dim import DiM_models, load_official_state_dict
+from dim import DiM_models
 from dimsum import DiMSUM_models
 from dit import DiT_models
 from lamamba import LaMamba_models
@@ -32,10 +32,10 @@ def build_model(name, **kwargs):
     return MODELS[resolve_model_name(name)](**kwargs)
 
 
-def is_official_dim(state_dict):
-    """A raw state dict from the official DiM repo (nnet_ema.pth): flat tensors, Mamba keys like '...A_log'."""
-    return (isinstance(state_dict, dict) and all(isinstance(v, torch.Tensor) for v in state_dict.values())
-            and any(k.endswith("A_log") for k in state_dict))
+def takes_clips(name):
+    """Whether a config builds video models (num_frames=T): its model class declares `video = True`."""
+    with torch.device("meta"):  # no memory, no init cost: only the class attribute is read
+        return getattr(MODELS[resolve_model_name(name)](input_size=8), "video", False)
 
 
 def find_checkpoint(path):
@@ -51,34 +51,21 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never run pickled code
     except Exception as e:
         raise ModelError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
-    ours = isinstance(ckpt, dict) and {"model", "ema", "args", "model_name", "model_kwargs"} <= ckpt.keys()
-    if not ours and not is_official_dim(ckpt):
-        raise ModelError(f"{path} is not a checkpoint of this project (expected one written by train.py, "
-                         "or an official DiM nnet_ema.pth)")
+    if not (isinstance(ckpt, dict) and {"model", "ema", "args", "model_name", "model_kwargs"} <= ckpt.keys()):
+        raise ModelError(f"{path} is not a checkpoint of this project (expected one written by train.py; "
+                         "convert official weights with python -m tools.convert_official)")
     return ckpt
 
 
-def load_model(path, name=None, ema=True, **kwargs):
-    """Rebuild a checkpoint's model from its stored config and load its EMA weights (or the raw ones).
-
-    name: if given, the checkpoint must hold that model. Returns (model, ckpt); ckpt is None for an official DiM
-    state dict, which holds no config: then name and kwargs (input_size, in_channels, num_classes) build the model.
-    """
+def load_model(path, name=None):
+    """Rebuild a checkpoint's model from its stored config and load its EMA weights. Returns (model, ckpt).
+    name: if given, the checkpoint must hold that model."""
     ckpt = load_checkpoint(path)
-    if is_official_dim(ckpt):
-        if name is None or None in kwargs.values():
-            raise ModelError(f"{path} is an official DiM state dict without a stored config: pass --model "
-                             "(e.g. DiM-H/2), --res and --num-classes")
-        model = build_model(name, **kwargs)
-        loaded, missing, unused = load_official_state_dict(model, ckpt)
-        print(f"loaded {len(loaded)} official DiM tensors from {path}; left at init: {missing or 'none'}; "
-              f"unused: {unused or 'none'}")
-        return model, None
     if name is not None and resolve_model_name(name) != ckpt["model_name"]:
         raise ModelError(f"{path} holds a {ckpt['model_name']} model, not {resolve_model_name(name)}; "
                          f"drop --model or pass --model {ckpt['model_name']}")
     model = build_model(ckpt["model_name"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["ema" if ema else "model"])
+    model.load_state_dict(ckpt["ema"])
     return model, ckpt
 
 
@@ -104,9 +91,6 @@ def init_from_checkpoint(model, path, model_name):
     `model`, resizing the tensors that depend on the token grid. Uses the checkpoint's EMA weights, as DiM's
     512 fine-tune starts from the 256 nnet_ema. Returns (copied, resized, skipped) key lists."""
     ckpt = load_checkpoint(path)
-    if is_official_dim(ckpt):
-        loaded, missing, unused = load_official_state_dict(model, ckpt)
-        return loaded, [], unused
     if ckpt["model_name"] != model_name:
         raise ModelError(f"--init-from {path} holds a {ckpt['model_name']} model, not {model_name}: "
                          f"pass --model {ckpt['model_name']} or a checkpoint of {model_name}")

@@ -1,10 +1,9 @@
 """
-Sample images from a checkpoint written by train.py (or an official DiM nnet_ema.pth).
+Sample images from a checkpoint written by train.py (official weights: convert them first with
+tools/convert_official.py, which writes the same kind of checkpoint).
 
     python sample.py --ckpt results/000-DiM-S-2/checkpoints/latest.pt --num-samples 64
     python sample.py --ckpt results/000-DiM-S-2 --res 48 --class-label 3       # another resolution, one class
-    python sample.py --ckpt nnet_ema.pth --model DiM-H/2 --res 256 --num-classes 1000 --cfg 1.4 \
-        --vae stabilityai/sd-vae-ft-ema
 
 Many samples for FID, in batches, on one GPU or several (each process generates every world-th sample):
 
@@ -36,8 +35,6 @@ from data import DataError, check_resolution, load_vae, save_frame_strip, save_g
 from diffusion import SAMPLERS, UpsampleGuidance, create_diffusion
 from models import ModelError, find_checkpoint, load_model
 from train import setup_distributed
-
-OFFICIAL_DIM_VAE = "stabilityai/sd-vae-ft-ema"  # the KL-f8 autoencoder U-ViT and DiM trained on
 
 
 class TiledModel(torch.nn.Module):
@@ -148,11 +145,9 @@ def generate(args, rank, world, device):
     master = rank == 0
     ckpt_path = find_checkpoint(args.ckpt)
 
-    # A train.py checkpoint knows its model, resolution and VAE; an official state dict knows none of them.
-    model, ckpt = load_model(ckpt_path, name=args.model, input_size=args.res // 8 if args.res else None,
-                             in_channels=4, num_classes=args.num_classes)  # kwargs used for official weights only
-    train_args = ckpt["args"] if ckpt else {}
-    vae_name = args.vae or train_args.get("vae") or (None if ckpt else OFFICIAL_DIM_VAE)
+    model, ckpt = load_model(ckpt_path, name=args.model)  # the checkpoint knows its model, resolution and VAE
+    train_args = ckpt["args"]
+    vae_name = args.vae or train_args.get("vae")
     res = args.res or train_args["res"]
 
     vae = load_vae(vae_name, device) if vae_name else None
@@ -256,10 +251,9 @@ def write_samples(images, args, cycling_classes):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="a train.py checkpoint or run folder, or official DiM weights "
-                        "(nnet_ema.pth)")
-    parser.add_argument("--model", default=None, help="check the checkpoint holds this model; required for "
-                        "official DiM weights (e.g. DiM-H/2)")
+    parser.add_argument("--ckpt", required=True, help="a train.py checkpoint or run folder (or official weights "
+                        "converted by tools/convert_official.py)")
+    parser.add_argument("--model", default=None, help="check that the checkpoint holds this model")
     parser.add_argument("--res", type=int, default=None, help="image side in pixels (default: the trained one)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None,
                         help="default: the model's (dpm++ for epsilon models, heun for flow matching)")
@@ -275,8 +269,7 @@ def parse_args(argv=None):
                         "OUT/samples.npz, uint8 arr_0 (N, H, W, C) (clips: (N, T, H, W, C)), for fid.py")
     parser.add_argument("--no-grid", action="store_true", help=f"skip grid.png / grid.gif (else of the first "
                         f"{GRID_MAX} samples)")
-    parser.add_argument("--vae", default=None, help="decode latents with this VAE (default: the one trained on; "
-                        f"{OFFICIAL_DIM_VAE} for official DiM weights)")
+    parser.add_argument("--vae", default=None, help="decode latents with this VAE (default: the one trained on)")
     parser.add_argument("--frames", type=int, default=None, help="video models: frames per clip (default: trained)")
     parser.add_argument("--upsample", choices=["auto", "guidance", "patch", "none"], default="auto",
                         help="above the trained size: Upsample Guidance (DiM), patch (tiled re-denoising) or none; "
@@ -287,7 +280,6 @@ def parse_args(argv=None):
     parser.add_argument("--tile-overlap", type=float, default=0.5, help="patch route: overlap of adjacent tiles")
     parser.add_argument("--renoise", type=float, default=0.6, help="patch route: fraction of the schedule re-run "
                         "on the upsampled sample (1 = from pure noise)")
-    parser.add_argument("--num-classes", type=int, default=1000, help="official DiM weights only (ImageNet: 1000)")
     return parser.parse_args(argv)
 
 

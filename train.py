@@ -30,8 +30,8 @@ from tqdm import tqdm
 from data import (DataError, build_dataset, build_video_dataset, check_resolution, load_vae, save_frame_strip, save_gif,
                   save_grid, vae_decode, vae_encode, vae_factor)
 from diffusion import create_diffusion
-from models import (ModelError, build_model, find_checkpoint, init_from_checkpoint, is_official_dim, load_checkpoint,
-                    resolve_model_name)
+from models import (ModelError, build_model, find_checkpoint, init_from_checkpoint, load_checkpoint,
+                    resolve_model_name, takes_clips)
 
 HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout", "ema")
 # Flags that only steer the run; on --resume, the ones given on the command line replace the stored ones. All
@@ -179,8 +179,6 @@ def main(args):
     if args.resume:
         ckpt_path = find_checkpoint(args.resume)
         ckpt = load_checkpoint(ckpt_path)
-        if is_official_dim(ckpt):
-            raise ModelError(f"{ckpt_path} holds official DiM weights, not a train.py checkpoint; cannot resume")
         if args.model and resolve_model_name(args.model) != ckpt["model_name"]:
             raise ModelError(f"cannot resume: {ckpt_path} holds a {ckpt['model_name']} model, "
                              f"not {resolve_model_name(args.model)}")
@@ -205,15 +203,12 @@ def main(args):
         dataset, num_classes, channels = build_video_dataset(data_name, args.res, args.frames, args.data_dir)
     else:
         dataset, num_classes, channels = build_dataset(args.data, args.res, args.data_dir, 3 if vae else args.channels)
+    if args.video and not takes_clips(args.model):
+        raise ModelError(f"{args.model} is an image model; --video needs one that takes clips (BiDiM)")
     model_kwargs = dict(input_size=args.res // factor, in_channels=vae.config.latent_channels if vae else channels,
                         num_classes=num_classes, **({"num_frames": args.frames} if args.video else {}))
     torch.manual_seed(args.seed)  # same initial weights on every rank and for every world size
-    try:
-        model = build_model(args.model, **model_kwargs).to(device)
-    except TypeError as e:
-        if not args.video:
-            raise
-        raise ModelError(f"{args.model} is an image model; --video needs one that takes clips (BiDiM)") from e
+    model = build_model(args.model, **model_kwargs).to(device)
     check_resolution(args.res, model.patch_size, factor)
     for k in HYPERPARAMETERS:  # None means "the model's own recipe"; the checkpoint stores the resolved values
         if getattr(args, k) is None:

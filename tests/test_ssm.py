@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import ssm
+import ssm_triton
 from ssm import Mamba, scan_backend, selective_scan, selective_scan_ref, selective_scan_torch
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
@@ -133,35 +134,78 @@ def test_backend_env_var(monkeypatch):
 def test_backend_forced_cuda(monkeypatch):
     x = torch.zeros(1, 2, 3)
     monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "cuda")
-    monkeypatch.setattr(ssm, "_cuda_scan_fn", None)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setitem(ssm.SCANS, "cuda", None)
+    with pytest.raises(RuntimeError, match="not installed"):
         scan_backend(x)  # forcing the kernel without mamba-ssm is an error, not a silent fallback
     calls = []
-    monkeypatch.setattr(ssm, "_cuda_scan_fn", lambda *args: calls.append(args) or args[0])
+    monkeypatch.setitem(ssm.SCANS, "cuda", lambda *args: calls.append(args) or args[0])
     assert scan_backend(x) == "cuda"
     inputs = make_inputs(1, 2, 3, 2)
     selective_scan(**inputs)
-    assert len(calls) == 1
+    assert len(calls) == 1  # a forced backend is not checked first
 
 
-def test_auto_kernel_falls_back_after_a_failed_first_call(monkeypatch):
-    # A kernel picked automatically that fails at its first call is marked broken, the next choice runs instead
-    # (with one warning), and the result is that backend's.
+@pytest.fixture
+def fresh_dispatch(monkeypatch):
+    """Automatic choice with clean first-call caches; scan_backend picks 'cuda' first, then the next usable."""
     monkeypatch.delenv("DIFFUSION_MAMBA_SCAN", raising=False)
-    picks = iter(["cuda", "torch"])
-    monkeypatch.setattr(ssm, "scan_backend", lambda x, backend=None: next(picks))
-    monkeypatch.setattr(ssm, "_broken", set())
-    monkeypatch.setattr(ssm, "_verified", set())
-    monkeypatch.setattr(ssm, "_warned", set())
+    for name in ("_checked", "_broken", "_warned"):
+        monkeypatch.setattr(ssm, name, set())
+    # CPU tensors never pick a GPU kernel; pretend they are on the GPU for the choice only
+    monkeypatch.setattr(ssm, "scan_backend", lambda x, backend=None: "torch" if "cuda" in ssm._broken else "cuda")
 
-    def missing(*args):
-        raise RuntimeError("selective_scan_cuda is not installed")
 
-    monkeypatch.setattr(ssm, "_cuda_scan_fn", missing)
+def test_auto_kernel_is_checked_once_forward_and_backward(monkeypatch, fresh_dispatch):
+    calls, grads = [], []
+
+    def kernel(*args, **kwargs):
+        calls.append(args[0].shape)
+        y = ssm.selective_scan_torch(*args, **kwargs)
+        if y.requires_grad:
+            y.register_hook(lambda g: grads.append(g.shape) or g)
+        return y
+
+    monkeypatch.setitem(ssm.SCANS, "cuda", kernel)
+    inputs = make_inputs(1, 4, 5, 2)
+    y = selective_scan(**inputs, delta_softplus=True)
+    assert torch.equal(y, ssm.selective_scan_torch(**inputs, delta_softplus=True))
+    assert len(calls) == 2 and len(grads) == 1  # the check (forward and backward), then the call itself
+    selective_scan(**inputs, delta_softplus=True)
+    assert len(calls) == 3 and ssm._checked == {("cuda", torch.device("cpu"), torch.float32)}
+
+
+@pytest.mark.parametrize("failure", ["forward", "backward", "wrong"])
+def test_auto_kernel_falls_back_when_its_first_call_check_fails(monkeypatch, fresh_dispatch, failure):
+    # A kernel picked automatically whose forward or backward fails, or whose result is wrong, is marked
+    # broken; the next choice runs instead (with one warning), and the result is that backend's.
+    class Broken(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, u):
+            if failure == "forward":
+                raise RuntimeError("selective_scan_cuda is not installed")
+            return u * (2.0 if failure == "wrong" else 1.0)
+
+        @staticmethod
+        def backward(ctx, g):
+            if failure == "backward":
+                raise RuntimeError("no kernel image is available for execution on the device")
+            return g * 2.0
+
+    monkeypatch.setitem(ssm.SCANS, "cuda", lambda u, *args: Broken.apply(ssm.selective_scan_torch(u, *args)))
     inputs = make_inputs(1, 2, 5, 2)
-    with pytest.warns(UserWarning, match="cuda selective scan failed at its first call .*using the torch scan"):
+    with pytest.warns(UserWarning, match="cuda selective scan failed its first-call check .*using torch"):
         y = selective_scan(**inputs)
-    assert torch.equal(y, ssm.selective_scan_torch(**inputs)) and ssm._broken == {"cuda"} and not ssm._verified
+    assert torch.equal(y, ssm.selective_scan_torch(**inputs)) and ssm._broken == {"cuda"} and not ssm._checked
+
+
+def test_count_scan_flops_counts_instead_of_running():
+    inputs = make_inputs(2, 8, 33, 4)
+    with ssm.count_scan_flops() as scans:
+        y = selective_scan(**inputs)
+        selective_scan(**dict(inputs, z=None))
+    assert scans.calls == 2 and scans.macs == 2 * 8 * 33 * (9 * 4 + 1) * 2 + 2 * 8 * 33
+    assert torch.count_nonzero(y) == 0
+    assert torch.count_nonzero(selective_scan(**inputs)) > 0  # outside the context the scan runs again
 
 
 # -----------------------------------------------------------------------------
@@ -188,7 +232,7 @@ TRITON_CASES = {
 
 def _triton_worker():
     """Run in a subprocess with TRITON_INTERPRET=1; prints one JSON line: errors per case, or why to skip."""
-    if ssm.triton is None or not ssm.triton_interpreted():
+    if ssm_triton.triton is None or not ssm_triton.triton_interpreted():
         print(json.dumps({"__skip__": "triton is not importable"}))
         return
     try:  # some triton/numpy pairs cannot interpret loops with run-time bounds (triton 3.6 with numpy >= 2.4)
@@ -196,11 +240,11 @@ def _triton_worker():
     except Exception as e:
         print(json.dumps({"__skip__": f"Triton's interpreter fails here: {type(e).__name__}: {e}"[:300]}))
         return
-    defaults = {k: dict(v[4]) for k, v in ssm.TRITON_CONFIG.items()}
+    defaults = {k: dict(v[4]) for k, v in ssm_triton.TRITON_CONFIG.items()}
     out = {}
     for name, (shape, opts, softplus, fwd_cfg, bwd_cfg) in TRITON_CASES.items():
-        ssm.TRITON_CONFIG["fwd"][4] = dict(defaults["fwd"], **fwd_cfg)
-        ssm.TRITON_CONFIG["bwd"][4] = dict(defaults["bwd"], **bwd_cfg)
+        ssm_triton.TRITON_CONFIG["fwd"][4] = dict(defaults["fwd"], **fwd_cfg)
+        ssm_triton.TRITON_CONFIG["bwd"][4] = dict(defaults["bwd"], **bwd_cfg)
         inputs = make_inputs(*shape, **opts)
         if not softplus:  # dt = delta + bias must be positive without the softplus
             inputs["delta"] = inputs["delta"].abs()
@@ -213,7 +257,7 @@ def _triton_worker():
         errs["missing"] = sorted(set(grads_ref) ^ set(grads))
         errs["dtype_shape_ok"] = y.dtype == torch.float32 and y.shape == y_ref.shape
         out[name] = errs
-        ssm.TRITON_CONFIG["fwd"][4], ssm.TRITON_CONFIG["bwd"][4] = defaults["fwd"], defaults["bwd"]
+        ssm_triton.TRITON_CONFIG["fwd"][4], ssm_triton.TRITON_CONFIG["bwd"][4] = defaults["fwd"], defaults["bwd"]
 
     # bf16 inputs: bf16 output, error of bf16 rounding only (the scan runs in fp32)
     inputs = make_inputs(1, 8, 24, 4)
@@ -240,10 +284,11 @@ def _triton_worker():
 
 @pytest.fixture(scope="module")
 def triton_results():
-    if ssm.triton is None:
+    if ssm_triton.triton is None:
         pytest.skip("triton is not importable")
     env = dict(os.environ, TRITON_INTERPRET="1", DIFFUSION_MAMBA_SCAN="")
     here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), env.get("PYTHONPATH", "")])  # the library
     proc = subprocess.run([sys.executable, "-c", "import test_ssm; test_ssm._triton_worker()"], cwd=here, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -274,17 +319,17 @@ def test_triton_mamba_mixer_matches_reference(triton_results):
 def test_backend_triton_selection(monkeypatch):
     monkeypatch.delenv("DIFFUSION_MAMBA_SCAN", raising=False)
     gpu = types.SimpleNamespace(is_cuda=True)  # scan_backend only looks at .is_cuda
-    monkeypatch.setattr(ssm, "_cuda_scan_fn", lambda *a: None)
+    monkeypatch.setitem(ssm.SCANS, "cuda", lambda *a: None)
+    monkeypatch.setitem(ssm.SCANS, "triton", lambda *a: None)
     assert scan_backend(gpu) == "cuda"  # mamba-ssm first
-    monkeypatch.setattr(ssm, "_cuda_scan_fn", None)
-    monkeypatch.setattr(ssm, "triton", object())
+    monkeypatch.setitem(ssm.SCANS, "cuda", None)
     assert scan_backend(gpu) == "triton"  # then triton on a GPU
     assert scan_backend(torch.zeros(1)) == "torch"  # never on CPU tensors unless forced
     assert scan_backend(torch.zeros(1), backend="triton") == "triton"
     monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "triton")
     assert scan_backend(torch.zeros(1)) == "triton"
     monkeypatch.delenv("DIFFUSION_MAMBA_SCAN")
-    monkeypatch.setattr(ssm, "triton", None)
+    monkeypatch.setitem(ssm.SCANS, "triton", None)
     with pytest.warns(UserWarning, match="pure-PyTorch"):
         ssm._warned.clear()
         assert scan_backend(gpu) == "torch"  # neither: the pure-PyTorch scan, with a warning
@@ -292,7 +337,7 @@ def test_backend_triton_selection(monkeypatch):
         scan_backend(gpu, backend="triton")  # forcing triton without triton is an error
 
 
-@pytest.mark.skipif(ssm.triton is None or ssm.triton_interpreted(), reason="needs triton without its interpreter")
+@pytest.mark.skipif(ssm_triton.triton is None or ssm_triton.triton_interpreted(), reason="needs triton without its interpreter")
 def test_triton_on_cpu_tensors_needs_interpreter():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         selective_scan(**make_inputs(1, 2, 3, 2), backend="triton")

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import dimsum
-from test_models import find_fidelity, read_safetensors, relative_error
 
 # Agreement with the official recording. The recording is float32 (mamba-ssm's sequential reference scan) and so
 # is our forward pass (chunked scan). Measured on the fidelity inputs: our float64 model (reference scan) vs the
@@ -14,12 +13,10 @@ from test_models import find_fidelity, read_safetensors, relative_error
 TOLERANCE = 1.5e-5
 
 
-def small_official():
-    """The fidelity vector's tensors and a DiMSUM built with its config and loaded with its weights (eval mode)."""
-    path, meta = find_fidelity("dimsum_small")
-    if path is None:
-        pytest.skip("fidelity vectors not present")
-    tensors = read_safetensors(path)
+@pytest.fixture
+def small_official(fidelity):
+    """The fidelity vector's tensors, its official state dict and a DiMSUM built with its config."""
+    tensors, meta = fidelity("dimsum_small")
     cfg = meta["config"]
     assert cfg["block_type"] == "combined" and cfg["use_attn_every_k_layers"] == 4 and cfg["rms_norm"]
     assert cfg["learnable_pe"] and not cfg["learn_sigma"] and not cfg["use_final_norm"]
@@ -39,8 +36,8 @@ def run(model, tensors, dtype=torch.float32):
 # Fidelity: the official DiM (block type "combined") output on known weights
 # ------------------------------------------------------------------------------------------------------
 
-def test_dimsum_matches_official_output():
-    tensors, official, model = small_official()
+def test_dimsum_matches_official_output(relative_error, small_official):
+    tensors, official, model = small_official
     loaded, missing, unused = dimsum.load_official_state_dict(model, official)
     assert missing == [] and unused == [], (missing, unused)
     model.eval()
@@ -52,9 +49,9 @@ def test_dimsum_matches_official_output():
     assert relative_error(run(model, tensors), tensors["output"]) > 2 * TOLERANCE
 
 
-def test_wavelet_window_order_matters_for_fidelity():
+def test_wavelet_window_order_matters_for_fidelity(relative_error, small_official):
     # Row-first and column-first window scans swapped (even <-> odd layers): far from the recording (0.6).
-    tensors, official, model = small_official()
+    tensors, official, model = small_official
     dimsum.load_official_state_dict(model, official)
     model.eval()
     spatial, windows = model.orders(8, 8, torch.device("cpu"))
@@ -62,10 +59,10 @@ def test_wavelet_window_order_matters_for_fidelity():
     assert relative_error(run(model, tensors), tensors["output"]) > 0.1
 
 
-def test_float64_noise_floor():
+def test_float64_noise_floor(relative_error, small_official):
     # The same weights in float64 with the sequential reference scan: agrees with the recording and with float32
     # to the noise floor quoted above.
-    tensors, official, model = small_official()
+    tensors, official, model = small_official
     dimsum.load_official_state_dict(model, official)
     model.eval()
     out32 = run(model, tensors)
@@ -79,8 +76,8 @@ def test_float64_noise_floor():
     assert relative_error(out32.double(), out64) < 1e-5
 
 
-def test_loader_drops_only_the_dead_projection_and_haar_buffers():
-    tensors, official, model = small_official()
+def test_loader_drops_only_the_dead_projection_and_haar_buffers(small_official):
+    tensors, official, model = small_official
     loaded, missing, unused = dimsum.load_official_state_dict(model, official)
     dropped = sorted(set(official) - set(k.replace(".fusion.", ".proj.") for k in loaded))
     assert all(".cond_proj." in k or ".dwt." in k or ".idwt." in k for k in dropped), dropped
@@ -112,7 +109,7 @@ def test_haar_known_answer():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
-def test_haar_is_orthonormal_and_invertible(dtype, tol):
+def test_haar_is_orthonormal_and_invertible(dtype, tol, relative_error):
     x = torch.randn(2, 5, 16, 12, dtype=dtype)
     one = dimsum.haar_dwt(x)
     two = dimsum.haar_dwt(one)                                       # 2 levels: (2, 80, 4, 3)
@@ -124,7 +121,7 @@ def test_haar_is_orthonormal_and_invertible(dtype, tol):
 
 
 @pytest.mark.parametrize("h,w", [(8, 8), (16, 16), (8, 12)])
-def test_wavelet_tokens_invertible(h, w):
+def test_wavelet_tokens_invertible(h, w, relative_error):
     x = torch.randn(2, h * w, 6, dtype=torch.float64)
     y = dimsum.wavelet_tokens(x, h, w)
     assert y.shape == x.shape
@@ -171,7 +168,7 @@ def test_window_orders():
         assert sorted(perm.tolist()) == list(range(64))
 
 
-def test_every_order_is_used_and_matters():
+def test_every_order_is_used_and_matters(relative_error):
     torch.manual_seed(0)
     model = randomised(dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10)).eval()
     x, t, y = torch.randn(1, 4, 16, 16), torch.tensor([0.3]), torch.tensor([2])
@@ -218,7 +215,7 @@ def test_bad_input_shape():
         model(torch.randn(1, 3, 16, 16), t, None)
 
 
-def test_conditioning_and_null_label():
+def test_conditioning_and_null_label(relative_error):
     torch.manual_seed(0)
     model = randomised(dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10)).eval()
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.5, 0.5])

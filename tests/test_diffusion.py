@@ -625,7 +625,7 @@ def test_flow_ug_theta_zero_and_active_steps():
 
 def test_flow_ug_term_matches_direct_computation_on_a_tiny_model():
     # One Euler step from t = 0.2 (init + strength) exposes the guided velocity; by hand: eps from the velocity at
-    # both resolutions (§3), eps + up(eps_lo / m - avgpool(eps)), back to a velocity with x_t fixed.
+    # both resolutions (the GVP conversion), eps + up(eps_lo / m - avgpool(eps)), back to a velocity with x_t fixed.
     import dimsum
     torch.manual_seed(0)
     model = dimsum.DiMSUM_T_2(input_size=8, in_channels=1, num_classes=0).eval()

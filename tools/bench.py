@@ -1,12 +1,12 @@
 """
 Speed, memory and compute of the Diffusion Mamba models against DiT, across resolutions.
 
-    python bench.py --models dim,dit --size L --res 256,512,1024,1536,2048 --batch 4,4,2,1,1 --mode train
-    python bench.py --models DiM-H/2,DiT-XL/2 --mode sample --out sample.json --plot sample.png
+    python -m tools.bench --models dim,dit --size L --res 256,512,1024,1536,2048 --batch 4,4,2,1,1 --mode train
+    python -m tools.bench --models DiM-H/2,DiT-XL/2 --mode sample --out sample.json --plot sample.png
 
---models takes families (dim, bidim, dimsum, lamamba, dit: the config of size --size from that file's registry) or
-exact config names (DiT-XL/2). Model files are imported lazily; a missing one gives an "n/a" row. Inputs are SD-VAE
-latents: 4 channels, a res/8 grid, 1000 classes. Per model and resolution:
+--models takes families (dim, bidim, dimsum, lamamba, dit: the config of size --size) or exact config names
+(DiT-XL/2) of the registry in models.py. Inputs are SD-VAE latents: 4 channels, a res/8 grid, 1000 classes.
+Per model and resolution:
 
   params     parameter count (model built on the meta device)
   GFLOPs     multiply-accumulates of one forward pass of one image (DiT's "GFLOPs" convention), counted with
@@ -21,14 +21,12 @@ CPU); bf16 autocast and TF32 on GPUs, fp32 on the CPU. Out of memory gives an "O
 (batch x pixels) at least as large as one that ran out of memory is not tried ("OOM*"). JSON and plot are rewritten
 after every row, so an interrupted run keeps what it measured.
 
-Scan cost: FlopCounterMode sees no matmul inside the selective scan (the CUDA kernel is opaque, the PyTorch scan is
-elementwise), so during counting every call of ssm.selective_scan is replaced by a stub that records its shapes. A call
-on u (b, d, L) with A (d, N) adds b*d*L*(9N + 1) MACs, plus b*d*L when gated by z: VMamba's flops_selective_scan_ref
-count, the one the project's specs use.
+Scan cost: FlopCounterMode sees no matmul inside the selective scan (the CUDA kernel is opaque, the PyTorch scan
+is elementwise), so counting runs inside ssm.count_scan_flops(), where each scan records its shapes and adds
+b*d*L*(9N + 1) MACs (+ b*d*L when gated by z) instead of running.
 """
 import argparse
 import gc
-import importlib
 import json
 import math
 import os
@@ -40,45 +38,32 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-# family -> (module, registry dict, config name for a size letter, size aliases)
+import ssm
+from models import MODELS
+
+# family -> (config name for a size letter, size aliases)
 FAMILIES = {
-    "dim": ("dim", "DiM_models", "DiM-{}/2", {"XL": "H"}),
-    "bidim": ("bidim", "BiDiM_models", "BiDiM-{}/2", {"H": "XL"}),
-    "dimsum": ("dimsum", "DiMSUM_models", "DiMSUM-{}/2", {"H": "XL"}),
-    "lamamba": ("lamamba", "LaMamba_models", "LaMamba-{}", {"H": "XL"}),
-    "dit": ("dit", "DiT_models", "DiT-{}/2", {"H": "XL"}),
+    "dim": ("DiM-{}/2", {"XL": "H"}),
+    "bidim": ("BiDiM-{}/2", {"H": "XL"}),
+    "dimsum": ("DiMSUM-{}/2", {"H": "XL"}),
+    "lamamba": ("LaMamba-{}", {"H": "XL"}),
+    "dit": ("DiT-{}/2", {"H": "XL"}),
 }
 COLUMNS = ["model", "family", "mode", "res", "tokens", "batch", "params_M", "gflops", "scan_gflops", "step_ms",
            "ms_per_image", "images_per_s", "peak_mem_gib", "status", "device", "torch", "scan"]
 LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR = 4, 1000, 8
 
 
-def load_registry(family):
-    """(registry dict, None) or (None, reason) when the family's file is missing or does not import."""
-    module, attr = FAMILIES[family][:2]
-    try:
-        return getattr(importlib.import_module(module), attr), None
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return None, f"n/a ({module}.py not found)"
-        return None, f"n/a ({module}.py: {e})"
-    except Exception as e:
-        return None, f"n/a ({module}.py: {type(e).__name__}: {e})"
-
-
 def resolve(spec, size):
-    """A family or a config name -> (name, family, factory or None, reason when unavailable)."""
+    """A family or a config name -> (config name, family, factory)."""
     family = spec.lower() if spec.lower() in FAMILIES else spec.split("-")[0].lower()
     if family not in FAMILIES:
         raise SystemExit(f"unknown model {spec!r}: use a family ({', '.join(FAMILIES)}) or a config name")
-    template, aliases = FAMILIES[family][2:]
+    template, aliases = FAMILIES[family]
     name = template.format(aliases.get(size, size)) if spec.lower() == family else spec
-    registry, reason = load_registry(family)
-    if registry is None:
-        return name, family, None, reason
-    if name not in registry:
-        return name, family, None, f"n/a (no {name}; {FAMILIES[family][0]}.py has {', '.join(registry)})"
-    return name, family, registry[name], None
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r}; the registry (models.py) has {', '.join(MODELS)}")
+    return name, family, MODELS[name]
 
 
 #################################################################################
@@ -91,30 +76,14 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
 
 def count_gmacs(model, grid):
     """(total, scan) GMACs of one forward of one image on a grid x grid input, on the model's device."""
-    import ssm
-    original, scans = ssm.selective_scan, []
-
-    def stub(u, delta, A, B, C, D=None, z=None, *args, **kwargs):
-        b, d, L = u.shape
-        scans.append(b * d * L * (9 * A.shape[-1] + 1 + (z is not None)))
-        return torch.zeros_like(u)
-
-    # patch the function in ssm and wherever a model file imported it by name
-    modules = [m for m in list(sys.modules.values()) if getattr(m, "__dict__", {}).get("selective_scan") is original]
     device = next(model.parameters()).device
     x = torch.randn(1, getattr(model, "in_channels", LATENT_CHANNELS), grid, grid, device=device)
     t, y = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
-    try:
-        for m in modules:
-            m.selective_scan = stub
-        with torch.no_grad(), counter:
-            model(x, t, y)
-    finally:
-        for m in modules:
-            m.selective_scan = original
-    return counter.get_total_flops() / 2e9 + sum(scans) / 1e9, sum(scans) / 1e9
+    with torch.no_grad(), counter, ssm.count_scan_flops() as scans:
+        model(x, t, y)
+    return counter.get_total_flops() / 2e9 + scans.macs / 1e9, scans.macs / 1e9
 
 
 #################################################################################
@@ -359,7 +328,6 @@ def save(rows, args, title):
 
 def environment(device):
     """Device, torch version and the scan that runs there; printed as the header."""
-    import ssm
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         try:
@@ -405,16 +373,9 @@ def main(argv=None):
 
     models = [resolve(s.strip(), args.size.upper()) for s in args.models.split(",") if s.strip()]
     rows = []
-    for name, family, factory, reason in models:
-        if factory is None:
-            row = dict.fromkeys(COLUMNS)
-            row.update(model=name, family=family, mode=args.mode, status=reason, **info)
-            rows.append(row)
     start, oom_load = time.time(), {}
     for res, batch in zip(resolutions, batches):   # resolution outermost: a budget cut keeps every model's small ones
-        for name, family, factory, _ in models:
-            if factory is None:
-                continue
+        for name, family, factory in models:
             if batch * res * res >= oom_load.get(name, math.inf):
                 row = dict.fromkeys(COLUMNS)
                 row.update(model=name, family=family, mode=args.mode, res=res, batch=batch, status="OOM*", **info)

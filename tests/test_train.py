@@ -2,7 +2,6 @@
 the VAE path and the error messages. A tiny DiM on 8x8 Fashion-MNIST keeps the whole file around two minutes."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,11 +13,11 @@ import sample
 import train
 from data import FASHION_MNIST_DIR, DataError
 from models import ModelError, build_model, resolve_model_name
-from test_data import tiny_vae, write_fake_fmnist, write_images
+from tools import convert_official
 
 MODEL = "DiM-T/2"
 OTHER_MODEL = "DiM-S/2"
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
                                 reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
 # Small and fast: 8x8 images (a 4x4 token grid), no sample grids, a high lr and no warm-up so a few hundred steps learn.
@@ -38,11 +37,6 @@ def losses(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f]
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +71,11 @@ def test_resume_is_exact(tmp_path):
     assert run_train("--resume", part, "--steps", 12) == part and len(losses(part)) == 12
 
 
-def test_torchrun_two_processes_resume_exact(tmp_path):
+def test_torchrun_two_processes_resume_exact(tmp_path, image_folder, free_port):
     # A tiny image folder (3 classes x 8 images, 3 batches per epoch per process) so the runs cross epoch boundaries.
-    write_images(tmp_path / "data", 8, size=(12, 12), classes=["a", "b", "c"])
+    image_folder(tmp_path / "data", 8, size=(12, 12), classes=["a", "b", "c"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port()}", "train.py",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port}", "train.py",
            "--model", MODEL, "--data", tmp_path / "data", "--res", 8, "--global-batch-size", 8, "--lr", "1e-3",
            "--log-every", 1, "--sample-every", 0, "--num-workers", 0]
 
@@ -116,7 +110,7 @@ def test_sample_grid_and_images(trained, tmp_path):
     assert a.size == (12, 12) and a.tobytes() == b.tobytes()
 
 
-def test_errors(trained, tmp_path):
+def test_errors(trained, tmp_path, fake_fmnist, image_folder):
     assert resolve_model_name("dim") == resolve_model_name("DiM-S/2") == "DiM-S/2"
     with pytest.raises(ModelError, match="unknown model 'DiM-Q/7'.*DiM-S/2"):
         build_model("DiM-Q/7")
@@ -124,11 +118,11 @@ def test_errors(trained, tmp_path):
         run_train(*FAST, "--res", 9, "--steps", 1, "--results-dir", tmp_path)
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         run_train(*FAST, "--data-dir", tmp_path / "nowhere", "--steps", 1, "--results-dir", tmp_path)
-    write_fake_fmnist(tmp_path / "bad_idx")
+    fake_fmnist(tmp_path / "bad_idx")
     (tmp_path / "bad_idx" / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz is not a readable gzip"):
         run_train(*FAST, "--data-dir", tmp_path / "bad_idx", "--steps", 1, "--results-dir", tmp_path)
-    write_images(tmp_path / "imgs", 15, size=(8, 8))
+    image_folder(tmp_path / "imgs", 15, size=(8, 8))
     (tmp_path / "imgs" / "7_broken.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="cannot read image .*7_broken.png"):
         run_train(*FAST, "--data", tmp_path / "imgs", "--steps", 1, "--results-dir", tmp_path)
@@ -157,11 +151,11 @@ def test_cli_errors_are_one_line(trained, tmp_path):
         assert "Traceback" not in out.stderr
 
 
-def test_vae_latents_train_and_sample(tmp_path):
-    tiny_vae().save_pretrained(tmp_path / "vae")  # 4 down blocks: 8x smaller, like Stable Diffusion's
+def test_vae_latents_train_and_sample(tmp_path, image_folder, tiny_vae):
+    tiny_vae.save_pretrained(tmp_path / "vae")  # 4 down blocks: 8x smaller, like Stable Diffusion's
     with pytest.raises(DataError, match="resolution 40 is not divisible by 16"):
         run_train(*FAST, "--vae", tmp_path / "vae", "--res", 40, "--steps", 1, "--results-dir", tmp_path)
-    write_images(tmp_path / "data", 4, size=(40, 36))
+    image_folder(tmp_path / "data", 4, size=(40, 36))
     run = run_train(*FAST, "--vae", tmp_path / "vae", "--data", tmp_path / "data", "--res", 32, "--steps", 2,
                     "--global-batch-size", 2, "--sample-every", 2, "--results-dir", tmp_path / "results")
     assert len(losses(run)) == 2 and os.path.isfile(os.path.join(run, "samples", "0000002.png"))
@@ -171,21 +165,17 @@ def test_vae_latents_train_and_sample(tmp_path):
     assert images.shape == (2, 3, 48, 48)  # decoded by the VAE stored in the checkpoint's args
 
 
-def test_official_dim_weights(tmp_path):
-    """sample.py on a raw official state dict (here the tiny one of the fidelity vectors) goes through
-    dim.load_official_state_dict."""
-    safetensors = pytest.importorskip("safetensors.torch")
-    vectors = os.path.join(ROOT, "fidelity", "dim_small.safetensors")
-    if not os.path.isfile(vectors):
-        pytest.skip("fidelity vectors not present")
-    state = {k.removeprefix("model."): v for k, v in safetensors.load_file(vectors).items() if k.startswith("model.")}
-    torch.save(state, tmp_path / "nnet_ema.pth")
-    tiny_vae().save_pretrained(tmp_path / "vae")
-    with pytest.raises(ModelError, match="pass --model"):
-        run_sample("--ckpt", tmp_path / "nnet_ema.pth")
-    images = run_sample("--ckpt", tmp_path / "nnet_ema.pth", "--model", MODEL, "--res", 128, "--num-classes", 10,
-                        "--vae", tmp_path / "vae", "--steps", 2, "--num-samples", 2, "--out", tmp_path / "s")
-    assert images.shape == (2, 3, 128, 128)
+def test_converted_official_dim_weights_sample(tmp_path, tiny_vae, fidelity):
+    """Official weights (here the tiny DiM of the fidelity vectors) enter through tools/convert_official.py and
+    then sample like any train.py checkpoint, with the VAE stored at conversion."""
+    tensors, _ = fidelity("dim_small")
+    torch.save({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+               tmp_path / "nnet_ema.pth")
+    tiny_vae.save_pretrained(tmp_path / "vae")
+    convert_official.main([str(tmp_path / "nnet_ema.pth"), "--vae", str(tmp_path / "vae"), "--out",
+                           str(tmp_path / "dim.pt")])
+    images = run_sample("--ckpt", tmp_path / "dim.pt", "--steps", 2, "--num-samples", 2, "--out", tmp_path / "s")
+    assert images.shape == (2, 3, 128, 128)  # the 16 x 16 latent grid of the weights, decoded 8x
 
 
 def test_weak_to_strong_init_from(trained, tmp_path, capsys):

@@ -1,10 +1,14 @@
 """
-Speed, memory and accuracy of the selective scan backends of ssm.py: mamba-ssm's CUDA kernel, the Triton kernels
-and the chunked pure-PyTorch scan.
+Speed, memory and accuracy of the selective scan backends of ssm.py (ssm.SCANS): mamba-ssm's CUDA kernel, the
+Triton kernels (ssm_triton.py) and the chunked pure-PyTorch scan; and parity of ssm.Mamba with mamba-ssm's module.
 
-    python scan_bench.py                 # GPU: accuracy table, then timings at batch 8, 1536 channels, N 16, bf16
-    python scan_bench.py --sweep         # GPU: also time launch configurations of the Triton kernels first
-    python scan_bench.py --smoke         # tiny shapes; on a CPU it runs the Triton kernels in Triton's interpreter
+    python -m tools.scan_bench            # GPU: accuracy tables, then timings at batch 8, 1536 channels, N 16, bf16
+    python -m tools.scan_bench --sweep    # GPU: also time launch configurations of the Triton kernels first
+    python -m tools.scan_bench --smoke    # tiny shapes; on a CPU it runs the Triton kernels in Triton's interpreter
+
+Accuracy: every backend against an fp64 run of the sequential reference (outputs and all gradients); the Mamba
+mixer with each backend against the cuda one (fp32 and bf16 autocast); mamba_ssm.modules.mamba_simple.Mamba's
+state dict loaded strictly into ssm.Mamba, outputs compared.
 
 Timing: median of CUDA-event timings after warm-up, with the L2 cache flushed before every repetition.
 "fwd+bwd" is one forward and torch.autograd.grad for all inputs. "extra GB" is the peak allocation above what was
@@ -29,28 +33,29 @@ p.add_argument("--sweep", action="store_true", help="time launch configurations 
 p.add_argument("--lengths", default="256,1024,4096,16384")
 p.add_argument("--no-torch", action="store_true", help="skip the pure-PyTorch rows")
 p.add_argument("--no-accuracy", action="store_true")
-p.add_argument("--fwd-config", default=None, help="JSON overriding ssm.TRITON_CONFIG['fwd'][2]")
-p.add_argument("--bwd-config", default=None, help="JSON overriding ssm.TRITON_CONFIG['bwd'][2]")
+p.add_argument("--fwd-config", default=None, help="JSON overriding ssm_triton.TRITON_CONFIG['fwd'][2]")
+p.add_argument("--bwd-config", default=None, help="JSON overriding ssm_triton.TRITON_CONFIG['bwd'][2]")
 args = p.parse_args()
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by ssm)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (by ssm_triton)
 import ssm  # noqa: E402
+import ssm_triton  # noqa: E402
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 if dev == "cpu" and not args.smoke:
     sys.exit("no GPU: run with --smoke")
-has_cuda = dev == "cuda" and ssm._cuda_scan_fn is not None
-has_triton = ssm.triton is not None
+has_cuda = dev == "cuda" and ssm.SCANS["cuda"] is not None
+has_triton = ssm_triton.triton is not None
 torch.backends.cuda.matmul.allow_tf32 = False
 if args.fwd_config:
-    ssm.TRITON_CONFIG["fwd"][2].update(json.loads(args.fwd_config))
+    ssm_triton.TRITON_CONFIG["fwd"][2].update(json.loads(args.fwd_config))
 if args.bwd_config:
-    ssm.TRITON_CONFIG["bwd"][2].update(json.loads(args.bwd_config))
+    ssm_triton.TRITON_CONFIG["bwd"][2].update(json.loads(args.bwd_config))
 
 results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-           "triton": getattr(ssm.triton, "__version__", None), "has_cuda_scan": has_cuda,
-           "triton_config": ssm.TRITON_CONFIG}
+           "triton": getattr(ssm_triton.triton, "__version__", None), "has_cuda_scan": has_cuda,
+           "triton_config": ssm_triton.TRITON_CONFIG}
 try:
     import mamba_ssm
     results["mamba_ssm"] = mamba_ssm.__version__
@@ -58,12 +63,9 @@ except Exception:
     results["mamba_ssm"] = None
 print(f"device {results['device']}, torch {torch.__version__}, triton {results['triton']}, "
       f"mamba-ssm {results['mamba_ssm']} (kernel usable: {has_cuda})")
-print(f"triton config: {json.dumps(ssm.TRITON_CONFIG)}")
+print(f"triton config: {json.dumps(ssm_triton.TRITON_CONFIG)}")
 
-IMPLS = {"cuda": lambda **kw: ssm.selective_scan(**kw, backend="cuda"),
-         "triton": lambda **kw: ssm.selective_scan(**kw, backend="triton"),
-         "torch": lambda **kw: ssm.selective_scan(**kw, backend="torch"),
-         "ref": lambda **kw: ssm.selective_scan(**kw, backend="ref")}
+IMPLS = {name: (lambda name: lambda **kw: ssm.selective_scan(**kw, backend=name))(name) for name in ssm.SCANS}
 available = [k for k, ok in (("cuda", has_cuda), ("triton", has_triton), ("torch", not args.no_torch)) if ok]
 
 
@@ -180,30 +182,54 @@ if not args.no_accuracy:
             results["accuracy"].append(row)
             print(f"| {label} | {impl} | " + " | ".join(fmt(row.get(k), ".1e") for k in ["out"] + names) + " |")
 
-    # the Mamba mixer end to end: triton backend against the cuda backend, same weights
-    if has_cuda and has_triton:
+    # the Mamba mixer end to end: every other backend against the cuda backend, same weights
+    if has_cuda:
         d_model, Bsz, Lm = 512, 4, 1024
-        print(f"\n## Mamba mixer d_model {d_model}, B {Bsz}, L {Lm}: triton backend vs cuda backend (rel. error)\n")
-        print("| precision | out | worst param grad (name) |")
-        print("|---|---|---|")
+        others = [k for k in available if k != "cuda"]
+        print(f"\n## Mamba mixer d_model {d_model}, B {Bsz}, L {Lm}: each backend vs the cuda backend (rel. error)\n")
+        print("| backend | precision | out | worst param grad (name) |")
+        print("|---|---|---|---|")
         results["mixer"] = []
         torch.manual_seed(0)
         m = ssm.Mamba(d_model).to(dev)
         xm = torch.randn(Bsz, Lm, d_model, device=dev)
         for amp in (False, True):
             outs, grads = {}, {}
-            for backend in ("cuda", "triton"):
+            for backend in ["cuda", *others]:
                 m.backend = backend
                 m.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     ym = m(xm)
                 ym.float().square().mean().backward()
                 outs[backend], grads[backend] = ym.detach(), {k: q.grad.clone() for k, q in m.named_parameters()}
-            errs = {k: rel(grads["triton"][k], grads["cuda"][k]) for k in grads["cuda"]}
-            worst = max(errs, key=errs.get)
-            row = {"precision": "bf16 autocast" if amp else "fp32", "out": rel(outs["triton"], outs["cuda"]), **errs}
-            results["mixer"].append(row)
-            print(f"| {row['precision']} | {row['out']:.1e} | {errs[worst]:.1e} ({worst}) |")
+            for backend in others:
+                errs = {k: rel(grads[backend][k], grads["cuda"][k]) for k in grads["cuda"]}
+                worst = max(errs, key=errs.get)
+                row = {"backend": backend, "precision": "bf16 autocast" if amp else "fp32",
+                       "out": rel(outs[backend], outs["cuda"]), **errs}
+                results["mixer"].append(row)
+                print(f"| {backend} | {row['precision']} | {row['out']:.1e} | {errs[worst]:.1e} ({worst}) |")
+
+        # mamba_ssm's own module: its state dict loads strictly into ours (slow path: no causal-conv1d)
+        from mamba_ssm.modules.mamba_simple import Mamba as RefMamba
+        print("\n| mamba_ssm.Mamba -> ssm.Mamba (strict load) | keys in same order | d_conv | "
+              + " | ".join(f"ours {b} vs theirs" for b in available) + " |")
+        print("|---|---|---|" + "---|" * len(available))
+        results["mamba_ssm_module"] = []
+        for d_conv in (4, 3):
+            torch.manual_seed(1)
+            theirs = RefMamba(d_model, d_conv=d_conv, use_fast_path=False).to(dev)
+            ours = ssm.Mamba(d_model, d_conv=d_conv).to(dev)
+            ours.load_state_dict(theirs.state_dict(), strict=True)
+            row = {"d_conv": d_conv, "same_key_order": list(ours.state_dict()) == list(theirs.state_dict())}
+            with torch.no_grad():
+                y_theirs = theirs(xm)
+                for backend in available:
+                    ours.backend = backend
+                    row[backend] = rel(ours(xm), y_theirs)
+            results["mamba_ssm_module"].append(row)
+            print(f"| ok | {row['same_key_order']} | {d_conv} | "
+                  + " | ".join(f"{row[b]:.1e}" for b in available) + " |")
 
 # -----------------------------------------------------------------------------
 # 2. launch-configuration sweep of the Triton kernels (main shape)
@@ -213,12 +239,12 @@ MAIN = (1, 16, 32, 4) if args.smoke else (8, 1536, 4096, 16)
 if args.sweep and has_triton:
     inputs = scan_inputs(*MAIN, torch.bfloat16)
     x = dict(inputs)
-    A, Bg, Cg = x["A"], ssm._as_groups(x["B"]), ssm._as_groups(x["C"])
+    A, Bg, Cg = x["A"], ssm_triton._as_groups(x["B"]), ssm_triton._as_groups(x["C"])
     fargs = (x["u"], x["delta"], A, Bg, Cg, x["D"], x["z"], x["delta_bias"], True)
     ref_out = IMPLS["cuda" if has_cuda else "triton"](**inputs, delta_softplus=True)
     dout = torch.randn(ref_out.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(
         ref_out.dtype)  # the same as fwd_bwd's
-    default = {k: dict(v[2]) for k, v in ssm.TRITON_CONFIG.items()}
+    default = {k: dict(v[2]) for k, v in ssm_triton.TRITON_CONFIG.items()}
     print(f"\n## Triton launch sweep at {MAIN} bf16 (fwd: forward kernel; bwd: backward kernel + dB/dC reduction)\n")
     print("| kernel | config | ms | extra GB | err vs " + ("cuda" if has_cuda else "default") + " |")
     print("|---|---|---|---|---|")
@@ -228,11 +254,11 @@ if args.sweep and has_triton:
     if args.smoke:
         fwd_space = fwd_space[:2]
     for cfg in fwd_space:
-        ssm.TRITON_CONFIG["fwd"][2] = cfg
+        ssm_triton.TRITON_CONFIG["fwd"][2] = cfg
         try:
-            out = ssm._triton_scan_fwd(*fargs)[0]
+            out = ssm_triton._triton_scan_fwd(*fargs)[0]
             err = rel(out, ref_out)
-            ms = time_ms(lambda: ssm._triton_scan_fwd(*fargs), budget_ms=100)
+            ms = time_ms(lambda: ssm_triton._triton_scan_fwd(*fargs), budget_ms=100)
             row = dict(kernel="fwd", config=cfg, ms=ms, err=err)
         except Exception as e:
             row = dict(kernel="fwd", config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}")
@@ -240,7 +266,7 @@ if args.sweep and has_triton:
         print(f"| fwd | {json.dumps(cfg)} | {fmt(row.get('ms'))} | – | {fmt(row.get('err'), '.1e')} "
               f"{row.get('error', '')}|")
     ok = [r for r in results["sweep"] if "ms" in r and r["err"] < 2e-2]
-    ssm.TRITON_CONFIG["fwd"][2] = min(ok, key=lambda r: r["ms"])["config"] if ok else default["fwd"]
+    ssm_triton.TRITON_CONFIG["fwd"][2] = min(ok, key=lambda r: r["ms"])["config"] if ok else default["fwd"]
 
     _, g_def = fwd_bwd("cuda" if has_cuda else "triton", inputs)
     # warps and channels per program (8 to 32 state updates per thread and tile), atomics, chunk of saved states
@@ -252,33 +278,33 @@ if args.sweep and has_triton:
     for cfg in bwd_space:
         cfg = dict(cfg)
         chunk = cfg.pop("CHUNK")
-        ssm.TRITON_CONFIG["bwd"][2] = cfg
-        fcfg = dict(ssm.TRITON_CONFIG["fwd"][2])
-        ssm.TRITON_CONFIG["fwd"][2] = dict(fcfg, CHUNK=chunk)
+        ssm_triton.TRITON_CONFIG["bwd"][2] = cfg
+        fcfg = dict(ssm_triton.TRITON_CONFIG["fwd"][2])
+        ssm_triton.TRITON_CONFIG["fwd"][2] = dict(fcfg, CHUNK=chunk)
         try:
-            out, states, ch = ssm._triton_scan_fwd(*fargs)
+            out, states, ch = ssm_triton._triton_scan_fwd(*fargs)
             bargs = (dout, *fargs[:-1], True, states, ch)
-            grads = ssm._triton_scan_bwd(*bargs)
+            grads = ssm_triton._triton_scan_bwd(*bargs)
             gr = dict(u=grads[0], delta=grads[1], B=grads[3][:, 0], C=grads[4][:, 0])
             err = max(rel(gr[k], g_def[k]) for k in gr)
-            ms = time_ms(lambda: ssm._triton_scan_bwd(*bargs), budget_ms=100)
-            gb = extra_gb(lambda: ssm._triton_scan_bwd(*bargs))
+            ms = time_ms(lambda: ssm_triton._triton_scan_bwd(*bargs), budget_ms=100)
+            gb = extra_gb(lambda: ssm_triton._triton_scan_bwd(*bargs))
             row = dict(kernel="bwd", config=dict(cfg, CHUNK=chunk), ms=ms, gb=gb, err=err)
         except Exception as e:
             row = dict(kernel="bwd", config=dict(cfg, CHUNK=chunk), error=f"{type(e).__name__}: {str(e)[:100]}")
-        ssm.TRITON_CONFIG["fwd"][2] = fcfg
+        ssm_triton.TRITON_CONFIG["fwd"][2] = fcfg
         results["sweep"].append(row)
         print(f"| bwd | {json.dumps(row['config'])} | {fmt(row.get('ms'))} | {fmt(row.get('gb'))} | "
               f"{fmt(row.get('err'), '.1e')} {row.get('error', '')}|")
     ok = [r for r in results["sweep"] if r["kernel"] == "bwd" and "ms" in r and r["err"] < 5e-2]
     if ok:
         best = dict(min(ok, key=lambda r: r["ms"])["config"])
-        ssm.TRITON_CONFIG["fwd"][2]["CHUNK"] = best.pop("CHUNK")
-        ssm.TRITON_CONFIG["bwd"][2] = best
+        ssm_triton.TRITON_CONFIG["fwd"][2]["CHUNK"] = best.pop("CHUNK")
+        ssm_triton.TRITON_CONFIG["bwd"][2] = best
     else:
-        ssm.TRITON_CONFIG["bwd"][2] = default["bwd"]
-    print(f"\nchosen: {json.dumps(ssm.TRITON_CONFIG)}")
-    results["triton_config_chosen"] = json.loads(json.dumps(ssm.TRITON_CONFIG))
+        ssm_triton.TRITON_CONFIG["bwd"][2] = default["bwd"]
+    print(f"\nchosen: {json.dumps(ssm_triton.TRITON_CONFIG)}")
+    results["triton_config_chosen"] = json.loads(json.dumps(ssm_triton.TRITON_CONFIG))
 
 # -----------------------------------------------------------------------------
 # 3. speed and memory

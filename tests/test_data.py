@@ -15,28 +15,8 @@ HAVE_FMNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
 
 
-def write_idx(path, array, magic):
-    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def write_fake_fmnist(folder, n=12):
-    os.makedirs(folder, exist_ok=True)
-    write_idx(os.path.join(folder, "train-images-idx3-ubyte.gz"), np.full((n, 28, 28), 255), 0x00000803)
-    write_idx(os.path.join(folder, "train-labels-idx1-ubyte.gz"), np.arange(n) % 10, 0x00000801)
-
-
-def write_images(folder, n, size=(20, 14), classes=()):
-    for c in classes or [""]:
-        os.makedirs(os.path.join(folder, c), exist_ok=True)
-        for i in range(n):
-            color = (40 * i % 256, 80, 160)
-            Image.new("RGB", size, color).save(os.path.join(folder, c, f"{i}.png"))
-
-
-def test_read_idx_roundtrip_and_errors(tmp_path):
-    write_fake_fmnist(tmp_path, n=5)
+def test_read_idx_roundtrip_and_errors(tmp_path, fake_fmnist):
+    fake_fmnist(tmp_path, n=5)
     images = read_idx(tmp_path / "train-images-idx3-ubyte.gz", 0x00000803)
     assert images.shape == (5, 28, 28) and images.dtype == np.uint8
     with pytest.raises(DataError, match="magic number"):  # a label file where images are expected
@@ -52,17 +32,17 @@ def test_read_idx_roundtrip_and_errors(tmp_path):
         read_idx(not_gzip, 0x00000803)
 
 
-def test_fashion_mnist_errors(tmp_path):
+def test_fashion_mnist_errors(tmp_path, fake_fmnist):
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         FashionMNIST(str(tmp_path / "missing"))
-    write_fake_fmnist(tmp_path)
+    fake_fmnist(tmp_path)
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"corrupt")
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
         FashionMNIST(str(tmp_path))
 
 
-def test_fake_fashion_mnist_padding(tmp_path):
-    write_fake_fmnist(tmp_path)
+def test_fake_fashion_mnist_padding(tmp_path, fake_fmnist):
+    fake_fmnist(tmp_path)
     ds, num_classes, channels = build_dataset("fashion-mnist", 32, data_dir=str(tmp_path), channels=3)
     x, y = ds[3]
     assert (len(ds), num_classes, channels, x.shape, int(y)) == (12, 10, 3, (3, 32, 32), 3)
@@ -79,25 +59,25 @@ def test_real_fashion_mnist():
     assert torch.bincount(ds.labels).tolist() == [6000] * 10
 
 
-def test_image_folder(tmp_path):
-    write_images(tmp_path / "cond", 3, classes=["b_cats", "a_dogs"])
+def test_image_folder(tmp_path, image_folder):
+    image_folder(tmp_path / "cond", 3, classes=["b_cats", "a_dogs"])
     ds, num_classes, channels = build_dataset(str(tmp_path / "cond"), 8)
     assert (len(ds), num_classes, channels) == (6, 2, 3)
     assert ds.classes == ["a_dogs", "b_cats"] and ds[0][1] == 0 and ds[5][1] == 1
     x, _ = ds[0]
     assert x.shape == (3, 8, 8) and x.min() >= -1 and x.max() <= 1
-    write_images(tmp_path / "uncond", 2, size=(9, 9))
+    image_folder(tmp_path / "uncond", 2, size=(9, 9))
     ds, num_classes, _ = build_dataset(str(tmp_path / "uncond"), 4)
     assert (len(ds), num_classes, ds[1][0].shape) == (2, 0, (3, 4, 4))
 
 
-def test_image_folder_errors(tmp_path):
+def test_image_folder_errors(tmp_path, image_folder):
     with pytest.raises(DataError, match="no such folder"):
         build_dataset(str(tmp_path / "nope"), 8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no images"):
         build_dataset(str(tmp_path / "empty"), 8)
-    write_images(tmp_path / "bad", 2)
+    image_folder(tmp_path / "bad", 2)
     (tmp_path / "bad" / "broken.png").write_bytes(b"not a png")
     ds = ImageFolder(str(tmp_path / "bad"), 8)
     with pytest.raises(DataError, match="cannot read image .*broken.png"):
@@ -126,17 +106,8 @@ def test_save_grid(tmp_path):
     assert Image.open(tmp_path / "grey.png").mode == "L"
 
 
-def tiny_vae():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
-                                   down_block_types=("DownEncoderBlock2D",) * 4,
-                                   up_block_types=("UpDecoderBlock2D",) * 4,
-                                   layers_per_block=1, norm_num_groups=4, sample_size=32).eval()
-
-
-def test_vae_encode_decode_shapes():
-    vae = tiny_vae()
+def test_vae_encode_decode_shapes(tiny_vae):
+    vae = tiny_vae
     assert vae_factor(vae) == 8
     z = vae_encode(vae, torch.rand(2, 3, 32, 32) * 2 - 1)
     assert z.shape == (2, 4, 4, 4)

@@ -3,8 +3,8 @@ A small, reproducible version of the papers' comparison: each model family at ab
 class-conditional Fashion-MNIST 32x32 with one recipe for the same number of images, 10,000 samples with one sampler,
 FID (and KID) against the Fashion-MNIST test set.
 
-    python compare.py --data-dir /usr/share/datasets/fashion-mnist            # speed, train, sample, fid, table
-    python compare.py --stages table                                          # only reprint the table
+    python -m tools.compare --data-dir /usr/share/datasets/fashion-mnist   # speed, train, sample, fid, table
+    python -m tools.compare --stages table                                 # only reprint the table
 
 Every stage skips what is already done, so an interrupted run continues where it stopped (trainings resume from
 their last checkpoint). The five trainings, and then the five samplers, run as concurrent processes on one GPU: these
@@ -20,6 +20,11 @@ import sys
 
 import torch
 
+from diffusion import create_diffusion
+from models import ModelError, build_model, resolve_model_name
+from tools.bench import count_gmacs, median_time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py, sample.py
 DEFAULT_MODELS = ["DiT-S/2", "DiM-S/2", "BiDiM-S/2", "DiMSUM-S/2", "LaMamba-S"]
 # One recipe for all, so that only the architecture differs. A short run needs a short warm-up and EMA horizon
 # (DiM's 5000-step warm-up and the 0.9999 EMA of all papers would leave the weights near their initialisation);
@@ -60,8 +65,6 @@ def run_all(commands, logs):
 @torch.no_grad()
 def count_gflops(name):
     """Forward GMACs of one 32x32 image (DiT's 'GFLOPs'), the scan included (bench.count_gmacs)."""
-    from bench import count_gmacs
-    from models import build_model
     model = build_model(name, input_size=32, in_channels=1, num_classes=10)
     return count_gmacs(model, 32)[0], sum(p.numel() for p in model.parameters())
 
@@ -71,9 +74,6 @@ def stage_speed(args):
     of 3 steps."""
     path = os.path.join(args.out, "speed.json")
     speed = json.load(open(path)) if os.path.exists(path) else {}
-    from diffusion import create_diffusion
-    from models import build_model
-    from bench import median_time
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     for name in args.models:
@@ -116,9 +116,9 @@ def stage_train(args):
         common = ["--steps", str(args.steps), "--ckpt-every", str(args.ckpt_every), "--sample-every", "0",
                   "--log-every", "50", "--num-workers", "2"] + (["--data-dir", args.data_dir] if args.data_dir else [])
         if run:
-            cmd = ["train.py", "--resume", run, *common]
+            cmd = [os.path.join(ROOT, "train.py"), "--resume", run, *common]
         else:
-            cmd = ["train.py", "--model", name, "--res", "32", "--global-batch-size", str(args.batch_size), *RECIPE,
+            cmd = [os.path.join(ROOT, "train.py"), "--model", name, "--res", "32", "--global-batch-size", str(args.batch_size), *RECIPE,
                    "--results-dir", os.path.join(args.out, "runs", tag(name)), *common]
         commands.append([sys.executable, *cmd])
         logs.append(os.path.join(args.out, "logs", f"train_{tag(name)}.log"))
@@ -134,7 +134,7 @@ def stage_sample(args):
         run = run_folder(args.out, name)
         if run is None or checkpoint_step(run) < args.steps:
             raise SystemExit(f"{name} has not finished training ({args.steps} steps): run the train stage first")
-        commands.append([sys.executable, "sample.py", "--ckpt", run, "--num-samples", str(args.num_samples),
+        commands.append([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", run, "--num-samples", str(args.num_samples),
                          "--sampler", args.sampler, "--steps", str(args.sample_steps), "--cfg", str(args.cfg),
                          "--format", "npz", "--batch-size", "1000", "--out", out])
         logs.append(os.path.join(args.out, "logs", f"sample_{tag(name)}.log"))
@@ -204,7 +204,6 @@ def parse_args(argv=None):
     parser.add_argument("--weights", default=None, help="the FID Inception TorchScript file (see fid.py)")
     args = parser.parse_args(argv)
     args.models = args.models.split(",")
-    from models import ModelError, resolve_model_name
     try:
         for name in args.models:
             resolve_model_name(name)

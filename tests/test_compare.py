@@ -1,4 +1,4 @@
-"""compare.py on tiny models and real Fashion-MNIST: the stages run, an interrupted run resumes, the table reports
+"""tools/compare.py on tiny models and real Fashion-MNIST: the stages run, an interrupted run resumes, the table reports
 what the stages measured, and bad input fails clearly."""
 import json
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import compare
+from tools import compare
 
 TINY = ["--models", "DiT-T/2,BiDiM-T/2", "--batch-size", "2", "--ckpt-every", "2", "--num-samples", "12",
         "--sample-steps", "2"]

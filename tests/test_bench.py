@@ -1,0 +1,65 @@
+"""tools/bench.py on the CPU with tiny models: every column in the JSON, the plot, OOM rows, the scaling fit."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import models
+from tools import bench
+
+
+class OOMModel(nn.Module):
+    """Stands in for a model that does not fit: its forward raises the CUDA out-of-memory error."""
+    patch_size, num_classes = 2, 1000
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x, t, y=None):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+@pytest.fixture
+def oom_family(monkeypatch):
+    monkeypatch.setitem(models.MODELS, "OOM-T/2", OOMModel)
+    monkeypatch.setitem(bench.FAMILIES, "oom", ("OOM-{}/2", {}))
+
+
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_bench_cpu_tiny(tmp_path, capsys, oom_family, mode):
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    bench.main(["--models", "dim,dit,oom", "--size", "T", "--res", "32,64", "--batch", "2,1",
+                "--repeats", "1", "--warmup", "0", "--mode", mode, "--out", str(out), "--plot", str(plot)])
+    rows = json.loads(out.read_text())
+    assert all(set(r) == set(bench.COLUMNS) for r in rows)
+    status = {(r["model"], r["res"]): r["status"] for r in rows}
+    assert status == {("DiM-T/2", 32): "ok", ("DiM-T/2", 64): "ok", ("DiT-T/2", 32): "ok", ("DiT-T/2", 64): "ok",
+                      ("OOM-T/2", 32): "OOM", ("OOM-T/2", 64): "OOM*"}
+    for r in rows:
+        assert r["mode"] == mode and r["device"] == "cpu" and r["scan"] == "torch"
+        if r["status"] == "ok":
+            assert r["tokens"] == (r["res"] // 16) ** 2 and r["params_M"] > 0 and r["gflops"] > 0
+            assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
+            assert r["ms_per_image"] == pytest.approx(r["step_ms"] / r["batch"])
+    assert next(r for r in rows if r["model"] == "DiM-T/2")["scan_gflops"] > 0   # the scans were counted
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| DiT-T/2 | 64 | 16 | 1 |" in printed and "| OOM-T/2 | 32 |" in printed
+
+
+def test_scaling_exponent_and_crossover():
+    assert bench.scaling_exponent([(1e3, 1.0), (4e3, 16.0), (16e3, 256.0), (10, 99.0)]) == pytest.approx(2.0)
+
+    def row(model, res, ms, status="ok"):
+        return dict(model=model, res=res, ms_per_image=ms, status=status)
+    rows = [row("M", 256, 2.0), row("D", 256, 1.0), row("M", 512, 3.0), row("D", 512, 4.0),
+            row("M", 1024, 5.0), row("D", 1024, None, "OOM")]
+    assert bench.crossover(rows, "M", "D", "ms_per_image") == "512"
+    assert bench.crossover(rows[:2], "M", "D", "ms_per_image") == "never"
+
+
+def test_unknown_model_is_one_line():
+    with pytest.raises(SystemExit, match="unknown model 'DiM-Q/2'"):
+        bench.resolve("DiM-Q/2", "L")
