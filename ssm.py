@@ -34,7 +34,9 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+import ssm_triton
 from ssm_triton import selective_scan_triton, triton, triton_interpreted  # noqa: F401 (re-exported)
 
 # nanoGPT's "flash" pattern: use the fused kernel if it is there. mamba-ssm 2.3.2.post1 raises
@@ -108,22 +110,19 @@ class Mamba(nn.Module):
 
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
 
-    def forward(self, x):
-        """x: (B, L, d_model) -> (B, L, d_model)."""
-        Bsz, L, _ = x.shape
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2*d_inner, L)
-        x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
-        x = F.silu(self.conv1d(x)[..., :L])  # causal: drop the outputs that looked ahead
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+    def forward(self, x, order=None):
+        """x: (B, L, d_model) -> (B, L, d_model). order: None (scan the tokens as stored) or an (L,) index
+        table: scan step p reads token order[p]; the conv and the scan follow it, the output stays in token
+        order. The linear layers work in the (B, L, channels) layout and the conv and scan read it in place."""
+        xz = self.in_proj(x)  # (B, L, 2 * d_inner)
+        x, z = xz.chunk(2, dim=-1)  # views
+        x = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias, order, self.backend)  # (B, L, d_inner)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj without its bias: the scan adds it before the softplus, in fp32 (as mamba_ssm's slow path)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L)
-        B = B.transpose(1, 2).contiguous()  # (B, N, L)
-        C = C.transpose(1, 2).contiguous()  # (B, N, L)
-        A = -torch.exp(self.A_log.float())  # (d_inner, N)
-        y = selective_scan(x.contiguous(), dt.contiguous(), A, B, C, self.D.float(), z=z.contiguous(),
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.backend)
-        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+        dt = dt @ self.dt_proj.weight.t()  # (B, L, d_inner)
+        y = mamba_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
+                       self.dt_proj.bias.float(), order, self.backend)
+        return self.out_proj(y)  # (B, L, d_model)
 
 
 # -----------------------------------------------------------------------------
@@ -240,7 +239,7 @@ SCANS = {
     "torch": selective_scan_torch,
     "ref": selective_scan_ref,
 }
-AUTO_GPU = ["cuda", "triton"]  # tried in this order on CUDA tensors, each checked at its first call
+AUTO_GPU = ["triton", "cuda"]  # tried in this order on CUDA tensors, each checked at its first call
 BACKENDS = tuple(SCANS)
 _checked, _broken, _warned = set(), set(), set()  # (kernel, device, dtype) that passed; kernels that failed
 
@@ -295,6 +294,27 @@ def check_kernel(kernel, u, A, B):
         err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
         if not err <= tol:  # also catches NaN
             raise RuntimeError(f"{name} differs from the reference scan by {err:.1e} (relative)")
+    if kernel == "triton":
+        check_conv_kernel(u)
+
+
+def checked_backend(u, A, B, backend=None):
+    """scan_backend(u, backend), where a GPU kernel chosen automatically has passed check_kernel once per
+    (kernel, device, dtype); one that fails is dropped with a warning and the next one is used."""
+    forced = backend or os.environ.get("DIFFUSION_MAMBA_SCAN")
+    which = scan_backend(u, backend)
+    while not forced and which in AUTO_GPU and (which, u.device, u.dtype) not in _checked:
+        try:
+            check_kernel(which, u, A, B)
+            _checked.add((which, u.device, u.dtype))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # mamba-ssm without its extension, a GPU or driver Triton cannot compile for
+            _broken.add(which)
+            failed, which = which, scan_backend(u)
+            _warn_once(f"the {failed} selective scan failed its first-call check "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using {which}")
+    return which
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, backend=None):
@@ -312,20 +332,117 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             counter.macs += b * d * L * (9 * A.shape[-1] + 1 + (z is not None))
             counter.calls += 1
         return torch.zeros_like(u)
-    forced = backend or os.environ.get("DIFFUSION_MAMBA_SCAN")
-    which = scan_backend(u, backend)
-    while not forced and which in AUTO_GPU and (which, u.device, u.dtype) not in _checked:
-        try:
-            check_kernel(which, u, A, B)
-            _checked.add((which, u.device, u.dtype))
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:  # mamba-ssm without its extension, a GPU or driver Triton cannot compile for
-            _broken.add(which)
-            failed, which = which, scan_backend(u)
-            _warn_once(f"the {failed} selective scan failed its first-call check "
-                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using {which}")
+    which = checked_backend(u, A, B, backend)
     return SCANS[which](u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+# -----------------------------------------------------------------------------
+# Scan and conv in the token layout (what the models call)
+# -----------------------------------------------------------------------------
+
+def token_backend(x, d_state, backend=None):
+    """The backend of a token-layout call on x: checked_backend's choice (the kernels checked at their first
+    call, the Triton one together with the conv kernel; under torch.compile the choice of the eager run)."""
+    if torch.compiler.is_compiling():
+        return scan_backend(x, backend)
+    return checked_backend(x, torch.empty(1, d_state), torch.empty(1, d_state, 1), backend)
+
+
+def scan_reference(u, delta, A, B, C, D, z, dt_bias, order, scan=None):
+    """mamba_scan in PyTorch: each direction gathered into scan order, a (batch, dim, L) scan, scattered back.
+    u, delta, z: (batch, L, K, dim); B, C: (batch, L, K, N); A: (K, dim, N); D, dt_bias: (K, dim)."""
+    scan = scan or selective_scan_torch
+    outs = []
+    for k in range(u.shape[2]):
+        idx = order[k].long() if order is not None else None
+        take = lambda x: None if x is None else (x[:, :, k] if idx is None else x[:, idx, k]).transpose(1, 2)
+        y = scan(take(u), take(delta), A[k], take(B), take(C), None if D is None else D[k], z=take(z),
+                 delta_bias=None if dt_bias is None else dt_bias[k], delta_softplus=True)
+        if idx is not None:
+            y = y[..., torch.argsort(idx)]
+        outs.append(y.transpose(1, 2))
+    return torch.stack(outs, 2)
+
+
+def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, backend=None):
+    """The selective scan (softplus on delta + dt_bias) in the token layout the linear layers use.
+    u, delta, z: (batch, L, dim), or (batch, L, K, dim) for K directions (u or z may stay 3-D: shared by all);
+    B, C: (batch, L, N) or (batch, L, K, N), e.g. views of x_proj's output; A: (dim, N) or (K, dim, N) fp32;
+    D, dt_bias: (dim,) or (K, dim) fp32; order: None (scan in storage order), an (L,) or (K, L) integer table
+    of the token read at each scan step. Returns (batch, L, dim) or (batch, L, K, dim) in u's dtype.
+    On a GPU this is one Triton kernel (ssm_triton.py) with no copy around it; elsewhere the PyTorch scan,
+    recomputed in the backward instead of storing its (.., L, N) intermediates."""
+    single = A.dim() == 2
+    K = 1 if single else A.shape[0]
+    batch, L = u.shape[:2]
+    if _flop_counters:
+        for counter in _flop_counters:
+            counter.macs += batch * L * K * A.shape[-2] * (9 * A.shape[-1] + 1 + (z is not None))
+            counter.calls += K
+        return u.new_zeros(batch, L, A.shape[-2]) if single else u.new_zeros(batch, L, K, A.shape[-2])
+
+    def four(x):  # (batch, L, ch) -> (batch, L, K, ch) without copying
+        if x is None or x.dim() == 4:
+            return x
+        return x.unsqueeze(2).expand(batch, L, K, x.shape[-1])
+
+    param = lambda x: None if x is None else (x[None] if single else x).float().contiguous()
+    if order is not None:
+        order = order.to(device=u.device, dtype=torch.int32)
+        order = (order[None] if order.dim() == 1 else order).expand(K, L).contiguous()
+    u, delta, z, B, C = four(u), four(delta), four(z), four(B), four(C)
+    A, D, dt_bias = param(A), param(D), param(dt_bias)
+    which = token_backend(u, A.shape[-1], backend)
+    if which == "triton":
+        out = ssm_triton.scan_op(u, delta, z, B, C, A, D, dt_bias, order, True)[0]
+    elif which == "torch":  # recomputed in the backward rather than storing its (.., L, N) intermediates
+        out = checkpoint(scan_reference, u, delta, A, B, C, D, z, dt_bias, order, use_reentrant=False)
+    else:  # mamba-ssm's kernel (the whole job: gathers and transposes included), or the loop
+        out = scan_reference(u, delta, A, B, C, D, z, dt_bias, order, SCANS[which])
+    return out[:, :, 0] if single else out
+
+
+def conv_reference(x, weight, bias, order):
+    """causal_conv_silu in PyTorch: gather into scan order, F.conv1d, scatter back."""
+    idx = order.long() if order is not None else None
+    xs = (x if idx is None else x[:, idx]).transpose(1, 2)
+    y = F.conv1d(xs, weight[:, None], bias, padding=weight.shape[1] - 1, groups=weight.shape[0])
+    y = F.silu(y[..., :x.shape[1]])
+    if idx is not None:
+        y = y[..., torch.argsort(idx)]
+    return y.transpose(1, 2)
+
+
+def causal_conv_silu(x, weight, bias=None, order=None, backend=None):
+    """silu(causal depthwise conv of width W) along the scan order: Mamba's conv1d (padding W - 1, output cut
+    to L). x: (batch, L, dim), any strides; weight: (dim, 1, W) as nn.Conv1d stores it, or (dim, W);
+    order: None or an (L,) table of the token read at each step. Returns (batch, L, dim)."""
+    weight = weight.reshape(weight.shape[0], -1)
+    if order is not None:
+        order = order.to(device=x.device, dtype=torch.int32).contiguous()
+    if not _flop_counters and token_backend(x, 1, backend) == "triton":
+        return ssm_triton.conv_op(x, weight.contiguous(), bias, order)
+    return conv_reference(x, weight, bias, order)
+
+
+def check_conv_kernel(x):
+    """The conv kernel forward and backward on small inputs against conv_reference (first-call check)."""
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 70, 8, generator=g), torch.randn(8, 3, generator=g), torch.randn(8, generator=g)]
+    order = torch.randperm(70, generator=g).to(x.device, torch.int32)
+    dy = torch.randn(1, 70, 8, generator=g).to(x.device, x.dtype)
+    results = []
+    for fn in (ssm_triton.conv_op, conv_reference):
+        leaves = [t.to(x.device, x.dtype if i == 0 else torch.float32).requires_grad_() for i, t in
+                  enumerate(inputs)]
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            y = fn(*leaves, order)
+            results.append([y, *torch.autograd.grad(y, leaves, dy)])
+    tol = 1e-3 if x.dtype == torch.float32 else 5e-2
+    for a, b in zip(*results):
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+        if not err <= tol:
+            raise RuntimeError(f"the conv kernel differs from the reference by {err:.1e} (relative)")
 
 
 # -----------------------------------------------------------------------------

@@ -1,10 +1,41 @@
 """
-Triton selective scan (forward and backward kernels) for GPUs without mamba-ssm's CUDA extension.
+The GPU kernels of ssm.py: Mamba's selective scan and causal conv in the models' own token layout, in Triton,
+with their torch.library ops and autograd. ssm.py is the interface (and the PyTorch reference); read it first.
 
-Same arguments and numerics as ssm.selective_scan (Gu & Dao 2023, Alg. 2; the memory layout of
-state-spaces/mamba, csrc/selective_scan/selective_scan_fwd_kernel.cuh: only chunk-border states are saved).
-ssm.py dispatches to `selective_scan_triton`; the kernels also run on the CPU in Triton's interpreter
-(TRITON_INTERPRET=1 set before triton is imported), which the tests use.
+What the kernels compute is Mamba-1's scan (Gu & Dao 2023, Alg. 2; state-spaces/mamba,
+mamba_ssm/ops/selective_scan_interface.py, selective_scan_ref), for one or several scan directions k:
+    dt_t = softplus(delta_t + dt_bias)
+    h_t  = exp(dt_t A) h_{t-1} + dt_t B_t u_t,      y_t = C_t . h_t + D u_t,      out_t = y_t silu(z_t)
+with t running over scan steps, and the token at step t of direction k stored in memory row order[k, t].
+
+What is different from mamba-ssm's kernel is where the data lives:
+  * u, delta, z and out are (batch, L, [K,] D) tensors with any strides: the layout that the linear layers
+    read and write. Nothing is transposed or made contiguous around the scan. B and C are read as views of
+    x_proj's output, (batch, L, [K,] N).
+  * The scan order is an index table read inside the kernel: the model's permutation (DiM's four orders,
+    DiMSUM's window scans, LaMamba's snake paths, BiDiM's reversal) costs no gather before the scan and no
+    scatter after it. A table rather than closed-form index arithmetic, because one code path then serves
+    every order the four papers use; it is L int32 numbers, read once per tile from cache.
+  * Several directions over one input run in one launch (LaMamba's four paths, BiDiM's two branches): the
+    input may be shared (stride 0 over K), the parameters are per direction.
+
+Kernel design (GPU): one program per (batch, direction, block of BD channels). It walks the scan in tiles of T
+steps, keeping h (BD, N) in fp32 registers. Inside a tile the recurrence is a tl.associative_scan over
+(a, b) = (exp(dt A), dt B u) pairs laid out (BD, N, T); the T steps of one (channel, state) pair sit in one
+thread, so the scan is a short in-thread loop. Every exponent is dt A <= 0, so nothing overflows.
+
+Memory: the forward saves only the fp32 states at chunk borders (every CHUNK steps), like mamba-ssm. The
+backward walks chunks in reverse: a forward pre-pass through the chunk writes the states at its tile borders
+to a small per-program scratch, then tiles are visited in reverse, recomputing h_t in the tile and carrying
+the adjoint g_t = dL/dh_t backwards,
+    g_t = C_t dy_t + a_{t+1} g_{t+1}.
+The decay of the *next* step would need a register shift (Triton has none) or a second exponential. Instead
+the reverse scan runs over triples (P, Q, a): a segment maps a_in g_in (the decay and adjoint entering from
+the right) to its leftmost adjoint, g = Q + P a_in g_in, and composing two segments hands the right one's
+last decay to the left one. a_t h_{t-1} (for the gradients of dt and A) comes from the same in-tile scan, which also
+carries each step's map to the state before it (h_t - dt_t B_t u_t would lose it to cancellation when the
+decay is strong): the backward takes two exponentials per state update (pre-pass and reverse pass), the
+forward one.
 """
 
 import contextlib
@@ -12,38 +43,14 @@ import os
 
 import torch
 
-#
-# One program per (batch, block of BD channels) walks along L in tiles of T steps. The state h (BD, N) stays in
-# registers between tiles. Inside a tile the recurrence h_t = a_t h_{t-1} + x_t is a tl.associative_scan over
-# (a, x) pairs on a (BD, N, T) block, with combine (a1, b1), (a2, b2) -> (a1 a2, a2 b1 + b2) (the affine map of
-# the earlier step applied first). B and C are loaded as (BD, N, T) blocks broadcast over the channels: the
-# compiler then keeps the T steps of one (channel, state) pair in one thread, so the scan is a plain in-thread
-# loop rather than warp shuffles. All arithmetic is fp32; every exponent is dt * A <= 0 (no division by a
-# cumulative decay), so large dt cannot overflow.
-#
-# Memory, as the CUDA kernel: the forward writes the output and the fp32 states at chunk borders (every CHUNK
-# steps); nothing of size (batch, dim, L, N). The backward walks the chunks in reverse. A pre-pass runs forward
-# through the chunk from its saved state and writes the states at its tile borders, dt and d dt / d delta into a
-# small per-program scratch (L1/L2-resident). Then it walks the tiles in reverse, recomputing h inside the tile
-# and carrying the adjoint g_t = dL/dh_t backwards:
-#     g_t = C_t dy_t + a_{t+1} g_{t+1}      (a scan over (a_{t+1}, C_t dy_t), run on the flipped tile)
-# The two scans need h_{t-1} and a_{t+1}; Triton has no register shift, so they are recomputed from inputs read
-# one step earlier / later (four exps per state update in the backward, pre-pass included, against one forward).
-# dB and dC sum over the channels of a group: each program reduces over its BD channels and adds its (N, T)
-# partial into an fp32 (batch, G, N, L) buffer with atomics (as the CUDA kernel), or writes it to a
-# (batch, n_blocks, N, L) buffer that torch sums afterwards (deterministic, more memory).
-# Measured on an H100 (scan_bench.py, B8 D1536 L4096 N16 bf16 with z): forward 0.99 ms, forward+backward 6.0 ms,
-# against 0.91 / 4.63 ms for mamba-ssm's CUDA kernel; less extra memory than it.
-
 try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
-except Exception:  # ImportError or a broken install: the 'triton' backend is then absent, everything else works
-    triton = libdevice = None
+except Exception:  # no triton: only the PyTorch paths exist
+    triton = tl = libdevice = None
 
-    class tl:  # stand-in so that the kernel signatures below still evaluate; the kernels are never called
-        constexpr = None
+LOG2E = 1.4426950408889634
 
 
 def _jit(fn):
@@ -51,391 +58,685 @@ def _jit(fn):
 
 
 def triton_interpreted():
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before triton was imported)."""
     return triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# -----------------------------------------------------------------------------
+# Small device helpers
+# -----------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _pair(a1, b1, a2, b2):
+        # (a1, b1) is the earlier step: h -> a2 (a1 h + b1) + b2
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _pair_prev(a1, b1, p1, q1, a2, b2, p2, q2):
+        # _pair that also carries the map to the state *before* the segment's last step: a single step is
+        # (a, b, 1, 0), and composing hands the earlier segment's map to the later one's (p, q)
+        return a1 * a2, a2 * b1 + b2, p2 * a1, p2 * b1 + q2
+
+    @triton.jit
+    def _handoff(p1, q1, a1, p2, q2, a2):
+        # Reverse adjoint scan, run on the flipped tile, so segment 1 lies to the right of segment 2 in the
+        # sequence. A segment maps what enters it, a_in g_in, to g at its far end: g = q + p a_in g_in, and a
+        # is the decay of that far end, which the next segment needs as its own a_in.
+        pa = p2 * a1
+        return pa * p1, q2 + pa * q1, a2
+
+    @triton.jit
+    def _softplus(x, FAST: tl.constexpr):
+        """softplus(x) (x passes through above 20, as torch) and its derivative sigmoid(x)."""
+        e = tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
+        w = 1.0 + e
+        if FAST:
+            lw = libdevice.fast_log2f(w) * 0.6931471805599453
+        else:
+            lw = tl.log(w)
+        # log1p(e) for small e by its series, where 1 + e would lose digits
+        es = tl.minimum(e, 0.125)
+        s = es * (1.0 + es * (-0.5 + es * (0.33333334 + es * (-0.25 + es * (0.2 + es * (
+            -0.16666667 + es * (0.14285715 - 0.125 * es)))))))
+        sp = tl.where(x > 20.0, x, tl.where(e < 0.125, s, lw))
+        return sp, e / w
+
+    @triton.jit
+    def _rows(idx_ptr, pos, mask, HAS_IDX: tl.constexpr):
+        """Memory rows of scan steps pos (the order table, or the identity)."""
+        if HAS_IDX:
+            return tl.load(idx_ptr + pos, mask=mask, other=0).to(tl.int64)
+        return pos.to(tl.int64)
+
+    @triton.jit
+    def _row(x3, t, j):
+        """x3[j] of a (T, NP, BD) tile, j a scalar (an in-thread select: T sits in one thread)."""
+        return tl.sum(tl.where(t[:, None, None] == j, x3, 0.0), 0)
+else:
+    _pair = _pair_prev = _handoff = _softplus = _rows = _row = None
+
+
+# -----------------------------------------------------------------------------
+# Forward kernel
+# -----------------------------------------------------------------------------
+# Tiles are (T, NP, BD): steps, states, channels. Channels are the fastest axis because they are contiguous in
+# memory, so a row of BD channels is one coalesced load; the T steps of a (state, channel) pair end up in
+# one thread, where the associative scan is a plain loop.
+
 @_jit
-def _combine(a1, b1, a2, b2):
-    # (a1, b1) is the earlier step: h -> a2 (a1 h + b1) + b2
-    return a1 * a2, a2 * b1 + b2
-
-
-@_jit
-def _softplus_sigmoid(x, FAST: tl.constexpr):
-    """softplus(x) as torch (above 20 x passes through) and its derivative sigmoid(x)."""
-    e = tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
-    w = 1.0 + e
-    if FAST:  # MUFU lg2 (abs. error ~1e-7, used only where log(1 + e) > 0.11)
-        lw = libdevice.fast_log2f(w) * 0.6931471805599453
-    else:
-        lw = tl.log(w)
-    # log1p(e): where 1 + e would lose digits, its series to e^8 (relative error < 1e-8 for e < 1/8)
-    es = tl.minimum(e, 0.125)
-    s = es * (1.0 + es * (-0.5 + es * (0.33333334 + es * (-0.25 + es * (0.2 + es * (-0.16666667 + es * (
-        0.14285715 - 0.125 * es)))))))
-    sp = tl.where(x > 20.0, x, tl.where(e < 0.125, s, lw))
-    return sp, e / w
-
-
-@_jit
-def _tile_dt(delta_ptrs, mask, bias, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
-    """dt of a (BD, T) tile (0 where masked) and d dt / d delta."""
-    dl = tl.load(delta_ptrs, mask=mask, other=0.0).to(tl.float32) + bias[:, None]
-    if SOFTPLUS:
-        dt, sig = _softplus_sigmoid(dl, FAST)
-    else:
-        dt, sig = dl, tl.full(dl.shape, 1.0, tl.float32)
-    return tl.where(mask, dt, 0.0), sig
-
-
-@_jit
-def _load_bc(base, d, n, tpos, mask3, L):
-    # (BD, N, T) load broadcast over the channels: this is what makes the compiler keep T in one thread
-    return tl.load(base + n[None, :, None] * L + tpos[None, None, :] + 0 * d[:, None, None], mask=mask3,
-                   other=0.0).to(tl.float32)
-
-
-@_jit
-def _tile_states(h, dt, u, Bt, A2):
-    """States h_t (BD, N, T) of one tile from h (BD, N), the state before the tile."""
-    a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-    aa, xx = tl.associative_scan((a, (dt * u)[:, None, :] * Bt), 2, _combine)
-    return aa * h[:, :, None] + xx
-
-
-@_jit
-def _last_column(x3, t, T: tl.constexpr):
-    return tl.sum(tl.where(t[None, None, :] == T - 1, x3, 0.0), 2)
-
-
-@_jit
-def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr,
-                     dim, L, n_state, dpg, stride_bb, stride_bg, n_chunks,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     FAST: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, T: tl.constexpr,
-                     CHUNK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+def _scan_fwd_kernel(
+        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, idx_ptr, out_ptr, st_ptr,
+        L, dim, n_state, n_chunks,
+        su_b, su_l, su_k, su_d, sd_b, sd_l, sd_k, sd_d, sz_b, sz_l, sz_k, sz_d,
+        so_b, so_l, so_k, so_d, sB_b, sB_l, sB_k, sB_n, sC_b, sC_l, sC_k, sC_n,
+        sum_ptr, seg_chunks, n_seg, sum_split,
+        HAS_IDX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SOFTPLUS: tl.constexpr, FAST: tl.constexpr, MODE: tl.constexpr,
+        BD: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, CHUNK: tl.constexpr):
+    # MODE 0: the whole sequence. The sequence can also be cut into n_seg segments of seg_chunks chunks run
+    # by separate programs (more parallelism when batch x channels is small): MODE 1 runs each segment from
+    # a zero state and writes its end state and its sum of dt (the segment's decay is exp(A sum dt));
+    # MODE 2 then starts each segment from the state that the summaries of the segments before it compose.
+    pid_d, k, bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, s = bs // n_seg, bs % n_seg
+    K = tl.num_programs(1)
     d = pid_d * BD + tl.arange(0, BD)
     n = tl.arange(0, NP)
     t = tl.arange(0, T)
     dmask, nmask = d < dim, n < n_state
-    dn_mask = dmask[:, None] & nmask[None, :]
-    A2 = tl.load(A_ptr + d[:, None] * n_state + n[None, :], mask=dn_mask, other=0.0) * 1.4426950408889634
-    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros((BD,), tl.float32)
-    Dv = tl.load(D_ptr + d, mask=dmask, other=0.0) if HAS_D else tl.zeros((BD,), tl.float32)
-    rows = (b * dim + d).to(tl.int64) * L  # (BD,) offsets of the channels' rows in u, delta, z, out
-    u_rows, delta_rows, z_rows, out_rows = u_ptr + rows, delta_ptr + rows, z_ptr + rows, out_ptr + rows
-    grp = (pid_d * BD) // dpg
-    B_base = B_ptr + b.to(tl.int64) * stride_bb + grp * stride_bg
-    C_base = C_ptr + b.to(tl.int64) * stride_bb + grp * stride_bg
-    st_ptrs = state_ptr + ((b * dim + d)[:, None] * n_chunks) * NP + n[None, :]
-    h = tl.zeros((BD, NP), tl.float32)
-    for c in range(0, n_chunks):
-        tl.store(st_ptrs + c * NP, h, mask=dmask[:, None])  # state entering chunk c
-        t_end = tl.minimum(c * CHUNK + CHUNK, L)
-        for t0 in range(c * CHUNK, t_end, T):
-            tpos = t0 + t
-            tmask = tpos < L
-            m2 = dmask[:, None] & tmask[None, :]
-            u = tl.load(u_rows[:, None] + tpos[None, :], mask=m2, other=0.0).to(tl.float32)
-            dt, _ = _tile_dt(delta_rows[:, None] + tpos[None, :], m2, bias, SOFTPLUS, FAST)
-            m3 = (dmask[:, None, None] & nmask[None, :, None]) & tmask[None, None, :]
-            hs = _tile_states(h, dt, u, _load_bc(B_base, d, n, tpos, m3, L), A2)
-            y = tl.sum(hs * _load_bc(C_base, d, n, tpos, m3, L), 1)
-            h = _last_column(hs, t, T)
-            if HAS_D:
-                y += Dv[:, None] * u
-            if HAS_Z:
-                z = tl.load(z_rows[:, None] + tpos[None, :], mask=m2, other=0.0).to(tl.float32)
-                y = y * z * tl.sigmoid(z)
-            tl.store(out_rows[:, None] + tpos[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
+    kd = k * dim + d  # parameter row of (direction, channel)
+    nd_mask = nmask[:, None] & dmask[None, :]
+    A2 = tl.load(A_ptr + kd[None, :] * n_state + n[:, None], mask=nd_mask,
+                 other=0.0) * 1.4426950408889634  # (NP, BD), exp(x) = exp2(x log2 e)
+    bias = tl.load(bias_ptr + kd, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros((BD,), tl.float32)
+    Dv = tl.load(D_ptr + kd, mask=dmask, other=0.0) if HAS_D else tl.zeros((BD,), tl.float32)
+    b64, k64 = b.to(tl.int64), k.to(tl.int64)
+    u_base = u_ptr + b64 * su_b + k64 * su_k + d * su_d
+    dl_base = dl_ptr + b64 * sd_b + k64 * sd_k + d * sd_d
+    z_base = z_ptr + b64 * sz_b + k64 * sz_k + d * sz_d
+    o_base = out_ptr + b64 * so_b + k64 * so_k + d * so_d
+    B_base = B_ptr + b64 * sB_b + k64 * sB_k + n * sB_n
+    C_base = C_ptr + b64 * sC_b + k64 * sC_k + n * sC_n
+    idx_base = idx_ptr + k64 * L
+    st = st_ptr + ((b64 * K + k) * dim + d)[None, :] * (n_chunks * NP) + n[:, None]  # (NP, BD)
+    seg = (b64 * K + k) * n_seg * dim + d  # summaries: end states (.., n_seg, dim, NP), then dt sums
+    sum_h = sum_ptr + seg[None, :] * NP + n[:, None]
+    sum_dt = sum_ptr + sum_split + seg
+    h = tl.zeros((NP, BD), tl.float32)
+    if MODE == 2:
+        for s2 in range(0, s):
+            decay = tl.exp2(A2 * tl.load(sum_dt + s2 * dim, mask=dmask, other=0.0)[None, :])
+            h = decay * h + tl.load(sum_h + s2 * dim * NP, mask=nd_mask, other=0.0)
+    dt_sum = tl.zeros((BD,), tl.float32)
+    for c in range(s * seg_chunks, tl.minimum(s * seg_chunks + seg_chunks, n_chunks)):
+        if MODE != 1:
+            tl.store(st + c * NP, h, mask=dmask[None, :])  # the state entering chunk c
+        for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), T):
+            pos = t0 + t
+            tmask = pos < L
+            rows = _rows(idx_base, pos, tmask, HAS_IDX)[:, None]  # (T, 1)
+            m2 = tmask[:, None] & dmask[None, :]  # (T, BD)
+            u = tl.load(u_base[None, :] + rows * su_l, mask=m2, other=0.0).to(tl.float32)
+            dl = tl.load(dl_base[None, :] + rows * sd_l, mask=m2, other=0.0).to(tl.float32)
+            dl += bias[None, :]
+            if SOFTPLUS:
+                dt, _ = _softplus(dl, FAST)
+            else:
+                dt = dl
+            dt = tl.where(m2, dt, 0.0)
+            m3 = tmask[:, None] & nmask[None, :]  # (T, NP)
+            Bt = tl.load(B_base[None, :] + rows * sB_l, mask=m3, other=0.0).to(tl.float32)
+            a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
+            aa, hh = tl.associative_scan((a, (dt * u)[:, None, :] * Bt[:, :, None]), 0, _pair)
+            hs = hh + aa * h[None, :, :]
+            h = _row(hs, t, T - 1)
+            if MODE == 1:
+                dt_sum += tl.sum(dt, 0)
+            else:
+                Ct = tl.load(C_base[None, :] + rows * sC_l, mask=m3, other=0.0).to(tl.float32)
+                y = tl.sum(hs * Ct[:, :, None], 1)  # (T, BD)
+                if HAS_D:
+                    y += Dv[None, :] * u
+                if HAS_Z:
+                    zz = tl.load(z_base[None, :] + rows * sz_l, mask=m2, other=0.0).to(tl.float32)
+                    y = y * zz * tl.sigmoid(zz)
+                tl.store(o_base[None, :] + rows * so_l, y.to(out_ptr.dtype.element_ty), mask=m2)
+    if MODE == 1:
+        tl.store(sum_h + s * dim * NP, h, mask=nd_mask)
+        tl.store(sum_dt + s * dim, dt_sum, mask=dmask)
 
+
+# -----------------------------------------------------------------------------
+# Backward kernel
+# -----------------------------------------------------------------------------
 
 @_jit
-def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr,
-                     scratch_ptr, du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-                     dim, L, n_state, dpg, stride_bb, stride_bg, n_chunks, n_dblocks,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     ATOMIC: tl.constexpr, FAST: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
-                     T: tl.constexpr, CHUNK: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
+def _scan_bwd_kernel(
+        u_ptr, dl_ptr, z_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr, idx_ptr, dout_ptr, st_ptr, scr_ptr,
+        du_ptr, ddl_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+        L, dim, n_state, n_chunks,
+        su_b, su_l, su_k, su_d, sd_b, sd_l, sd_k, sd_d, sz_b, sz_l, sz_k, sz_d,
+        so_b, so_l, so_k, so_d, sB_b, sB_l, sB_k, sB_n, sC_b, sC_l, sC_k, sC_n,
+        sum_ptr, seg_chunks, n_seg, sum_split,
+        HAS_IDX: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SOFTPLUS: tl.constexpr, FAST: tl.constexpr, MODE: tl.constexpr,
+        BD: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, CHUNK: tl.constexpr):
+    # Segments as in the forward: MODE 1 runs the adjoint alone through each segment from a zero carry and
+    # writes g at its first step, the sum of dt over its other steps (the decay across it) and its first dt;
+    # MODE 2 starts each segment from the carry that the summaries of the segments after it compose.
+    # dout is read with strides so_*; du, ddelta, dz are written as contiguous (batch, L, K, dim) tensors;
+    # dB, dC are added into fp32 (batch, L, K, NP) buffers (one atomic per block of BD channels); dA, dD and
+    # dbias go to per-batch fp32 partials.
+    pid_d, k, bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, s = bs // n_seg, bs % n_seg
+    K = tl.num_programs(1)
+    n_db = tl.num_programs(0)
     d = pid_d * BD + tl.arange(0, BD)
     n = tl.arange(0, NP)
     t = tl.arange(0, T)
     dmask, nmask = d < dim, n < n_state
-    dn_mask = dmask[:, None] & nmask[None, :]
-    A = tl.load(A_ptr + d[:, None] * n_state + n[None, :], mask=dn_mask, other=0.0)
+    nd_mask = nmask[:, None] & dmask[None, :]
+    kd = k * dim + d
+    A = tl.load(A_ptr + kd[None, :] * n_state + n[:, None], mask=nd_mask, other=0.0)  # (NP, BD)
     A2 = A * 1.4426950408889634
-    bias = tl.load(bias_ptr + d, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros((BD,), tl.float32)
-    Dv = tl.load(D_ptr + d, mask=dmask, other=0.0) if HAS_D else tl.zeros((BD,), tl.float32)
-    rows = (b * dim + d).to(tl.int64) * L
-    u_rows, delta_rows, z_rows, dout_rows = u_ptr + rows, delta_ptr + rows, z_ptr + rows, dout_ptr + rows
-    grp = (pid_d * BD) // dpg
-    B_base = B_ptr + b.to(tl.int64) * stride_bb + grp * stride_bg
-    C_base = C_ptr + b.to(tl.int64) * stride_bb + grp * stride_bg
-    if ATOMIC:  # (batch, G, NP, L) fp32, shared by the blocks of a group
-        part = (b * (dim // dpg) + grp).to(tl.int64) * NP * L
-    else:  # (batch, n_dblocks, NP, L) fp32, one slice per program
-        part = (b * n_dblocks + pid_d).to(tl.int64) * NP * L
-    dB_base, dC_base = dB_ptr + part, dC_ptr + part
-    st_ptrs = state_ptr + ((b * dim + d)[:, None] * n_chunks) * NP + n[None, :]
-    # per-program scratch: the states at the tile borders of a chunk, its dt and d dt / d delta (CHUNK + 1 steps)
+    bias = tl.load(bias_ptr + kd, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros((BD,), tl.float32)
+    Dv = tl.load(D_ptr + kd, mask=dmask, other=0.0) if HAS_D else tl.zeros((BD,), tl.float32)
+    b64, k64 = b.to(tl.int64), k.to(tl.int64)
+    u_base = u_ptr + b64 * su_b + k64 * su_k + d * su_d
+    dl_base = dl_ptr + b64 * sd_b + k64 * sd_k + d * sd_d
+    z_base = z_ptr + b64 * sz_b + k64 * sz_k + d * sz_d
+    do_base = dout_ptr + b64 * so_b + k64 * so_k + d * so_d
+    g_base = b64 * L * K * dim + k64 * dim + d  # contiguous (batch, L, K, dim): row stride K * dim
+    gl = K * dim
+    B_base = B_ptr + b64 * sB_b + k64 * sB_k + n * sB_n
+    C_base = C_ptr + b64 * sC_b + k64 * sC_k + n * sC_n
+    bc_base = b64 * L * K * NP + k64 * NP + n  # (batch, L, K, NP): row stride K * NP
+    bl = K * NP
+    idx_base = idx_ptr + k64 * L
+    st = st_ptr + ((b64 * K + k) * dim + d)[None, :] * (n_chunks * NP) + n[:, None]
     NT: tl.constexpr = CHUNK // T
-    SCR: tl.constexpr = NT * BD * NP + 2 * BD * (CHUNK + 1)
-    scr = scratch_ptr + (b * n_dblocks + pid_d).to(tl.int64) * SCR
-    dd = tl.arange(0, BD)
-    h_scr = scr + dd[:, None] * NP + n[None, :]
-    dt_scr = scr + NT * BD * NP + dd * (CHUNK + 1)
-    sig_scr = dt_scr + BD * (CHUNK + 1)
+    scr = scr_ptr + (((b64 * n_seg + s) * K + k) * n_db + pid_d) * (NT * NP * BD) + n[:, None] * BD \
+        + tl.arange(0, BD)[None, :]
+    seg = (b64 * K + k) * n_seg * dim + d  # summaries: g (.., n_seg, dim, NP), then two dt rows
+    sum_g = sum_ptr + seg[None, :] * NP + n[:, None]
+    sum_dt = sum_ptr + sum_split + seg
+    sum_dt0 = sum_dt + sum_split // NP
 
-    gcar = tl.zeros((BD, NP), tl.float32)  # g at the first step of the tile after the current one
-    dA_acc = tl.zeros((BD, NP), tl.float32)
+    gcar = tl.zeros((NP, BD), tl.float32)  # adjoint g at the step after the current tile
+    acar = tl.zeros((NP, BD), tl.float32)  # decay a at that step
+    if MODE == 2:
+        for j in range(0, n_seg - 1 - s):
+            s2 = n_seg - 1 - j
+            across = tl.exp2(A2 * tl.load(sum_dt + s2 * dim, mask=dmask, other=0.0)[None, :])
+            gcar = tl.load(sum_g + s2 * dim * NP, mask=nd_mask, other=0.0) + across * (acar * gcar)
+            acar = tl.exp2(A2 * tl.load(sum_dt0 + s2 * dim, mask=dmask, other=0.0)[None, :])
+    dA_acc = tl.zeros((NP, BD), tl.float32)
     dD_acc = tl.zeros((BD,), tl.float32)
     dbias_acc = tl.zeros((BD,), tl.float32)
-    for ci in range(0, n_chunks):
-        c = n_chunks - 1 - ci
+    dt_sum = tl.zeros((BD,), tl.float32)
+    dt_first = tl.zeros((BD,), tl.float32)
+    c_lo = s * seg_chunks
+    for ci in range(0, tl.minimum(seg_chunks, n_chunks - c_lo)):
+        c = tl.minimum(c_lo + seg_chunks, n_chunks) - 1 - ci
         c0 = c * CHUNK
         nt = (tl.minimum(CHUNK, L - c0) + T - 1) // T
-        h = tl.load(st_ptrs + c * NP, mask=dmask[:, None], other=0.0)
-        tl.debug_barrier()  # the previous chunk's reverse pass has read the scratch
-        # pre-pass, forward through the chunk: tile border states, dt, d dt / d delta into the scratch
-        for i in range(0, nt):
-            tpos = c0 + i * T + t
-            tmask = tpos < L
-            m2 = dmask[:, None] & tmask[None, :]
-            dt, sig = _tile_dt(delta_rows[:, None] + tpos[None, :], m2, bias, SOFTPLUS, FAST)
-            tl.store(h_scr + i * (BD * NP), h)
-            tl.store(dt_scr[:, None] + (i * T + t)[None, :], dt)
+        h = tl.load(st + c * NP, mask=dmask[None, :], other=0.0)
+        tl.debug_barrier()  # the previous chunk's reverse pass has finished reading the scratch
+        # pre-pass: the state entering each tile of the chunk
+        for i in range(0, nt if MODE != 1 else 0):
+            tl.store(scr + i * (NP * BD), h)
+            if i < nt - 1:
+                pos = c0 + i * T + t
+                tmask = pos < L
+                rows = _rows(idx_base, pos, tmask, HAS_IDX)[:, None]
+                m2 = tmask[:, None] & dmask[None, :]
+                u = tl.load(u_base[None, :] + rows * su_l, mask=m2, other=0.0).to(tl.float32)
+                dl = tl.load(dl_base[None, :] + rows * sd_l, mask=m2, other=0.0).to(tl.float32)
+                dl += bias[None, :]
+                if SOFTPLUS:
+                    dt, _ = _softplus(dl, FAST)
+                else:
+                    dt = dl
+                dt = tl.where(m2, dt, 0.0)
+                m3 = tmask[:, None] & nmask[None, :]
+                Bt = tl.load(B_base[None, :] + rows * sB_l, mask=m3, other=0.0).to(tl.float32)
+                a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+                aa, hh = tl.associative_scan((a, (dt * u)[:, None, :] * Bt[:, :, None]), 0, _pair)
+                h = _row(hh + aa * h[None, :, :], t, T - 1)
+        tl.debug_barrier()  # the scratch is read by other threads than those that wrote it
+
+        for kk in range(0, nt):
+            i = nt - 1 - kk
+            pos = c0 + i * T + t
+            tmask = pos < L
+            rows = _rows(idx_base, pos, tmask, HAS_IDX)[:, None]
+            m2 = tmask[:, None] & dmask[None, :]
+            u = tl.load(u_base[None, :] + rows * su_l, mask=m2, other=0.0).to(tl.float32)
+            dl = tl.load(dl_base[None, :] + rows * sd_l, mask=m2, other=0.0).to(tl.float32)
+            dl += bias[None, :]
             if SOFTPLUS:
-                tl.store(sig_scr[:, None] + (i * T + t)[None, :], sig)
-            if i < nt - 1:  # the state after the chunk's last tile is not needed
-                u = tl.load(u_rows[:, None] + tpos[None, :], mask=m2, other=0.0).to(tl.float32)
-                m3 = (dmask[:, None, None] & nmask[None, :, None]) & tmask[None, None, :]
-                h = _last_column(_tile_states(h, dt, u, _load_bc(B_base, d, n, tpos, m3, L), A2), t, T)
-        # dt of the step after the chunk (first of the next one), for the adjoint's decay a_{t+1}
-        pn = c0 + CHUNK
-        mn = dmask & (pn + 0 * d < L)
-        dln = tl.load(delta_rows + pn, mask=mn, other=0.0).to(tl.float32) + bias
-        if SOFTPLUS:
-            dln, _ = _softplus_sigmoid(dln, FAST)
-        tl.store(dt_scr + CHUNK, tl.where(mn, dln, 0.0))
-        tl.debug_barrier()  # the scratch is written by other threads than those that read it
-
-        # reverse pass through the chunk's tiles
-        for k in range(0, nt):
-            i = nt - 1 - k
-            tpos = c0 + i * T + t
-            tmask = tpos < L
-            m2 = dmask[:, None] & tmask[None, :]
-            offs = tpos[None, :]
-            lp = (i * T + t)[None, :]  # position inside the chunk
-            S = tl.load(h_scr + i * (BD * NP))  # h_{t0 - 1}
-            first = (t > 0)[None, :]
-            dt = tl.load(dt_scr[:, None] + lp)
-            dt_p = tl.load(dt_scr[:, None] + lp - 1, mask=first, other=0.0)  # previous step, inside the tile
-            dt_n = tl.load(dt_scr[:, None] + lp + 1, mask=(tpos + 1 < L)[None, :], other=0.0)  # next step
-            u = tl.load(u_rows[:, None] + offs, mask=m2, other=0.0).to(tl.float32)
-            u_p = tl.load(u_rows[:, None] + offs - 1, mask=m2 & first, other=0.0).to(tl.float32)
-            m3 = (dmask[:, None, None] & nmask[None, :, None]) & tmask[None, None, :]
-            Bt = _load_bc(B_base, d, n, tpos, m3, L)
-            Bp = _load_bc(B_base, d, n, tpos - 1, m3 & (t > 0)[None, None, :], L)
-            Ct = _load_bc(C_base, d, n, tpos, m3, L)
-            dout = tl.load(dout_rows[:, None] + offs, mask=m2, other=0.0).to(tl.float32)
-
-            # h_{t-1}: scan over (a_{t-1}, x_{t-1}) with (1, 0) at the tile's first step, plus its decay times S
-            a_p = tl.exp2(dt_p[:, None, :] * A2[:, :, None])
-            pa, px = tl.associative_scan((a_p, (dt_p * u_p)[:, None, :] * Bp), 2, _combine)
-            aH = tl.exp2(dt[:, None, :] * A2[:, :, None]) * (px + pa * S[:, :, None])  # a_t h_{t-1}
-            dtu = dt * u
-            hcur = aH + dtu[:, None, :] * Bt  # h_t
+                dt, sig = _softplus(dl, FAST)
+            else:
+                dt, sig = dl, tl.full(dl.shape, 1.0, tl.float32)
+            dt = tl.where(m2, dt, 0.0)
+            m3 = tmask[:, None] & nmask[None, :]
+            Bt = tl.load(B_base[None, :] + rows * sB_l, mask=m3, other=0.0).to(tl.float32)
+            Ct = tl.load(C_base[None, :] + rows * sC_l, mask=m3, other=0.0).to(tl.float32)
+            dout = tl.load(do_base[None, :] + rows * so_l, mask=m2, other=0.0).to(tl.float32)
+            a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
+            if MODE != 1:
+                S = tl.load(scr + i * (NP * BD))  # the state entering the tile
+                dtu = dt * u
+                bx = dtu[:, None, :] * Bt[:, :, None]
+                one = tl.full(a.shape, 1.0, tl.float32)
+                aa, hh, ap, hp = tl.associative_scan((a, bx, one, tl.zeros(a.shape, tl.float32)), 0,
+                                                     _pair_prev)
+                hs = hh + aa * S[None, :, :]  # h_t
+                ah = a * (hp + ap * S[None, :, :])  # a_t h_{t-1}, without cancellation
             if HAS_Z:
-                y = tl.sum(hcur * Ct, 1)
-                if HAS_D:
-                    y += Dv[:, None] * u
-                z = tl.load(z_rows[:, None] + offs, mask=m2, other=0.0).to(tl.float32)
-                sz = tl.sigmoid(z)
-                dz = dout * y * sz * (1.0 + z * (1.0 - sz))
-                tl.store(dz_ptr + rows[:, None] + offs, dz.to(dz_ptr.dtype.element_ty), mask=m2)
-                dy = dout * z * sz
+                zz = tl.load(z_base[None, :] + rows * sz_l, mask=m2, other=0.0).to(tl.float32)
+                sz = tl.sigmoid(zz)
+                dy = dout * zz * sz
+                if MODE != 1:
+                    y = tl.sum(hs * Ct[:, :, None], 1)
+                    if HAS_D:
+                        y += Dv[None, :] * u
+                    dz = dout * y * sz * (1.0 + zz * (1.0 - sz))
+                    tl.store(dz_ptr + g_base[None, :] + rows * gl, dz.to(dz_ptr.dtype.element_ty), mask=m2)
             else:
                 dy = dout
-            dCp = tl.sum(hcur * dy[:, None, :], 0)  # (NP, T), summed over this block's channels
-            # g_t = C_t dy_t + a_{t+1} g_{t+1}: reverse scan over (a_{t+1}, C_t dy_t), plus decay times g_carry
-            a_n = tl.exp2(dt_n[:, None, :] * A2[:, :, None])
-            # (flip, scan, flip: Triton's reverse scan lowers to shuffles even when the axis is in-thread)
-            ga, gx = tl.associative_scan((tl.flip(a_n, 2), tl.flip(Ct * dy[:, None, :], 2)), 2, _combine)
-            ga, gx = tl.flip(ga, 2), tl.flip(gx, 2)
-            g = gx + ga * gcar[:, :, None]
-            gcar = tl.sum(tl.where(t[None, None, :] == 0, g, 0.0), 2)
-
-            gB = tl.sum(g * Bt, 1)  # (BD, T)
-            w = g * aH  # dL/da_t * a_t
-            wA = tl.sum(w * A[:, :, None], 1)
-            dA_acc += tl.sum(w * dt[:, None, :], 2)
-            dBp = tl.sum(g * dtu[:, None, :], 0)
-            du = dt * gB
-            if HAS_D:
-                du += Dv[:, None] * dy
-                dD_acc += tl.sum(dy * u, 1)
-            ddt = u * gB + wA
-            if SOFTPLUS:
-                ddt = ddt * tl.load(sig_scr[:, None] + lp)
-            ddt = tl.where(m2, ddt, 0.0)
-            dbias_acc += tl.sum(ddt, 1)
-            tl.store(du_ptr + rows[:, None] + offs, du.to(du_ptr.dtype.element_ty), mask=m2)
-            tl.store(ddelta_ptr + rows[:, None] + offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
-            pofs = n[:, None] * L + tpos[None, :]
-            pmask = nmask[:, None] & tmask[None, :]
-            if ATOMIC:
-                tl.atomic_add(dB_base + pofs, dBp, mask=pmask, sem="relaxed")
-                tl.atomic_add(dC_base + pofs, dCp, mask=pmask, sem="relaxed")
+            # adjoint, right to left: triples (P, Q, a) on the flipped tile, then the carry from the right
+            one = tl.full(a.shape, 1.0, tl.float32)
+            cy = Ct[:, :, None] * dy[:, None, :]
+            pp, qq, _ = tl.associative_scan((one, tl.flip(cy, 0), tl.flip(a, 0)), 0, _handoff)
+            g = tl.flip(qq, 0) + tl.flip(pp, 0) * (acar * gcar)[None, :, :]
+            gcar = _row(g, t, 0)
+            acar = _row(a, t, 0)
+            if MODE == 1:
+                dt_sum += tl.sum(dt, 0)
+                dt_first = tl.sum(tl.where(t[:, None] == 0, dt, 0.0), 0)
             else:
-                tl.store(dB_base + pofs, dBp, mask=pmask)
-                tl.store(dC_base + pofs, dCp, mask=pmask)
+                gB = tl.sum(g * Bt[:, :, None], 1)  # (T, BD)
+                w = g * ah  # dL/da_t a_t
+                dA_acc += tl.sum(w * dt[:, None, :], 0)
+                ddt = u * gB + tl.sum(w * A[None, :, :], 1)
+                du = dt * gB
+                if HAS_D:
+                    du += Dv[None, :] * dy
+                    dD_acc += tl.sum(dy * u, 0)
+                ddl = tl.where(m2, ddt * sig, 0.0)
+                dbias_acc += tl.sum(ddl, 0)
+                tl.store(du_ptr + g_base[None, :] + rows * gl, du.to(du_ptr.dtype.element_ty), mask=m2)
+                tl.store(ddl_ptr + g_base[None, :] + rows * gl, ddl.to(ddl_ptr.dtype.element_ty), mask=m2)
+                dBp = tl.sum(g * dtu[:, None, :], 2)  # (T, NP): this block's channels summed
+                dCp = tl.sum(hs * dy[:, None, :], 2)
+                pofs = bc_base[None, :] + rows * bl
+                tl.atomic_add(dB_ptr + pofs, dBp, mask=m3, sem="relaxed")
+                tl.atomic_add(dC_ptr + pofs, dCp, mask=m3, sem="relaxed")
 
-    out_dn = (b * dim + d)[:, None] * NP + n[None, :]
-    tl.store(dA_ptr + out_dn, dA_acc, mask=dn_mask)
-    tl.store(dD_ptr + b * dim + d, dD_acc, mask=dmask)
-    tl.store(dbias_ptr + b * dim + d, dbias_acc, mask=dmask)
-
-
-# Launch configuration per input precision (element size of B: 2 = bf16/fp16, 4 = fp32): channels per program BD,
-# steps per tile T, warps; the forward's CHUNK (steps between saved states) is also the backward's recompute span.
-# T is at most one 16-byte load of B (8 bf16 / 4 fp32 steps) so that a tile's steps stay in one thread.
-TRITON_CONFIG = {
-    "fwd": {2: dict(BD=8, T=8, CHUNK=64, num_warps=1), 4: dict(BD=8, T=4, CHUNK=64, num_warps=1)},
-    "bwd": {2: dict(BD=8, T=8, num_warps=1, ATOMIC=True), 4: dict(BD=8, T=4, num_warps=1, ATOMIC=True)},
-}
-
-
-def _triton_launch_params(which, B, dim, L, chunk=None):
-    cfg = dict(TRITON_CONFIG[which][2 if B.element_size() <= 2 else 4])
-    G = B.shape[1]
-    dpg = dim // G
-    if G > 1:  # a program's channels must share one group of B and C
-        while dpg % cfg["BD"]:
-            cfg["BD"] //= 2
-    if which == "fwd":
-        cfg["CHUNK"] = max(cfg["T"], min(cfg["CHUNK"], triton.next_power_of_2(L)))
-    else:  # the backward recomputes from the forward's chunk states: its tile must divide the chunk
-        cfg["T"] = min(cfg["T"], chunk)
-        cfg["CHUNK"] = chunk
-    return cfg, G, dpg
-
-
-def _triton_check(u, A, B, C):
-    if triton is None:
-        raise RuntimeError("scan backend 'triton' requested but triton is not importable")
-    if not u.is_cuda and not triton_interpreted():
-        raise RuntimeError("the triton scan needs CUDA tensors, or TRITON_INTERPRET=1 set before importing triton")
-    if A.is_complex() or B.dim() < 3 or C.dim() < 3:
-        raise NotImplementedError("the triton scan supports real A and input-dependent B, C only")
-    if B.dim() == 4 and u.shape[1] % B.shape[1]:
-        raise ValueError(f"dim {u.shape[1]} not divisible into {B.shape[1]} groups")
-
-
-def _as_groups(M):
-    """(batch, N, L) -> (batch, 1, N, L); grouped (batch, G, N, L) as is; contiguous."""
-    return (M.unsqueeze(1) if M.dim() == 3 else M).contiguous()
-
-
-def _triton_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    batch, dim, L = u.shape
-    N = A.shape[1]
-    NP = max(triton.next_power_of_2(N), 2)
-    cfg, G, dpg = _triton_launch_params("fwd", B, dim, L)
-    BD, T, CHUNK = cfg["BD"], cfg["T"], cfg["CHUNK"]
-    n_chunks = triton.cdiv(L, CHUNK)
-    out = torch.empty_like(u)
-    states = torch.empty(batch, dim, n_chunks, NP, device=u.device, dtype=torch.float32)
-    grid = (triton.cdiv(dim, BD), batch)
-    _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-        delta_bias if delta_bias is not None else A, out, states,
-        dim, L, N, dpg, B.stride(0), B.stride(1), n_chunks,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        FAST=not triton_interpreted(), BD=BD, NP=NP, T=T, CHUNK=CHUNK, num_warps=cfg["num_warps"])
-    return out, states, CHUNK
-
-
-def _triton_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus, states, fwd_chunk):
-    batch, dim, L = u.shape
-    N = A.shape[1]
-    NP = states.shape[-1]
-    cfg, G, dpg = _triton_launch_params("bwd", B, dim, L, fwd_chunk)
-    BD, T, CHUNK, ATOMIC = cfg["BD"], cfg["T"], cfg["CHUNK"], cfg["ATOMIC"]
-    n_chunks = states.shape[2]
-    n_db = triton.cdiv(dim, BD)
-    dev, f32 = u.device, torch.float32
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
-    dA = torch.empty(batch, dim, NP, device=dev, dtype=f32)
-    dD = torch.empty(batch, dim, device=dev, dtype=f32)
-    dbias = torch.empty(batch, dim, device=dev, dtype=f32)
-    if ATOMIC:
-        dBp = torch.zeros(batch, G, NP, L, device=dev, dtype=f32)
-        dCp = torch.zeros(batch, G, NP, L, device=dev, dtype=f32)
+    if MODE == 1:
+        tl.store(sum_g + s * dim * NP, gcar, mask=nd_mask)
+        tl.store(sum_dt + s * dim, dt_sum - dt_first, mask=dmask)
+        tl.store(sum_dt0 + s * dim, dt_first, mask=dmask)
     else:
-        dBp = torch.empty(batch, n_db, NP, L, device=dev, dtype=f32)
-        dCp = torch.empty(batch, n_db, NP, L, device=dev, dtype=f32)
-    scratch = torch.empty(batch * n_db * ((CHUNK // T) * BD * NP + 2 * BD * (CHUNK + 1)), device=dev, dtype=f32)
-    grid = (n_db, batch)
-    _scan_bwd_kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-        delta_bias if delta_bias is not None else A, dout, states, scratch,
-        du, ddelta, dz if dz is not None else du, dA, dBp, dCp, dD, dbias,
-        dim, L, N, dpg, B.stride(0), B.stride(1), n_chunks, n_db,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        ATOMIC=ATOMIC, FAST=not triton_interpreted(), BD=BD, NP=NP, T=T, CHUNK=CHUNK, num_warps=cfg["num_warps"])
-    if not ATOMIC:  # sum the per-block partials of each group
-        dBp = dBp.view(batch, G, n_db // G, NP, L).sum(2)
-        dCp = dCp.view(batch, G, n_db // G, NP, L).sum(2)
-    dB, dC = dBp[:, :, :N], dCp[:, :, :N]
-    dA = dA[:, :, :N].sum(0)
-    return du, ddelta, dA, dB, dC, dD.sum(0), dz, dbias.sum(0)
+        pk = (bs.to(tl.int64) * K + k) * dim + d
+        tl.store(dA_ptr + pk[None, :] * NP + n[:, None], dA_acc, mask=nd_mask)
+        tl.store(dD_ptr + pk, dD_acc, mask=dmask)
+        tl.store(dbias_ptr + pk, dbias_acc, mask=dmask)
 
 
-def _on_device(x):
-    """Launch on x's GPU (Triton launches on the current device)."""
+# -----------------------------------------------------------------------------
+# Launchers
+# -----------------------------------------------------------------------------
+
+# channels per program BD, steps per tile T, warps; CHUNK = steps between saved states (the backward's
+# recompute span). Chosen per element size of u (2 = bf16/fp16, 4 = fp32).
+TRITON_CONFIG = {"fwd": {2: dict(BD=16, T=8, num_warps=1), 4: dict(BD=16, T=4, num_warps=1)},
+          "bwd": {2: dict(BD=8, T=8, num_warps=1), 4: dict(BD=8, T=4, num_warps=1)}}
+CHUNK = 64
+
+
+def _config(u, L, which="fwd"):
+    cfg = dict(TRITON_CONFIG[which][2 if u.element_size() <= 2 else 4], CHUNK=CHUNK)
+    cfg["CHUNK"] = max(cfg["T"], min(cfg["CHUNK"], triton.next_power_of_2(L)))
+    return cfg
+
+
+def _s4(x):
+    """Strides (batch, L, K, channel) of a 4-D tensor."""
+    return tuple(x.stride())
+
+
+def _segments(batch, K, n_db, n_chunks, device):
+    """How many segments to cut the sequence into: enough programs to fill the GPU (SEGMENT_TARGET per
+    multiprocessor), but at least MIN_SEGMENT_CHUNKS chunks per segment. 1 = no split."""
+    if SEGMENTS is not None:
+        n_seg = SEGMENTS
+    elif device.type != "cuda":
+        n_seg = 1
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        n_seg = triton.cdiv(SEGMENT_TARGET * sms, batch * K * n_db)
+    n_seg = max(1, min(n_seg, n_chunks // MIN_SEGMENT_CHUNKS))
+    seg_chunks = triton.cdiv(n_chunks, n_seg)
+    return triton.cdiv(n_chunks, seg_chunks), seg_chunks
+
+
+SEGMENT_TARGET, MIN_SEGMENT_CHUNKS, SEGMENTS = 32, 4, None
+
+
+def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True):
+    """u, delta, z: (batch, L, K, dim) views; B, C: (batch, L, K, N) views; A: (K, dim, N) fp32; D, dt_bias:
+    (K, dim) fp32 or None; order: (K, L) int32 or None. Returns out (batch, L, K, dim), the fp32 states at
+    chunk borders and the chunk length."""
+    batch, L, K, dim = u.shape
+    N = A.shape[-1]
+    NP = max(triton.next_power_of_2(N), 2)
+    cfg = _config(u, L)
+    n_chunks = triton.cdiv(L, cfg["CHUNK"])
+    n_db = triton.cdiv(dim, cfg["BD"])
+    n_seg, seg_chunks = _segments(batch, K, n_db, n_chunks, u.device)
+    out = torch.empty(batch, L, K, dim, device=u.device, dtype=u.dtype)
+    states = torch.empty(batch, K, dim, n_chunks, NP, device=u.device, dtype=torch.float32)
+    split = batch * K * n_seg * dim * NP
+    summary = torch.empty(split + batch * K * n_seg * dim if n_seg > 1 else 1, device=u.device,
+                          dtype=torch.float32)
+    zz = z if z is not None else u
+    args = (u, delta, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
+            order if order is not None else A, out, states,
+            L, dim, N, n_chunks, *_s4(u), *_s4(delta), *_s4(zz), *_s4(out), *_s4(B), *_s4(C),
+            summary, seg_chunks, n_seg, split)
+    flags = dict(HAS_IDX=order is not None, HAS_D=D is not None, HAS_Z=z is not None,
+                 HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(softplus), FAST=not triton_interpreted(),
+                 BD=cfg["BD"], NP=NP, T=cfg["T"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"])
+    grid = (n_db, K, batch * n_seg)
+    if n_seg > 1:
+        _scan_fwd_kernel[grid](*args, MODE=1, **flags)
+    _scan_fwd_kernel[grid](*args, MODE=2 if n_seg > 1 else 0, **flags)
+    return out, states, cfg["CHUNK"]
+
+
+def scan_bwd(dout, u, delta, z, B, C, A, D, dt_bias, order, states, chunk, softplus=True):
+    """Gradients of scan_fwd. du, ddelta, dz come back as contiguous (batch, L, K, dim) tensors (callers sum
+    over K where an input was shared), dB and dC as fp32 (batch, L, K, N), dA (K, dim, N), dD and ddt_bias
+    (K, dim)."""
+    batch, L, K, dim = u.shape
+    N = A.shape[-1]
+    NP = states.shape[-1]
+    n_chunks = states.shape[3]
+    cfg = _config(u, L, "bwd")
+    T = min(cfg["T"], chunk)
+    n_db = triton.cdiv(dim, cfg["BD"])
+    n_seg, seg_chunks = _segments(batch, K, n_db, n_chunks, u.device)
+    dev, f32 = u.device, torch.float32
+    shape = (batch, L, K, dim)
+    du = torch.empty(shape, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(shape, device=dev, dtype=delta.dtype)
+    dz = torch.empty(shape, device=dev, dtype=z.dtype) if z is not None else None
+    dB = torch.zeros(batch, L, K, NP, device=dev, dtype=f32)
+    dC = torch.zeros(batch, L, K, NP, device=dev, dtype=f32)
+    dA = torch.empty(batch * n_seg, K, dim, NP, device=dev, dtype=f32)
+    dD = torch.empty(batch * n_seg, K, dim, device=dev, dtype=f32)
+    dbias = torch.empty(batch * n_seg, K, dim, device=dev, dtype=f32)
+    scratch = torch.empty(batch * n_seg * K * n_db * (chunk // T) * cfg["BD"] * NP, device=dev, dtype=f32)
+    split = batch * K * n_seg * dim * NP
+    summary = torch.empty(split + 2 * batch * K * n_seg * dim if n_seg > 1 else 1, device=dev, dtype=f32)
+    zz = z if z is not None else u
+    args = (u, delta, zz, B, C, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
+            order if order is not None else A, dout, states, scratch,
+            du, ddelta, dz if dz is not None else du, dB, dC, dA, dD, dbias,
+            L, dim, N, n_chunks, *_s4(u), *_s4(delta), *_s4(zz), *_s4(dout), *_s4(B), *_s4(C),
+            summary, seg_chunks, n_seg, split)
+    flags = dict(HAS_IDX=order is not None, HAS_D=D is not None, HAS_Z=z is not None,
+                 HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(softplus), FAST=not triton_interpreted(),
+                 BD=cfg["BD"], NP=NP, T=T, CHUNK=chunk, num_warps=cfg["num_warps"])
+    grid = (n_db, K, batch * n_seg)
+    if n_seg > 1:
+        _scan_bwd_kernel[grid](*args, MODE=1, **flags)
+    _scan_bwd_kernel[grid](*args, MODE=2 if n_seg > 1 else 0, **flags)
+    return (du, ddelta, dz, dB[..., :N], dC[..., :N], dA[..., :N].sum(0),
+            dD.sum(0) if D is not None else None, dbias.sum(0) if dt_bias is not None else None)
+
+
+# -----------------------------------------------------------------------------
+# Causal depthwise conv + SiLU along the scan order (Mamba's conv1d, channel-last)
+# -----------------------------------------------------------------------------
+# out[row(p)] = silu(bias + sum_j w[j] x[row(p - W + 1 + j)]), zero before the first step: nn.Conv1d with
+# padding W - 1, cut to L (state-spaces/mamba, mamba_ssm/modules/mamba_simple.py), applied along the scan order.
+# It cannot live inside the scan kernel: x_proj reads its output to make the scan's delta, B and C.
+
+@_jit
+def _conv_pre(x_base, idx_base, p, L, sx_l, w_ptr, d, dmask, bias, HAS_IDX: tl.constexpr, W: tl.constexpr):
+    """Pre-activation at scan steps p (TL,) for channels d (BD,): (TL, BD) fp32."""
+    acc = tl.zeros((p.shape[0], d.shape[0]), tl.float32) + bias[None, :]
+    for j in tl.static_range(W):
+        q = p - (W - 1) + j
+        qm = (q >= 0) & (q < L)
+        rows = _rows(idx_base, q, qm, HAS_IDX)
+        xv = tl.load(x_base[None, :] + rows[:, None] * sx_l, mask=qm[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        wj = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
+        acc += wj[None, :] * xv
+    return acc
+
+
+@_jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, L, dim, sx_b, sx_l, sx_d, so_b, so_l, so_d,
+                     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, W: tl.constexpr, TL: tl.constexpr,
+                     BD: tl.constexpr):
+    pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p = pid_l * TL + tl.arange(0, TL)
+    d = pid_d * BD + tl.arange(0, BD)
+    pm, dmask = p < L, d < dim
+    bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else \
+        tl.zeros((BD,), tl.float32)
+    pre = _conv_pre(x_ptr + b.to(tl.int64) * sx_b + d * sx_d, idx_ptr, p, L, sx_l, w_ptr, d, dmask, bias,
+                    HAS_IDX, W)
+    rows = _rows(idx_ptr, p, pm, HAS_IDX)
+    out = pre * tl.sigmoid(pre)
+    tl.store(out_ptr + b.to(tl.int64) * so_b + rows[:, None] * so_l + d[None, :] * so_d,
+             out.to(out_ptr.dtype.element_ty), mask=pm[:, None] & dmask[None, :])
+
+
+@_jit
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, dim,
+                     sx_b, sx_l, sx_d, so_b, so_l, so_d,
+                     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, W: tl.constexpr, TL: tl.constexpr,
+                     BD: tl.constexpr):
+    # dx is written as a contiguous (batch, L, dim) tensor; dw (dim, W) and dbias (dim,) are fp32 sums by
+    # atomic adds, one per program and tap.
+    pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q = pid_l * TL + tl.arange(0, TL)
+    d = pid_d * BD + tl.arange(0, BD)
+    qm, dmask = q < L, d < dim
+    bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else \
+        tl.zeros((BD,), tl.float32)
+    b64 = b.to(tl.int64)
+    x_base = x_ptr + b64 * sx_b + d * sx_d
+    o_base = dout_ptr + b64 * so_b + d * so_d
+    dx = tl.zeros((TL, BD), tl.float32)
+    for s in tl.static_range(W):  # output step q + s reads x[q] through tap W - 1 - s
+        p = q + s
+        pm = p < L
+        pre = _conv_pre(x_base, idx_ptr, p, L, sx_l, w_ptr, d, dmask, bias, HAS_IDX, W)
+        rows = _rows(idx_ptr, p, pm, HAS_IDX)
+        go = tl.load(o_base[None, :] + rows[:, None] * so_l, mask=pm[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        sg = tl.sigmoid(pre)
+        g = go * sg * (1.0 + pre * (1.0 - sg))  # d silu
+        wt = tl.load(w_ptr + d * W + (W - 1 - s), mask=dmask, other=0.0).to(tl.float32)
+        dx += wt[None, :] * g
+        if s == 0:  # the weight and bias gradients of this program's own output steps
+            tl.atomic_add(db_ptr + d, tl.sum(g, 0), mask=dmask, sem="relaxed")
+            for j in tl.static_range(W):
+                r = q - (W - 1) + j
+                rm = (r >= 0) & qm
+                rrows = _rows(idx_ptr, r, rm, HAS_IDX)
+                xv = tl.load(x_base[None, :] + rrows[:, None] * sx_l, mask=rm[:, None] & dmask[None, :],
+                             other=0.0).to(tl.float32)
+                tl.atomic_add(dw_ptr + d * W + j, tl.sum(g * xv, 0), mask=dmask, sem="relaxed")
+    rows = _rows(idx_ptr, q, qm, HAS_IDX)
+    tl.store(dx_ptr + b64 * L * dim + rows[:, None] * dim + d[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=qm[:, None] & dmask[None, :])
+
+
+CONV_CONFIG = dict(TL=32, BD=64, num_warps=4)
+
+
+def conv_fwd(x, weight, bias, order):
+    """x: (batch, L, dim) view; weight: (dim, W); bias: (dim,) or None; order: (L,) int32 or None."""
+    batch, L, dim = x.shape
+    out = torch.empty(batch, L, dim, device=x.device, dtype=x.dtype)
+    c = CONV_CONFIG
+    grid = (triton.cdiv(L, c["TL"]), triton.cdiv(dim, c["BD"]), batch)
+    _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight,
+                           order if order is not None else weight, out, L, dim, *x.stride(), *out.stride(),
+                           HAS_IDX=order is not None, HAS_BIAS=bias is not None, W=weight.shape[1],
+                           TL=c["TL"], BD=c["BD"], num_warps=c["num_warps"])
+    return out
+
+
+def conv_bwd(dout, x, weight, bias, order):
+    batch, L, dim = x.shape
+    dx = torch.empty(batch, L, dim, device=x.device, dtype=x.dtype)
+    dw = torch.zeros(dim, weight.shape[1], device=x.device, dtype=torch.float32)
+    db = torch.zeros(dim, device=x.device, dtype=torch.float32)
+    c = CONV_CONFIG
+    grid = (triton.cdiv(L, c["TL"]), triton.cdiv(dim, c["BD"]), batch)
+    _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight,
+                           order if order is not None else weight, dout, dx, dw, db, L, dim,
+                           *x.stride(), *dout.stride(), HAS_IDX=order is not None,
+                           HAS_BIAS=bias is not None, W=weight.shape[1], TL=c["TL"], BD=c["BD"],
+                           num_warps=c["num_warps"])
+    return dx, dw, db if bias is not None else None
+
+
+# -----------------------------------------------------------------------------
+# torch.library ops with autograd
+# -----------------------------------------------------------------------------
+# One op per kernel, with a fake (shape-only) implementation and an autograd formula, so torch.compile
+# traces a model through each call as one node. ssm.py calls these on GPUs and the PyTorch reference on CPUs.
+
+from typing import Optional  # noqa: E402
+
+from torch import Tensor  # noqa: E402
+
+
+def _device(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-class _TritonSelectiveScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        B3, C3 = B.dim() == 3, C.dim() == 3
-        u, delta = u.contiguous(), delta.contiguous()
-        z = z.contiguous() if z is not None else None
-        A = A.float().contiguous()
-        Bg, Cg = _as_groups(B), _as_groups(C)
-        if Bg.shape != Cg.shape:
-            raise NotImplementedError("the triton scan needs B and C of the same shape")
-        D = D.float().contiguous() if D is not None else None
-        delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
-        with _on_device(u):
-            out, states, chunk = _triton_scan_fwd(u, delta, A, Bg, Cg, D, z, delta_bias, delta_softplus)
-        ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, states)
-        ctx.meta = (delta_softplus, chunk, B3, C3)
-        return out
+@torch.library.custom_op("diffmamba::scan", mutates_args=())
+def scan_op(u: Tensor, delta: Tensor, z: Optional[Tensor], B: Tensor, C: Tensor, A: Tensor,
+            D: Optional[Tensor], dt_bias: Optional[Tensor], order: Optional[Tensor],
+            softplus: bool) -> tuple[Tensor, Tensor]:
+    """The scan on (batch, L, K, dim) views (see scan_fwd); returns (out, chunk states)."""
+    with _device(u):
+        out, states, _ = scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus)
+    return out, states
 
-    @staticmethod
-    def backward(ctx, dout):
-        u, delta, A, Bg, Cg, D, z, delta_bias, states = ctx.saved_tensors
-        softplus, chunk, B3, C3 = ctx.meta
-        with _on_device(u):
-            du, ddelta, dA, dB, dC, dD, dz, dbias = _triton_scan_bwd(
-                dout.contiguous(), u, delta, A, Bg, Cg, D, z, delta_bias, softplus, states, chunk)
-        dB = (dB[:, 0] if B3 else dB).to(Bg.dtype)
-        dC = (dC[:, 0] if C3 else dC).to(Cg.dtype)
-        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
-                dbias if delta_bias is not None else None, None)
+
+@scan_op.register_fake
+def _(u, delta, z, B, C, A, D, dt_bias, order, softplus):
+    batch, L, K, dim = u.shape
+    NP = max(triton.next_power_of_2(A.shape[-1]), 2)
+    n_chunks = triton.cdiv(L, _config(u, L)["CHUNK"])
+    return u.new_empty(batch, L, K, dim), u.new_empty(batch, K, dim, n_chunks, NP, dtype=torch.float32)
+
+
+@torch.library.custom_op("diffmamba::scan_backward", mutates_args=())
+def scan_backward_op(dout: Tensor, u: Tensor, delta: Tensor, z: Optional[Tensor], B: Tensor, C: Tensor,
+                     A: Tensor, D: Optional[Tensor], dt_bias: Optional[Tensor], order: Optional[Tensor],
+                     states: Tensor, softplus: bool) -> list[Tensor]:
+    """Gradients for u, delta, z, B, C, A, D, dt_bias (empty tensors where an input was None)."""
+    none = lambda: u.new_empty(0)  # a new one each time: outputs must not alias each other
+    with _device(u):
+        chunk = _config(u, u.shape[1])["CHUNK"]
+        du, ddelta, dz, dB, dC, dA, dD, dbias = scan_bwd(dout, u, delta, z, B, C, A, D, dt_bias, order,
+                                                         states, chunk, softplus)
+    return [du, ddelta, none() if dz is None else dz, dB.to(B.dtype), dC.to(C.dtype), dA,
+            none() if dD is None else dD, none() if dbias is None else dbias]
+
+
+@scan_backward_op.register_fake
+def _(dout, u, delta, z, B, C, A, D, dt_bias, order, states, softplus):
+    like = lambda x: u.new_empty(0) if x is None else x.new_empty(x.shape)
+    return [u.new_empty(u.shape), delta.new_empty(u.shape), z.new_empty(u.shape) if z is not None else like(z),
+            like(B), like(C), like(A), like(D), like(dt_bias)]
+
+
+def _scan_setup(ctx, inputs, output):
+    u, delta, z, B, C, A, D, dt_bias, order, softplus = inputs
+    ctx.softplus = softplus
+    ctx.save_for_backward(u, delta, z, B, C, A, D, dt_bias, order, output[1])
+
+
+def _scan_grad(ctx, dout, _dstates):
+    u, delta, z, B, C, A, D, dt_bias, order, states = ctx.saved_tensors
+    g = scan_backward_op(dout.contiguous(), u, delta, z, B, C, A, D, dt_bias, order, states, ctx.softplus)
+    keep = lambda i, x: None if x is None else g[i]
+    return (g[0], g[1], keep(2, z), g[3], g[4], g[5], keep(6, D), keep(7, dt_bias), None, None)
+
+
+scan_op.register_autograd(_scan_grad, setup_context=_scan_setup)
+
+
+@torch.library.custom_op("diffmamba::conv_silu", mutates_args=())
+def conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], order: Optional[Tensor]) -> Tensor:
+    """silu(causal depthwise conv) along the order (see conv_fwd); returns a contiguous (batch, L, dim)."""
+    with _device(x):
+        return conv_fwd(x, weight, bias, order)
+
+
+@conv_op.register_fake
+def _(x, weight, bias, order):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("diffmamba::conv_silu_backward", mutates_args=())
+def conv_backward_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     order: Optional[Tensor]) -> list[Tensor]:
+    with _device(x):
+        dx, dw, db = conv_bwd(dout, x, weight, bias, order)
+    return [dx, dw.to(weight.dtype), x.new_empty(0) if db is None else db.to(bias.dtype)]
+
+
+@conv_backward_op.register_fake
+def _(dout, x, weight, bias, order):
+    return [x.new_empty(x.shape), weight.new_empty(weight.shape),
+            x.new_empty(0) if bias is None else bias.new_empty(bias.shape)]
+
+
+def _conv_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _conv_grad(ctx, dout):
+    x, weight, bias, order = ctx.saved_tensors
+    dx, dw, db = conv_backward_op(dout.contiguous(), x, weight, bias, order)
+    return dx, dw, db if bias is not None else None, None
+
+
+conv_op.register_autograd(_conv_grad, setup_context=_conv_setup)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The Triton scan (forward and backward kernels); same arguments and numerics as selective_scan."""
-    _triton_check(u, A, B, C)
-    return _TritonSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-
+    """selective_scan's (batch, dim, L) interface on the same kernel: those tensors are (batch, L, dim) views
+    with other strides, which the kernel reads in place. Grouped B, C (batch, G, N, L) become G directions."""
+    if triton is None:
+        raise RuntimeError("scan backend 'triton' requested but triton is not importable")
+    if not u.is_cuda and not triton_interpreted():
+        raise RuntimeError("the triton scan needs CUDA tensors, or TRITON_INTERPRET=1 set before importing "
+                           "triton")
+    if A.is_complex() or B.dim() < 3 or C.dim() < 3:
+        raise NotImplementedError("the triton scan supports real A and input-dependent B, C only")
+    batch, dim, L = u.shape
+    G = B.shape[1] if B.dim() == 4 else 1
+    if dim % G:
+        raise ValueError(f"dim {dim} not divisible into {G} groups")
+    lay = lambda x: None if x is None else x.reshape(batch, G, dim // G, L).permute(0, 3, 1, 2)
+    bc = lambda M: (M if M.dim() == 4 else M[:, None]).permute(0, 3, 1, 2)  # (batch, L, G, N)
+    par = lambda x: None if x is None else x.float().reshape(G, dim // G, *x.shape[1:]).contiguous()
+    out, _ = scan_op(lay(u), lay(delta), lay(z), bc(B), bc(C), par(A), par(D), par(delta_bias), None,
+                     bool(delta_softplus))
+    return out.permute(0, 2, 3, 1).reshape(batch, dim, L)

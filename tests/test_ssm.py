@@ -226,7 +226,7 @@ TRITON_CASES = {
     "many_chunks": ((1, 8, 75, 4), {}, True, dict(CHUNK=16), {}),  # 5 saved chunks, the last one partial
     "tile_per_chunk": ((1, 8, 30, 4), {}, True, dict(CHUNK=4), {}),  # one tile per chunk
     "single_step": ((2, 6, 1, 4), {}, True, {}, {}),
-    "partials_no_atomics": ((2, 8, 37, 4), dict(G=2), True, {}, dict(ATOMIC=False)),
+    "bwd_own_blocks": ((2, 8, 37, 4), dict(G=2), True, {}, dict(BD=2, T=2)),  # backward tiles its own way
 }
 
 
@@ -241,8 +241,11 @@ def _triton_worker():
         print(json.dumps({"__skip__": f"Triton's interpreter fails here: {type(e).__name__}: {e}"[:300]}))
         return
     defaults = {k: dict(v[4]) for k, v in ssm_triton.TRITON_CONFIG.items()}
+    chunk = ssm_triton.CHUNK
     out = {}
     for name, (shape, opts, softplus, fwd_cfg, bwd_cfg) in TRITON_CASES.items():
+        fwd_cfg = dict(fwd_cfg)
+        ssm_triton.CHUNK = fwd_cfg.pop("CHUNK", chunk)
         ssm_triton.TRITON_CONFIG["fwd"][4] = dict(defaults["fwd"], **fwd_cfg)
         ssm_triton.TRITON_CONFIG["bwd"][4] = dict(defaults["bwd"], **bwd_cfg)
         inputs = make_inputs(*shape, **opts)
@@ -258,6 +261,7 @@ def _triton_worker():
         errs["dtype_shape_ok"] = y.dtype == torch.float32 and y.shape == y_ref.shape
         out[name] = errs
         ssm_triton.TRITON_CONFIG["fwd"][4], ssm_triton.TRITON_CONFIG["bwd"][4] = defaults["fwd"], defaults["bwd"]
+        ssm_triton.CHUNK = chunk
 
     # bf16 inputs: bf16 output, error of bf16 rounding only (the scan runs in fp32)
     inputs = make_inputs(1, 8, 24, 4)
@@ -321,9 +325,11 @@ def test_backend_triton_selection(monkeypatch):
     gpu = types.SimpleNamespace(is_cuda=True)  # scan_backend only looks at .is_cuda
     monkeypatch.setitem(ssm.SCANS, "cuda", lambda *a: None)
     monkeypatch.setitem(ssm.SCANS, "triton", lambda *a: None)
-    assert scan_backend(gpu) == "cuda"  # mamba-ssm first
+    assert scan_backend(gpu) == "triton"  # our kernel first
+    monkeypatch.setitem(ssm.SCANS, "triton", None)
+    assert scan_backend(gpu) == "cuda"  # then mamba-ssm, the optional reference
     monkeypatch.setitem(ssm.SCANS, "cuda", None)
-    assert scan_backend(gpu) == "triton"  # then triton on a GPU
+    monkeypatch.setitem(ssm.SCANS, "triton", lambda *a: None)
     assert scan_backend(torch.zeros(1)) == "torch"  # never on CPU tensors unless forced
     assert scan_backend(torch.zeros(1), backend="triton") == "triton"
     monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "triton")

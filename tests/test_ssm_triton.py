@@ -1,0 +1,191 @@
+"""The GPU scan and conv kernels (ssm_triton.py) checked on the CPU in Triton's interpreter, against float64
+references: the sequential scan loop and F.conv1d, in every scan order and fused option, forward and all
+gradients. TRITON_INTERPRET=1 must be set before triton is imported, so the cases run in one subprocess."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TOL = 1e-5  # float32 kernels against float64 references: max error relative to the largest value
+
+# (name, batch, L, K, dim, N, share_u, with_z, with_D, with_bias, order, segments)
+SCAN_CASES = [
+    ("plain", 2, 19, 1, 6, 3, False, True, True, True, None, 1),
+    ("reversed, no z", 1, 21, 1, 5, 4, False, False, True, True, "reverse", 1),
+    ("two orders, shared u", 2, 17, 2, 6, 3, True, True, True, True, "random", 1),
+    ("no D, no bias", 1, 13, 1, 4, 2, False, True, False, False, "random", 1),
+    ("three segments", 1, 37, 2, 5, 3, True, True, True, True, "random", 3),
+]
+CONV_CASES = [("width 3, order", 3, True, "random"), ("width 4, no bias", 4, False, None)]
+
+
+def _err(a, ref):
+    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _order(kind, K, L, g):
+    if kind is None:
+        return None
+    if kind == "reverse":
+        return torch.arange(L - 1, -1, -1)[None].expand(K, L)
+    return torch.stack([torch.randperm(L, generator=g) for _ in range(K)])
+
+
+def _scan_case(batch, L, K, dim, N, share_u, with_z, with_D, with_bias, kind, segments):
+    import ssm_triton as kern
+    from ssm import selective_scan_ref
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    u0 = r(batch, L, 1 if share_u else K, dim).requires_grad_(True)
+    wide = r(batch, L, K, 2 * dim).requires_grad_(True)  # delta is a strided view of a wider tensor
+    z = r(batch, L, K, dim).requires_grad_(True) if with_z else None
+    xdbl = r(batch, L, K, 2 * N + 2).requires_grad_(True)  # B, C as views of x_proj's output
+    A = (-torch.exp(0.5 * r(K, dim, N))).requires_grad_(True)
+    D = r(K, dim).requires_grad_(True) if with_D else None
+    bias = (0.3 * r(K, dim)).requires_grad_(True) if with_bias else None
+    order = _order(kind, K, L, g)
+    u, delta = u0.expand(batch, L, K, dim), wide[..., :dim]
+    B, C = xdbl[..., 2:2 + N], xdbl[..., 2 + N:]
+    # reference: each direction gathered into scan order, the float64 loop, scattered back
+    outs = []
+    for k in range(K):
+        idx = order[k] if order is not None else torch.arange(L)
+        take = lambda x: None if x is None else x[:, idx, k].transpose(1, 2)
+        y = selective_scan_ref(take(u), take(delta), A[k], take(B), take(C), None if D is None else D[k],
+                               z=take(z), delta_bias=None if bias is None else bias[k], delta_softplus=True)
+        back = torch.empty_like(y)
+        back[..., idx] = y
+        outs.append(back.transpose(1, 2))
+    ref = torch.stack(outs, 2)
+    dout = r(*ref.shape)
+    leaves = [x for x in (u0, wide, z, xdbl, A, D, bias) if x is not None]
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+    # kernels in float32
+    f = lambda x: None if x is None else x.detach().float()
+    uu, dd, xd = f(u0).expand(batch, L, K, dim), f(wide)[..., :dim], f(xdbl)
+    Bf, Cf = xd[..., 2:2 + N], xd[..., 2 + N:]
+    o32 = None if order is None else order.int().contiguous()
+    kern.CHUNK = 8  # several chunks and tiles at a small L; the backward with its own channel blocks
+    kern.TRITON_CONFIG["fwd"][4], kern.TRITON_CONFIG["bwd"][4] = dict(BD=4, T=4, num_warps=1), dict(BD=8, T=2, num_warps=1)
+    kern.SEGMENTS, kern.MIN_SEGMENT_CHUNKS = segments, 1
+    out, states, chunk = kern.scan_fwd(uu, dd, f(z), Bf, Cf, f(A), f(D), f(bias), o32)
+    du, ddl, dz, dB, dC, dA, dD, db = kern.scan_bwd(f(dout), uu, dd, f(z), Bf, Cf, f(A), f(D), f(bias), o32,
+                                                    states, chunk)
+    errs = {"out": _err(out, ref), "du": _err(du.sum(2, keepdim=True) if share_u else du, ref_grads[0]),
+            "ddelta": _err(ddl, ref_grads[1][..., :dim])}
+    i = 2
+    if with_z:
+        errs["dz"], i = _err(dz, ref_grads[2]), 3
+    errs["dB"], errs["dC"] = _err(dB, ref_grads[i][..., 2:2 + N]), _err(dC, ref_grads[i][..., 2 + N:])
+    errs["dA"] = _err(dA, ref_grads[i + 1])
+    if with_D:
+        errs["dD"], i = _err(dD, ref_grads[i + 2]), i + 1
+    if with_bias:
+        errs["dbias"] = _err(db, ref_grads[i + 2])
+    return errs
+
+
+def _conv_reference(x, w, b, order):
+    idx = order if order is not None else torch.arange(x.shape[1])
+    y = F.silu(F.conv1d(x[:, idx].transpose(1, 2), w[:, None], b, padding=w.shape[1] - 1,
+                        groups=w.shape[0])[..., :x.shape[1]])
+    back = torch.empty_like(y)
+    back[..., idx] = y
+    return back.transpose(1, 2)
+
+
+def _conv_case(W, with_bias, kind):
+    import ssm_triton as kern
+    g = torch.Generator().manual_seed(1)
+    batch, L, dim = 2, 23, 37
+    xz = torch.randn(batch, L, 2 * dim, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(dim, W, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(dim, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    order = _order(kind, 1, L, g)
+    order = None if order is None else order[0]
+    ref = _conv_reference(xz[..., :dim], w, b, order)
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    leaves = [xz, w] + ([b] if with_bias else [])
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+    f = lambda t: None if t is None else t.detach().float()
+    x32 = f(xz)[..., :dim]
+    o32 = None if order is None else order.int().contiguous()
+    kern.CONV_CONFIG.update(TL=8, BD=16)
+    out = kern.conv_fwd(x32, f(w).contiguous(), f(b), o32)
+    dx, dw, db = kern.conv_bwd(f(dout), x32, f(w).contiguous(), f(b), o32)
+    errs = {"out": _err(out, ref), "dx": _err(dx, ref_grads[0][..., :dim]), "dw": _err(dw, ref_grads[1])}
+    if with_bias:
+        errs["dbias"] = _err(db, ref_grads[2])
+    return errs
+
+
+def _ops_case():
+    """The torch.library ops (schema, fake implementations, autograd) through torch.library.opcheck, and
+    selective_scan's (batch, dim, L) interface with grouped B, C on the same kernel against the loop."""
+    import ssm_triton as kern
+    from ssm import selective_scan_ref
+    g = torch.Generator().manual_seed(2)
+    batch, L, K, dim, N = 1, 11, 2, 4, 2
+    r = lambda *s: torch.randn(*s, generator=g)
+    args = (r(batch, L, 1, dim).expand(batch, L, K, dim), r(batch, L, K, dim), r(batch, L, K, dim),
+            r(batch, L, K, N), r(batch, L, K, N), -torch.rand(K, dim, N, generator=g) - 0.5, r(K, dim), r(K, dim),
+            torch.stack([torch.randperm(L, generator=g) for _ in range(K)]).int(), True)
+    torch.library.opcheck(kern.scan_op, args)
+    torch.library.opcheck(kern.conv_op, (r(batch, L, dim), r(dim, 3), r(dim), torch.randperm(L, generator=g).int()))
+    # grouped (batch, G, N, L) B and C: G directions with the identity order
+    x = [r(2, 3 * dim, L).double().requires_grad_(True) for _ in range(3)]
+    bc = [r(2, 3, N, L).double().requires_grad_(True) for _ in range(2)]
+    A, D, bias = -torch.rand(3 * dim, N, generator=g).double() - 0.5, r(3 * dim).double(), r(3 * dim).double()
+    ref = selective_scan_ref(x[0], x[1], A, bc[0], bc[1], D, z=x[2], delta_bias=bias, delta_softplus=True)
+    dout = r(*ref.shape).double()
+    ref_grads = torch.autograd.grad(ref, x + bc, dout)
+    leaves = [t.detach().float().requires_grad_(True) for t in x + bc]
+    out = kern.selective_scan_triton(leaves[0], leaves[1], A.float(), leaves[3], leaves[4], D.float(), z=leaves[2],
+                                     delta_bias=bias.float(), delta_softplus=True)
+    grads = torch.autograd.grad(out, leaves, dout.float())
+    errs = {"opcheck": 0.0, "grouped out": _err(out, ref)}
+    errs.update({f"grouped d{i}": _err(a, b) for i, (a, b) in enumerate(zip(grads, ref_grads))})
+    return errs
+
+
+def _worker():
+    results = {}
+    for name, *case in SCAN_CASES:
+        results["scan: " + name] = _scan_case(*case)
+    for name, *case in CONV_CASES:
+        results["conv: " + name] = _conv_case(*case)
+    results["ops"] = _ops_case()
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + HERE)
+    proc = subprocess.run([sys.executable, "-c", "import test_ssm_triton; test_ssm_triton._worker()"], cwd=HERE,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", [c[0] for c in SCAN_CASES])
+def test_scan_kernel_matches_float64_reference(interpreted, name):
+    errs = interpreted["scan: " + name]
+    assert max(errs.values()) < TOL, errs
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CONV_CASES])
+def test_conv_kernel_matches_float64_reference(interpreted, name):
+    errs = interpreted["conv: " + name]
+    assert max(errs.values()) < TOL, errs
+
+
+def test_ops_pass_opcheck_and_grouped_interface_matches(interpreted):
+    errs = interpreted["ops"]
+    assert errs["opcheck"] == 0.0 and len(errs) == 7 and max(errs.values()) < TOL, errs
