@@ -2,9 +2,9 @@
 DiM: Diffusion Mamba for Efficient High-Resolution Image Synthesis.
 Teng et al., arXiv 2405.14224; official code tyshiwo1/DiM-DiffusionMamba (commit 292b228).
 
-This file builds the network that the official ImageNet configs build (Mamba2DModel with ada_norm_single,
-pad tokens, U-ViT skips and no MLP), written as one readable module instead of a diffusers subclass plus a
-900-line index adapter. What the network does, in order:
+This file builds the network that the official ImageNet configs build (Mamba2DModel with
+ada_norm_single, pad tokens, U-ViT skips and no MLP), written as one readable module instead of a
+diffusers subclass plus a 900-line index adapter. What the network does, in order:
 
   1. patchify (Conv2d, stride p) and add a learned positional embedding, resized bilinearly to any grid (Sec. 3.2);
   2. a depthwise 3x3 convolution over the token grid ("local feature enhancement", Sec. 3.3), no residual;
@@ -15,9 +15,10 @@ pad tokens, U-ViT skips and no MLP), written as one readable module instead of a
      U-ViT long skips join block k and block 2K+1-k (Sec. 3.3); adaLN-single modulates every block;
   5. drop the prefix and the pads, a second depthwise 3x3 convolution, RMSNorm + adaLN, linear, unpatchify.
 
-The output is epsilon (no learned sigma). Timesteps are the discrete DDPM step n in {1..1000} as the official
-network receives it (GaussianDiffusion(time_offset=1) in diffusion.py). `load_official_state_dict` maps the
-official parameter names onto this module, so released checkpoints (nnet_ema.pth) load directly.
+The output is epsilon (no learned sigma). Timesteps are the discrete DDPM step n in {1..1000} as the
+official network receives it (GaussianDiffusion(time_offset=1) in diffusion.py).
+`load_official_state_dict` maps the official parameter names onto this module, so released
+checkpoints (nnet_ema.pth) load directly.
 """
 import math
 
@@ -25,23 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dit import timestep_embedding
 from ssm import Mamba
 
 
 #################################################################################
 #                               Embedding helpers                               #
 #################################################################################
-
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (possibly fractional) timesteps, cos half first. t: (N,) -> (N, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
 
 class RMSNorm(nn.Module):
     """RMSNorm with a learned scale, computed in fp32 (as mamba-ssm's fused kernel does)."""
@@ -58,7 +49,8 @@ class RMSNorm(nn.Module):
 
 def resize_pos_embed(pos_embed, num_prefix, grid_h, grid_w):
     """Bilinearly resize the grid part of a (1, num_prefix + g*g, D) embedding to (grid_h, grid_w).
-    The prefix entries (time and class tokens) are kept as they are (official pos_embed_inteplot)."""
+    The prefix entries (time and class tokens) are kept as they are (official
+    pos_embed_inteplot)."""
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     g = int(math.isqrt(grid.shape[1]))
     if (g, g) == (grid_h, grid_w):
@@ -78,9 +70,10 @@ ROW, ROW_REVERSED, COLUMN, COLUMN_REVERSED = 0, 1, 2, 3
 
 def scan_schedule(depth):
     """Scan order of each layer as the official index logic produces it (adapter, SequenceIndexSet).
-    Layer 0 and the encoder layers 1..K step forward through (row, row reversed, column, column reversed);
-    the decoder layers K+1..2K step backward, so layer K+k scans in the order of layer K-k and every long
-    skip arrives in the order of the stream it joins. The last layer is row-major, needed to unpad."""
+    Layer 0 and the encoder layers 1..K step forward through (row, row reversed, column, column
+    reversed); the decoder layers K+1..2K step backward, so layer K+k scans in the order of layer
+    K-k and every long skip arrives in the order of the stream it joins. The last layer is
+    row-major, needed to unpad."""
     K = (depth - 1) // 2
     return [layer % 4 if layer <= K else (2 * K - layer) % 4 for layer in range(depth)]
 
@@ -98,27 +91,32 @@ def scan_permutations(h, w, pad, device):
 #################################################################################
 
 class DiMBlock(nn.Module):
-    """Pre-norm Mamba block with adaLN-single modulation and an optional U-ViT skip input; no MLP."""
+    """Pre-norm Mamba block with adaLN-single modulation and an optional U-ViT skip input; no
+    MLP."""
     def __init__(self, dim, d_state, d_conv, has_skip):
         super().__init__()
-        # U-ViT fusion: Linear on [stream, skip]. The official code uses two (D, D) linears for D > 512;
-        # that is the same map (load_official_state_dict concatenates them).
+        # U-ViT fusion: Linear on [stream, skip]. The official code uses two (D, D) linears for D >
+        # 512; that is the same map (load_official_state_dict concatenates them).
         self.skip_linear = nn.Linear(2 * dim, dim) if has_skip else None
         self.norm = RMSNorm(dim)
         self.mamba = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=2)
-        # adaLN-single (PixArt-alpha): one shared projection of the condition, plus a per-block learned offset.
+        # adaLN-single (PixArt-alpha): one shared projection of the condition, plus a per-block
+        # learned offset.
         self.scale_shift_table = nn.Parameter(torch.randn(3, dim) / dim ** 0.5)
 
     def forward(self, x, adaln, order, skip=None):
-        """x: (N, L, D) residual stream, adaln: (N, 3D), order: ((L,), (L,)) this layer's token permutation and its
-        inverse."""
-        if skip is not None:
-            x = self.skip_linear(torch.cat([x, skip.to(x.dtype)], dim=-1))
-        shift, scale, gate = (self.scale_shift_table[None] + adaln.view(-1, 3, x.shape[-1])).unbind(1)
+        """x: (N, L, D) residual stream, adaln: (N, 3D), order: (L,) the token this layer's scan reads at
+        each step."""
+        if skip is not None:  # Linear([x, skip]) as two products: no (N, L, 2D) concatenated copy
+            w = self.skip_linear.weight
+            x = F.linear(x, w[:, :x.shape[-1]], self.skip_linear.bias) + F.linear(skip.to(x.dtype),
+                                                                                  w[:, x.shape[-1]:])
+        shift, scale, gate = (self.scale_shift_table[None]
+                              + adaln.view(-1, 3, x.shape[-1])).unbind(1)
         h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
-        # Norm, modulation and gate act per token, so only the Mamba needs the tokens in this layer's order.
-        perm, inverse = order
-        h = self.mamba(h[:, perm])[:, inverse]           # (N, L, D)
+        # Norm, modulation and gate act per token, so only the Mamba's conv and scan follow this
+        # layer's order: they read the tokens through it in place (no permuted copy).
+        h = self.mamba(h, order=order)                   # (N, L, D)
         # The official block multiplies by (1 + gate), not by gate as adaLN-Zero does.
         return x + (1 + gate[:, None]) * h
 
@@ -139,29 +137,34 @@ class DiM(nn.Module):
                  num_classes=1000, d_state=16, d_conv=3, num_pads=3):
         super().__init__()
         if depth % 2 != 1:
-            raise ValueError(f"DiM depth must be odd (one entry layer plus K encoder and K decoder layers), got {depth}")
+            raise ValueError("DiM depth must be odd (one entry layer plus K encoder and K decoder "
+                             f"layers), got {depth}")
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels = self.out_channels = in_channels
         self.hidden_size, self.depth, self.num_classes, self.num_pads = hidden_size, depth, num_classes, num_pads
         D, grid = hidden_size, input_size // patch_size
 
         self.patch_embed = nn.Conv2d(in_channels, D, patch_size, stride=patch_size)
-        # Conditioning as tokens (Sec. 3.2): raw sinusoid of t and a class embedding; row num_classes is the null class.
+        # Conditioning as tokens (Sec. 3.2): raw sinusoid of t and a class embedding; row
+        # num_classes is the null class.
         self.class_token_embed = nn.Embedding(num_classes + 1, D)
-        self.pos_embed = nn.Parameter(torch.zeros(1, 2 + grid * grid, D))   # [t, c, grid], zeros as official
-        # Conditioning through adaLN-single: its own time MLP and its own class table (the official model has both).
+        # [t, c, grid], zeros as official
+        self.pos_embed = nn.Parameter(torch.zeros(1, 2 + grid * grid, D))
+        # Conditioning through adaLN-single: its own time MLP and its own class table (the official
+        # model has both).
         self.adaln_time_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.adaln_class_embed = nn.Embedding(num_classes + 1, D)
         self.adaln_proj = nn.Linear(D, 3 * D)
-        # Pad tokens: prefix_pads sit between [t, c] and the grid; pad_tokens[k] fills pad column k of every row
-        # and pad row k under the grid (the "lateral" layout of the official configs).
+        # Pad tokens: prefix_pads sit between [t, c] and the grid; pad_tokens[k] fills pad column k
+        # of every row and pad row k under the grid (the "lateral" layout of the official configs).
         self.prefix_pads = nn.Parameter(torch.randn(num_pads, D) * 0.02)
         self.pad_tokens = nn.Parameter(torch.randn(num_pads, D) * 0.02)
         self.local_enhance_in = nn.Conv2d(D, D, 3, padding=1, groups=D)
         self.local_enhance_out = nn.Conv2d(D, D, 3, padding=1, groups=D)
 
         K = (depth - 1) // 2
-        self.blocks = nn.ModuleList([DiMBlock(D, d_state, d_conv, has_skip=i > K) for i in range(depth)])
+        self.blocks = nn.ModuleList([DiMBlock(D, d_state, d_conv,
+                                              has_skip=i > K) for i in range(depth)])
         self.orders = scan_schedule(depth)
 
         self.final_norm = RMSNorm(D)
@@ -171,9 +174,10 @@ class DiM(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # The official init (_init_weights_mamba, init_embedders): zero Linear biases except Mamba's dt bias,
-        # embeddings N(0, 0.02), Mamba out_proj kaiming-uniform scaled by 1/sqrt(depth). adaLN and the output
-        # layer are NOT zero-initialised (the official zero-init calls are commented out).
+        # The official init (_init_weights_mamba, init_embedders): zero Linear biases except Mamba's
+        # dt bias, embeddings N(0, 0.02), Mamba out_proj kaiming-uniform scaled by 1/sqrt(depth).
+        # adaLN and the output layer are NOT zero-initialised (the official zero-init calls are
+        # commented out).
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
                 nn.init.zeros_(module.bias)
@@ -187,25 +191,28 @@ class DiM(nn.Module):
         nn.init.normal_(self.adaln_time_mlp[2].weight, std=0.02)
 
     def permutations(self, h, w, device):
-        """Index tensors (with the 2 + num_pads prefix fixed in front) for the 4 scan orders on an h x w grid."""
+        """Index tensors (with the 2 + num_pads prefix fixed in front) for the 4 scan orders on an h
+        x w grid."""
         key = (h, w, str(device))
         if key not in self._permutation_cache:
             prefix = 2 + self.num_pads
             head = torch.arange(prefix, device=device)
             orders = []
             for perm in scan_permutations(h, w, self.num_pads, device):
-                full = torch.cat([head, perm + prefix])
-                orders.append((full, torch.argsort(full)))
+                orders.append(torch.cat([head, perm + prefix]).to(torch.int32))
             self._permutation_cache[key] = orders
         return self._permutation_cache[key]
 
     def pad_grid(self, x, h, w):
-        """(N, h*w, D) -> (N, (h+P)*(w+P), D): P pad columns after each row, P pad rows below (row-major)."""
+        """(N, h*w, D) -> (N, (h+P)*(w+P), D): P pad columns after each row, P pad rows below
+        (row-major)."""
         N, _, D = x.shape
         P = self.num_pads
         pads = self.pad_tokens.to(x.dtype)
-        x = torch.cat([x.view(N, h, w, D), pads[None, None].expand(N, h, P, D)], dim=2)          # (N, h, w+P, D)
-        x = torch.cat([x, pads[None, :, None].expand(N, P, w + P, D)], dim=1)                     # (N, h+P, w+P, D)
+        # (N, h, w+P, D)
+        x = torch.cat([x.view(N, h, w, D), pads[None, None].expand(N, h, P, D)], dim=2)
+        # (N, h+P, w+P, D)
+        x = torch.cat([x, pads[None, :, None].expand(N, P, w + P, D)], dim=1)
         return x.reshape(N, -1, D)
 
     def unpatchify(self, x, h, w):
@@ -215,11 +222,13 @@ class DiM(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x, t, y=None):
-        """x: (N, C, H, W) with H, W multiples of patch_size; t: (N,) step n; y: (N,) labels or None (null class)."""
+        """x: (N, C, H, W) with H, W multiples of patch_size; t: (N,) step n; y: (N,) labels or None
+        (null class)."""
         N, C, H, W = x.shape
         p, D, P = self.patch_size, self.hidden_size, self.num_pads
         if C != self.in_channels or H % p or W % p:
-            raise ValueError(f"DiM expects (N, {self.in_channels}, H, W) with H, W multiples of {p}, got {tuple(x.shape)}")
+            raise ValueError(f"DiM expects (N, {self.in_channels}, H, W) with H, W multiples of "
+                             f"{p}, got {tuple(x.shape)}")
         h, w = H // p, W // p
         if y is None:
             y = torch.full((N,), self.num_classes, dtype=torch.long, device=x.device)
@@ -230,12 +239,15 @@ class DiM(nn.Module):
         adaln_cond = self.adaln_time_mlp(timestep_embedding(t, 256).to(x.dtype)) + self.adaln_class_embed(y)
         adaln = self.adaln_proj(F.silu(adaln_cond))                                        # (N, 3D)
 
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)                            # (N, h*w, D)
+        # (N, h*w, D)
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
         tokens = torch.cat([time_token[:, None], class_token[:, None], tokens], dim=1)
-        tokens = tokens + resize_pos_embed(self.pos_embed, 2, h, w)                        # (N, 2+h*w, D)
+        # (N, 2+h*w, D)
+        tokens = tokens + resize_pos_embed(self.pos_embed, 2, h, w)
         prefix, grid = tokens[:, :2], tokens[:, 2:]
         grid = self.local_enhance_in(grid.transpose(1, 2).reshape(N, D, h, w)).flatten(2).transpose(1, 2)
-        grid = self.pad_grid(grid, h, w)                                                   # (N, (h+P)(w+P), D)
+        # (N, (h+P)(w+P), D)
+        grid = self.pad_grid(grid, h, w)
         x = torch.cat([prefix, self.prefix_pads[None].expand(N, P, D).to(grid.dtype), grid], dim=1)
         x = x.float()   # keep the residual stream in fp32, as the official fused add+norm does
 
@@ -247,12 +259,15 @@ class DiM(nn.Module):
             if 1 <= i <= K:
                 skips.append(x)
 
-        grid = x[:, 2 + P:].view(N, h + P, w + P, D)[:, :h, :w]                            # drop prefix and pads
+        # drop prefix and pads
+        grid = x[:, 2 + P:].view(N, h + P, w + P, D)[:, :h, :w]
         grid = self.local_enhance_out(grid.permute(0, 3, 1, 2).to(tokens.dtype)).flatten(2).transpose(1, 2)
-        # The final adaLN reads the token embeddings (time sinusoid + class token), not the adaLN-single ones.
+        # The final adaLN reads the token embeddings (time sinusoid + class token), not the
+        # adaLN-single ones.
         shift, scale = self.final_adaln(F.silu(time_token + class_token)).chunk(2, dim=1)
         out = self.final_norm(grid) * (1 + scale[:, None]) + shift[:, None]
-        return self.unpatchify(self.final_proj(out), h, w)                                 # (N, C, H, W)
+        # (N, C, H, W)
+        return self.unpatchify(self.final_proj(out), h, w)
 
 
 #################################################################################
@@ -269,7 +284,8 @@ def official_to_project(key):
         "adaln_single.emb.timestep_embedder.linear_2.weight": "adaln_time_mlp.2.weight",
         "adaln_single.emb.timestep_embedder.linear_2.bias": "adaln_time_mlp.2.bias",
         "adaln_single.emb.class_embedder.embedding_table.weight": "adaln_class_embed.weight",
-        "adaln_single.linear.weight": "adaln_proj.weight", "adaln_single.linear.bias": "adaln_proj.bias",
+        "adaln_single.linear.weight": "adaln_proj.weight",
+        "adaln_single.linear.bias": "adaln_proj.bias",
         "a4m_adapter.pad_token_dec_split": "prefix_pads", "a4m_adapter.pad_token": "pad_tokens",
         "a4m_adapter.first_smoother.weight": "local_enhance_in.weight",
         "a4m_adapter.first_smoother.bias": "local_enhance_in.bias",
@@ -294,17 +310,21 @@ def official_to_project(key):
 
 
 def load_official_state_dict(model, state_dict):
-    """Load an official DiM state dict (e.g. nnet_ema.pth) into `model`. Returns (loaded, missing, unused):
-    project keys loaded, project keys with no official tensor, official keys with no counterpart."""
-    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    """Load an official DiM state dict (e.g. nnet_ema.pth) into `model`. Returns (loaded, missing,
+    unused): project keys loaded, project keys with no official tensor, official keys with no
+    counterpart."""
+    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k,
+                  v in state_dict.items()}
     ours = model.state_dict()
     converted, unused = {}, []
     for key, value in state_dict.items():
-        # Large models fuse skips with two (D, D) linears on stream and skip: stack them into one (D, 2D).
+        # Large models fuse skips with two (D, D) linears on stream and skip: stack them into one
+        # (D, 2D).
         if key.startswith("transformer_blocks.") and ".skip_linear.0." in key:
             other = state_dict[key.replace(".skip_linear.0.", ".skip_linear.1.")]
             name = official_to_project(key.replace(".skip_linear.0.", ".skip_linear."))
-            converted[name] = torch.cat([value, other], dim=1) if key.endswith("weight") else value + other
+            converted[name] = torch.cat([value, other],
+                                        dim=1) if key.endswith("weight") else value + other
             continue
         if ".skip_linear.1." in key:
             continue
@@ -319,12 +339,14 @@ def load_official_state_dict(model, state_dict):
         converted[name] = value
     for name, value in converted.items():
         if value.shape != ours[name].shape:
-            if name == "pos_embed":   # a checkpoint trained on another grid: resize as DiM's fine-tuning does
+            # a checkpoint trained on another grid: resize as DiM's fine-tuning does
+            if name == "pos_embed":
                 g = int(math.isqrt(ours[name].shape[1] - 2))
                 converted[name] = resize_pos_embed(value, 2, g, g)
             else:
                 raise ValueError(f"official tensor for {name} has shape {tuple(value.shape)}, "
-                                 f"this model expects {tuple(ours[name].shape)}: was the checkpoint built with another config?")
+                                 f"this model expects {tuple(ours[name].shape)}: was the "
+                                 "checkpoint built with another config?")
     missing = sorted(set(ours) - set(converted))
     model.load_state_dict(converted, strict=False)
     return sorted(converted), missing, unused

@@ -1,12 +1,13 @@
 """
 DiMSUM: Diffusion Mamba - A Scalable and Unified Spatial-Frequency Method for Image Generation.
-Phung, Dao, Dao, Phan, Metaxas, Tran, NeurIPS 2024, arXiv 2411.04168; official code VinAIResearch/DiMSUM
-(commit 8743e63, dimsum/models_dim.py with the released flags: block type "combined", RMSNorm with fused add-norm,
-learnable positional embedding, one shared transformer every 4 blocks).
+Phung, Dao, Dao, Phan, Metaxas, Tran, NeurIPS 2024, arXiv 2411.04168; official code
+VinAIResearch/DiMSUM (commit 8743e63, dimsum/models_dim.py with the released flags: block type
+"combined", RMSNorm with fused add-norm, learnable positional embedding, one shared transformer
+every 4 blocks).
 
-The official module is an 87 KB file of a dozen block classes selected by flags; this file writes the one network
-that the released checkpoints run. Embedders, final layer and shared transformer are DiT's (Peebles & Xie 2023).
-What the network does, in order:
+The official module is an 87 KB file of a dozen block classes selected by flags; this file writes
+the one network that the released checkpoints run. Embedders, final layer and shared transformer are
+DiT's (Peebles & Xie 2023). What the network does, in order:
 
   1. patchify (p = 2) and add a learnable positional embedding initialised to 2-D sin-cos (resized bilinearly
      for grids other than the trained one); condition c = time MLP(sinusoid of continuous t) + class embedding;
@@ -23,9 +24,10 @@ What the network does, in order:
   4. DiT's final layer (LayerNorm, adaLN, linear) and unpatchify.
 
 The output is the flow-matching velocity (SiT's GVP path, t = 1 is data), never a variance.
-`load_official_state_dict` loads released checkpoints (official parameter names are kept, except `proj` ->
-`fusion`). Deliberately left out: the official "conditional Mamba" projection `cond_proj`, which has no effect on
-the output (its kernel only uses the projected tensor as an output buffer; see load_official_state_dict).
+`load_official_state_dict` loads released checkpoints (official parameter names are kept, except
+`proj` -> `fusion`). Deliberately left out: the official "conditional Mamba" projection `cond_proj`,
+which has no effect on the output (its kernel only uses the projected tensor as an output buffer;
+see load_official_state_dict).
 """
 import math
 import re
@@ -34,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dit import LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate
 from ssm import Mamba
 
 
@@ -41,23 +44,9 @@ from ssm import Mamba
 #                                    Helpers                                    #
 #################################################################################
 
-def modulate(x, shift, scale):
-    """adaLN modulation. x: (N, L, D); shift, scale: (N, D)."""
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def timestep_embedding(t, dim, max_period=10000):
-    """DiT's sinusoidal embedding (cos half first) of continuous t: (N,) -> (N, dim). t in [0, 1] enters
-    unscaled, as in the official code."""
-    dtype = torch.promote_types(t.dtype, torch.float32)   # fp32, or fp64 when t is fp64 (precision tests)
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
-    args = t[:, None].to(dtype) * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
 class RMSNorm(nn.Module):
-    """RMSNorm with a learned scale, computed in fp32 (as mamba-ssm's fused add+norm kernel does)."""
+    """RMSNorm with a learned scale, computed in fp32 (as mamba-ssm's fused add+norm kernel
+    does)."""
     def __init__(self, dim, eps=1e-5):
         super().__init__()
         self.eps = eps
@@ -65,12 +54,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float() if x.dtype != torch.float64 else x
-        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x32.dtype)
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True)
+                                + self.eps) * self.weight.to(x32.dtype)
         return out.to(x.dtype)
 
 
 def drop_path(x, p, training):
-    """Stochastic depth: drop the whole branch output for a random subset of samples (kept ones scaled by 1/(1-p))."""
+    """Stochastic depth: drop the whole branch output for a random subset of samples (kept ones
+    scaled by 1/(1-p))."""
     if p == 0.0 or not training:
         return x
     keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1 - p)
@@ -82,47 +73,60 @@ def drop_path(x, p, training):
 #################################################################################
 
 def haar_filters(dtype, device):
-    """The four orthonormal 2x2 Haar filters [LL, LH, HL, HH] as a (4, 1, 2, 2) conv weight (pywt's 'haar')."""
+    """The four orthonormal 2x2 Haar filters [LL, LH, HL, HH] as a (4, 1, 2, 2) conv weight (pywt's
+    'haar')."""
     lo, hi = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])
-    bank = [torch.outer(a, b) / 2 for a, b in ((lo, lo), (hi, lo), (lo, hi), (hi, hi))]  # outer(rows, cols)
+    # outer(rows, cols)
+    bank = [torch.outer(a, b) / 2 for a, b in ((lo, lo), (hi, lo), (lo, hi), (hi, hi))]
     return torch.stack(bank)[:, None].to(dtype=dtype, device=device)
 
 
 def haar_dwt(x):
-    """One level of the 2-D Haar transform. (N, C, H, W) -> (N, 4C, H/2, W/2), bands [LL, LH, HL, HH] band-major."""
+    """One level of the 2-D Haar transform. (N, C, H, W) -> (N, 4C, H/2, W/2), bands [LL, LH, HL,
+    HH] band-major."""
     N, C, H, W = x.shape
-    out = F.conv2d(x.reshape(N * C, 1, H, W), haar_filters(x.dtype, x.device), stride=2)   # (N*C, 4, H/2, W/2)
+    # (N*C, 4, H/2, W/2)
+    out = F.conv2d(x.reshape(N * C, 1, H, W), haar_filters(x.dtype, x.device), stride=2)
     return out.view(N, C, 4, H // 2, W // 2).transpose(1, 2).reshape(N, 4 * C, H // 2, W // 2)
 
 
 def haar_idwt(x):
-    """Exact inverse of haar_dwt: the filters are orthonormal, so the transposed convolution inverts it."""
+    """Exact inverse of haar_dwt: the filters are orthonormal, so the transposed convolution inverts
+    it."""
     N, C4, h, w = x.shape
     x = x.view(N, 4, C4 // 4, h, w).transpose(1, 2).reshape(-1, 4, h, w)
-    out = F.conv_transpose2d(x, haar_filters(x.dtype, x.device), stride=2)                  # (N*C, 1, 2h, 2w)
+    # (N*C, 1, 2h, 2w)
+    out = F.conv_transpose2d(x, haar_filters(x.dtype, x.device), stride=2)
     return out.view(N, C4 // 4, 2 * h, 2 * w)
 
 
 def wavelet_tokens(x, h, w):
-    """Tokens (N, h*w, C) of an h x w grid -> 2-level Haar coefficients in the official token layout (N, h*w, C).
+    """Tokens (N, h*w, C) of an h x w grid -> 2-level Haar coefficients in the official token layout
+    (N, h*w, C).
 
-    Both levels transform all channels (level 2 also splits the level-1 high bands), giving 16 subbands of
-    C channels at (h/4, w/4); dividing by 4 = 2^levels makes LL the local mean. The subbands are ordered level-1
-    band major, level-2 band minor, and the 16C channels are laid back on the grid as (c, p1, p2), c outermost:
-    the token at (4 i + p1, 4 j + p2) holds channels c * 16 + 4 p1 + p2 (c = 0..C-1) of coarse location (i, j),
-    a channel-strided slice across all 16 subbands (not one subband per window as the paper's figure shows).
+    Both levels transform all channels (level 2 also splits the level-1 high bands), giving 16
+    subbands of C channels at (h/4, w/4); dividing by 4 = 2^levels makes LL the local mean. The
+    subbands are ordered level-1 band major, level-2 band minor, and the 16C channels are laid back
+    on the grid as (c, p1, p2), c outermost: the token at (4 i + p1, 4 j + p2) holds channels c * 16
+    + 4 p1 + p2 (c = 0..C-1) of coarse location (i, j), a channel-strided slice across all 16
+    subbands (not one subband per window as the paper's figure shows).
     """
     N, L, C = x.shape
-    y = haar_dwt(haar_dwt(x.transpose(1, 2).reshape(N, C, h, w))) / 4                        # (N, 16C, h/4, w/4)
-    y = y.view(N, 4, 4, C, h // 4, w // 4).transpose(1, 2)        # (N, level-1 band, level-2 band, C, h/4, w/4)
-    y = y.reshape(N, C, 4, 4, h // 4, w // 4)                     # the same 16C channels read as (c, p1, p2)
-    return y.permute(0, 4, 2, 5, 3, 1).reshape(N, L, C)           # token (i, p1, j, p2) holds its C channels
+    # (N, 16C, h/4, w/4)
+    y = haar_dwt(haar_dwt(x.transpose(1, 2).reshape(N, C, h, w))) / 4
+    # (N, level-1 band, level-2 band, C, h/4, w/4)
+    y = y.view(N, 4, 4, C, h // 4, w // 4).transpose(1, 2)
+    # the same 16C channels read as (c, p1, p2)
+    y = y.reshape(N, C, 4, 4, h // 4, w // 4)
+    # token (i, p1, j, p2) holds its C channels
+    return y.permute(0, 4, 2, 5, 3, 1).reshape(N, L, C)
 
 
 def wavelet_tokens_inverse(x, h, w):
     """Inverse of wavelet_tokens: (N, h*w, C) coefficients -> (N, h*w, C) tokens."""
     N, L, C = x.shape
-    y = x.reshape(N, h // 4, 4, w // 4, 4, C).permute(0, 5, 2, 4, 1, 3)                   # (N, C, p1, p2, i, j)
+    # (N, C, p1, p2, i, j)
+    y = x.reshape(N, h // 4, 4, w // 4, 4, C).permute(0, 5, 2, 4, 1, 3)
     y = y.reshape(N, 4, 4, C, h // 4, w // 4).transpose(1, 2).reshape(N, 16 * C, h // 4, w // 4)
     return haar_idwt(haar_idwt(y * 4)).flatten(2).transpose(1, 2)
 
@@ -132,57 +136,28 @@ def wavelet_tokens_inverse(x, h, w):
 #################################################################################
 
 def spatial_orders(h, w, device=None):
-    """The spatial branch's 4 token orders on an h x w row-major grid: row, row reversed, column, column reversed.
-    Layer i uses order i % 4 (official: reversed when i is odd, transposed when i % 4 >= 2)."""
+    """The spatial branch's 4 token orders on an h x w row-major grid: row, row reversed, column,
+    column reversed. Layer i uses order i % 4 (official: reversed when i is odd, transposed when i %
+    4 >= 2)."""
     row = torch.arange(h * w, device=device)
     column = row.view(h, w).t().reshape(-1)
     return [row, row.flip(0), column, column.flip(0)]
 
 
 def window_orders(h, w, device=None):
-    """The wavelet branch's 2 window scans (LocalMamba's local_scan): the grid is cut into 4 x 4 windows of
-    (h/4) x (w/4) tokens (official window side: grid side / 2^levels). Row-first walks windows in raster order and
-    each window row by row; column-first walks windows column by column and each window column by column.
-    Layer i uses row-first when i is even, column-first when odd."""
-    idx = torch.arange(h * w, device=device).view(4, h // 4, 4, w // 4)   # (window row, row, window col, col)
+    """The wavelet branch's 2 window scans (LocalMamba's local_scan): the grid is cut into 4 x 4
+    windows of (h/4) x (w/4) tokens (official window side: grid side / 2^levels). Row-first walks
+    windows in raster order and each window row by row; column-first walks windows column by column
+    and each window column by column. Layer i uses row-first when i is even, column-first when
+    odd."""
+    # (window row, row, window col, col)
+    idx = torch.arange(h * w, device=device).view(4, h // 4, 4, w // 4)
     return [idx.permute(0, 2, 1, 3).reshape(-1), idx.permute(2, 0, 3, 1).reshape(-1)]
 
 
 #################################################################################
 #               Embedding layers for patches, timesteps and labels              #
 #################################################################################
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> tokens (timm's PatchEmbed without norm)."""
-    def __init__(self, patch_size, in_channels, hidden_size):
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
-
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)                                       # (N, h*w, D)
-
-
-class TimestepEmbedder(nn.Module):
-    """Continuous t -> (N, D): 256-d sinusoid, then Linear-SiLU-Linear (DiT)."""
-    def __init__(self, hidden_size, frequency_embedding_size=256):
-        super().__init__()
-        self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
-
-    def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """Class label -> (N, D); row num_classes is the null class (label dropout is done by the training loop)."""
-    def __init__(self, num_classes, hidden_size):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
-
-    def forward(self, y):
-        return self.embedding_table(y)
-
 
 #################################################################################
 #                     Attention, gated MLP and the fusion layer                 #
@@ -212,7 +187,8 @@ def merge_heads(x):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias (timm's Attention) via scaled_dot_product_attention."""
+    """Multi-head self-attention with qkv bias (timm's Attention) via
+    scaled_dot_product_attention."""
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
@@ -225,8 +201,9 @@ class Attention(nn.Module):
 
 
 class CrossAttentionFusion(nn.Module):
-    """Fuses the two branches (each D/2 wide): spatial queries attend to wavelet keys/values and wavelet queries to
-    spatial keys/values (full attention over all tokens); the two results are concatenated and projected to D."""
+    """Fuses the two branches (each D/2 wide): spatial queries attend to wavelet keys/values and
+    wavelet queries to spatial keys/values (full attention over all tokens); the two results are
+    concatenated and projected to D."""
     def __init__(self, dim, num_heads=8):
         super().__init__()
         self.num_heads = num_heads
@@ -248,24 +225,27 @@ class CrossAttentionFusion(nn.Module):
 #################################################################################
 
 class MambaBranch(nn.Module):
-    """One branch: x + gate * Mamba(modulate(x)) with the tokens taken in a given order; its own adaLN on c.
-    The official branches have no norm of their own (the block's RMSNorm precedes the split)."""
+    """One branch: x + gate * Mamba(modulate(x)) with the tokens taken in a given order; its own
+    adaLN on c. The official branches have no norm of their own (the block's RMSNorm precedes the
+    split)."""
     def __init__(self, dim, cond_dim, d_state=16, d_conv=4):
         super().__init__()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 3 * dim))
-        # The official CondMamba also owns cond_proj: Linear(cond_dim, 2 * dim), which never reaches the output.
+        # The official CondMamba also owns cond_proj: Linear(cond_dim, 2 * dim), which never reaches
+        # the output.
         self.mixer = Mamba(dim, d_state=d_state, d_conv=d_conv, expand=2)
 
     def forward(self, x, c, order):
-        """x: (N, L, dim), c: (N, cond_dim), order: (perm, inverse) index tensors over the L tokens."""
+        """x: (N, L, dim), c: (N, cond_dim), order: (L,) the token the scan reads at each step."""
         shift, scale, gate = self.adaLN_modulation(c).chunk(3, dim=1)
-        perm, inverse = order
-        # modulation and gate act per token, so only the Mamba needs the tokens in scan order
-        return x + gate[:, None] * self.mixer(modulate(x, shift, scale)[:, perm])[:, inverse]
+        # modulation and gate act per token, so only the Mamba's conv and scan follow the order; they
+        # read the tokens through it in place (no permuted copy and back)
+        return x + gate[:, None] * self.mixer(modulate(x, shift, scale), order=order)
 
 
 class DiMSUMBlock(nn.Module):
-    """Spatial + wavelet Mamba on the two channel halves, cross-attention fusion, gated MLP (DiMBlockCombined)."""
+    """Spatial + wavelet Mamba on the two channel halves, cross-attention fusion, gated MLP
+    (DiMBlockCombined)."""
     def __init__(self, dim, d_state=16, d_conv=4, fusion_heads=8, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.drop_path = drop_path
@@ -278,23 +258,27 @@ class DiMSUMBlock(nn.Module):
         self.mlp = GatedMLP(dim, int(dim * mlp_ratio))
 
     def forward(self, hidden, residual, c, spatial_order, window_order, grid):
-        """hidden: (N, L, D) previous block output; residual: (N, L, D) fp32 stream or None (first block);
-        c: (N, D); grid: (h, w). Returns (output, residual)."""
+        """hidden: (N, L, D) previous block output; residual: (N, L, D) fp32 stream or None (first
+        block); c: (N, D); grid: (h, w). Returns (output, residual)."""
         # Vim/Mamba "add -> norm": the stream sums every block's input, the block sees its RMSNorm.
         residual = hidden if residual is None else residual + drop_path(hidden, self.drop_path, self.training)
         residual = residual.float() if residual.dtype != torch.float64 else residual
-        h = self.norm(residual)                                                              # (N, L, D)
+        # (N, L, D)
+        h = self.norm(residual)
         x1, x2 = h.chunk(2, dim=-1)
         x1 = self.spatial_mamba(x1, c, spatial_order)
-        x2 = wavelet_tokens_inverse(self.freq_mamba(wavelet_tokens(x2, *grid), c, window_order), *grid)
-        out = h + self.fusion(x1, x2)                   # no gate on the fusion (the paper's alpha is the branch gates)
+        x2 = wavelet_tokens_inverse(self.freq_mamba(wavelet_tokens(x2, *grid), c, window_order),
+                                    *grid)
+        # no gate on the fusion (the paper's alpha is the branch gates)
+        out = h + self.fusion(x1, x2)
         shift, scale, gate = self.adaLN_modulation(c).chunk(3, dim=1)
         out = out + gate[:, None] * self.mlp(modulate(self.norm_2(out), shift, scale))
         return out, residual
 
 
 class DiTBlock(nn.Module):
-    """DiT block with adaLN (6-way modulation): self-attention and gated MLP. DiMSUM shares one instance."""
+    """DiT block with adaLN (6-way modulation): self-attention and gated MLP. DiMSUM shares one
+    instance."""
     def __init__(self, dim, num_heads=16, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -328,19 +312,24 @@ class FinalLayer(nn.Module):
 
 class DiMSUM(nn.Module):
     """DiMSUM (Phung et al.) on a latent grid; model(x, t, y) -> velocity."""
-    objective = "flow"      # SiT's GVP interpolant with velocity prediction, t in [0, 1], t = 1 is data
+    # SiT's GVP interpolant with velocity prediction, t in [0, 1], t = 1 is data
+    objective = "flow"
     schedule = None
     time_offset = 0
-    # Official ImageNet recipe: AdamW (default betas), constant lr 1e-4, no weight decay, no warm-up,
-    # grad-norm clip 1 (2 for the other datasets), label dropout 0.15, EMA 0.9999 every step.
-    train_defaults = dict(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, warmup=0, grad_clip=1.0,
-                          label_dropout=0.15, ema=0.9999)
+    # Official ImageNet recipe: AdamW (default betas), constant lr 1e-4, no weight decay, no
+    # warm-up, grad-norm clip 1 (2 for the other datasets), label dropout 0.15, EMA 0.9999 every
+    # step.
+    train_defaults = dict(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, warmup=0,
+                          grad_clip=1.0, label_dropout=0.15, ema=0.9999)
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1024, depth=16, num_classes=1000,
-                 d_state=16, d_conv=4, attn_every=4, attn_heads=16, fusion_heads=8, mlp_ratio=4.0, drop_path=0.1):
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1024, depth=16,
+                 num_classes=1000,
+                 d_state=16, d_conv=4, attn_every=4, attn_heads=16, fusion_heads=8, mlp_ratio=4.0,
+                 drop_path=0.1):
         super().__init__()
         if hidden_size % 2 or (hidden_size // 2) % fusion_heads or hidden_size % attn_heads:
-            raise ValueError(f"hidden_size {hidden_size} must split into two halves of {fusion_heads} fusion heads "
+            raise ValueError(f"hidden_size {hidden_size} must split into two halves of "
+                             f"{fusion_heads} fusion heads "
                              f"and into {attn_heads} attention heads")
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels = self.out_channels = in_channels
@@ -350,25 +339,29 @@ class DiMSUM(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size))   # learnable, sin-cos init
-        # Stochastic depth linspace(0, p, depth) shifted by one block as in the official code: block 0 gets 0,
-        # block i gets p * (i - 1) / (depth - 1).
+        # learnable, sin-cos init
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size))
+        # Stochastic depth linspace(0, p, depth) shifted by one block as in the official code: block
+        # 0 gets 0, block i gets p * (i - 1) / (depth - 1).
         rates = [0.0] + [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList([DiMSUMBlock(hidden_size, d_state, d_conv, fusion_heads, mlp_ratio, rates[i])
+        self.blocks = nn.ModuleList([DiMSUMBlock(hidden_size, d_state, d_conv, fusion_heads,
+                                                 mlp_ratio, rates[i])
                                      for i in range(depth)])
-        self.attn_block = DiTBlock(hidden_size, attn_heads, mlp_ratio)     # one instance, reused after every 4th
+        # one instance, reused after every 4th
+        self.attn_block = DiTBlock(hidden_size, attn_heads, mlp_ratio)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._order_cache = {}
         self.initialize_weights()
 
     def initialize_weights(self):
-        # As the official DiM.initialize_weights + Mamba's _init_weights: PyTorch default init for Linear weights,
-        # every Linear bias zeroed except Mamba's dt bias, embeddings N(0, 0.02), zero adaLN of the outer blocks and
-        # of the final layer, zero output layer. The branches' and the shared block's adaLN weights keep the
-        # default init (only their biases are zeroed).
+        # As the official DiM.initialize_weights + Mamba's _init_weights: PyTorch default init for
+        # Linear weights, every Linear bias zeroed except Mamba's dt bias, embeddings N(0, 0.02),
+        # zero adaLN of the outer blocks and of the final layer, zero output layer. The branches'
+        # and the shared block's adaLN weights keep the default init (only their biases are zeroed).
         grid = int(math.isqrt(self.pos_embed.shape[1]))
         with torch.no_grad():
-            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, grid, self.pos_embed.device))
+            self.pos_embed.copy_(get_2d_sincos_pos_embed(self.hidden_size, grid,
+                                                         self.pos_embed.device))
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for module in self.modules():
@@ -390,11 +383,11 @@ class DiMSUM(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
 
     def orders(self, h, w, device):
-        """(perm, inverse) index pairs: the 4 spatial orders and the 2 wavelet window scans for an h x w grid."""
+        """Index tables (int32): the 4 spatial orders and the 2 wavelet window scans for an h x w grid."""
         key = (h, w, str(device))
         if key not in self._order_cache:
-            pairs = lambda perms: [(p, torch.argsort(p)) for p in perms]
-            self._order_cache[key] = pairs(spatial_orders(h, w, device)), pairs(window_orders(h, w, device))
+            tables = lambda perms: [p.to(torch.int32) for p in perms]
+            self._order_cache[key] = tables(spatial_orders(h, w, device)), tables(window_orders(h, w, device))
         return self._order_cache[key]
 
     def unpatchify(self, x, h, w):
@@ -409,26 +402,33 @@ class DiMSUM(nn.Module):
         N, C, H, W = x.shape
         p = self.patch_size
         if C != self.in_channels or H % p or W % p:
-            raise ValueError(f"DiMSUM expects (N, {self.in_channels}, H, W) with H, W multiples of the patch size "
+            raise ValueError(f"DiMSUM expects (N, {self.in_channels}, H, W) with H, W multiples of "
+                             "the patch size "
                              f"{p}, got {tuple(x.shape)}")
         h, w = H // p, W // p
         if h % 4 or w % 4:
-            raise ValueError(f"DiMSUM's 2-level Haar transform halves the {h} x {w} token grid twice, so H and W "
+            raise ValueError(f"DiMSUM's 2-level Haar transform halves the {h} x {w} token grid "
+                             "twice, so H and W "
                              f"must be multiples of 4 * patch_size = {4 * p}; got {H} x {W}")
         t = t.expand(N) if t.dim() == 0 else t
         if y is None:
             y = torch.full((N,), self.num_classes, dtype=torch.long, device=x.device)
 
-        c = self.t_embedder(t) + self.y_embedder(y)                                          # (N, D)
-        x = self.x_embedder(x) + resize_pos_embed(self.pos_embed, h, w)                      # (N, h*w, D)
+        # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y)
+        # (N, h*w, D)
+        x = self.x_embedder(x) + resize_pos_embed(self.pos_embed, h, w)
         spatial, windows = self.orders(h, w, x.device)
         residual = None
         for i, block in enumerate(self.blocks):
             x, residual = block(x, residual, c, spatial[i % 4], windows[i % 2], (h, w))
             if (i + 1) % self.attn_every == 0:
-                x = self.attn_block(x, c)       # the shared block acts on the block output, not on the stream
-        # The final layer reads the last output; the residual stream is not re-added and there is no final norm.
-        return self.unpatchify(self.final_layer(x, c), h, w)                                 # (N, C, H, W)
+                # the shared block acts on the block output, not on the stream
+                x = self.attn_block(x, c)
+        # The final layer reads the last output; the residual stream is not re-added and there is no
+        # final norm.
+        # (N, C, H, W)
+        return self.unpatchify(self.final_layer(x, c), h, w)
 
 
 #################################################################################
@@ -436,9 +436,9 @@ class DiMSUM(nn.Module):
 #################################################################################
 
 def load_official_state_dict(model, state_dict):
-    """Load an official DiMSUM state dict (the "ema" entry of a released .pt, or the Hugging Face safetensors)
-    into `model`. Returns (loaded, missing, unused): project keys loaded, project keys with no official tensor,
-    official keys with no counterpart.
+    """Load an official DiMSUM state dict (the "ema" entry of a released .pt, or the Hugging Face
+    safetensors) into `model`. Returns (loaded, missing, unused): project keys loaded, project keys
+    with no official tensor, official keys with no counterpart.
 
     Two groups of official tensors are consumed on purpose and not reported as unused:
       - `*.mixer.cond_proj.{weight,bias}` (2 per block): the "conditional Mamba" projection. The official kernel
@@ -449,7 +449,8 @@ def load_official_state_dict(model, state_dict):
     """
     if "ema" in state_dict and isinstance(state_dict["ema"], dict):   # a whole training checkpoint
         state_dict = state_dict["ema"]
-    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k,
+                  v in state_dict.items()}
     ours = model.state_dict()
     haar = haar_filters(torch.float32, "cpu")
     converted, unused = {}, []
@@ -471,8 +472,10 @@ def load_official_state_dict(model, state_dict):
                 g = int(math.isqrt(ours[name].shape[1]))
                 value = resize_pos_embed(value, g, g)
             else:
-                raise ValueError(f"official tensor {key} has shape {tuple(value.shape)}, this model expects "
-                                 f"{tuple(ours[name].shape)}: was the checkpoint built with another config?")
+                raise ValueError(f"official tensor {key} has shape {tuple(value.shape)}, this "
+                                 "model expects "
+                                 f"{tuple(ours[name].shape)}: was the checkpoint built with "
+                                 "another config?")
         converted[name] = value
     missing = sorted(set(ours) - set(converted))
     model.load_state_dict(converted, strict=False)
@@ -484,17 +487,19 @@ def load_official_state_dict(model, state_dict):
 #################################################################################
 
 def get_2d_sincos_pos_embed(dim, grid_size, device=None):
-    """MAE's 2-D sin-cos table (1, g*g, dim): the first half of the channels encodes the column, the second the
-    row; each half is [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-k / (dim/4))."""
+    """MAE's 2-D sin-cos table (1, g*g, dim): the first half of the channels encodes the column, the
+    second the row; each half is [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-k / (dim/4))."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim // 4))
     pos = torch.arange(grid_size, dtype=torch.float64, device=device)
     rows, cols = torch.meshgrid(pos, pos, indexing="ij")
-    emb = lambda p: torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], dim=1)
+    emb = lambda p: torch.cat([torch.sin(p.reshape(-1, 1) * omega),
+                               torch.cos(p.reshape(-1, 1) * omega)], dim=1)
     return torch.cat([emb(cols), emb(rows)], dim=1).float()[None]
 
 
 def resize_pos_embed(pos_embed, grid_h, grid_w):
-    """Bilinearly resize a (1, g*g, D) embedding to (1, grid_h*grid_w, D); unchanged on its own grid."""
+    """Bilinearly resize a (1, g*g, D) embedding to (1, grid_h*grid_w, D); unchanged on its own
+    grid."""
     g = int(math.isqrt(pos_embed.shape[1]))
     if (g, g) == (grid_h, grid_w):
         return pos_embed
