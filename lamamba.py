@@ -1,10 +1,12 @@
 """
 LaMamba-Diff: Linear-Time High-Fidelity Diffusion Models Based on Local Attention and Mamba.
-Fu, Chen & Yu, arXiv 2408.02615; official code yunxiangfu2001/LaMamba-Diff (commit 27b3c1d), whose SS2D comes
-from VMamba (Liu et al., arXiv 2401.10166) and whose window attention from Swin (Liu et al., arXiv 2103.14030).
+Fu, Chen & Yu, arXiv 2408.02615; official code yunxiangfu2001/LaMamba-Diff (commit 27b3c1d), whose
+SS2D comes from VMamba (Liu et al., arXiv 2401.10166) and whose window attention from Swin (Liu et
+al., arXiv 2103.14030).
 
-The released network (class LaMambaDiff, configs/LaMamba-DIff-XL.yaml) written as one readable module instead of
-1,500 + 1,770 lines copied from a classifier codebase. A U-Net over SD-VAE latents, channels-last throughout:
+The released network (class LaMambaDiff, configs/LaMamba-DIff-XL.yaml) written as one readable
+module instead of 1,500 + 1,770 lines copied from a classifier codebase. A U-Net over SD-VAE
+latents, channels-last throughout:
 
   1. stem: 1x1 conv (patch size 1, one token per latent pixel) + LayerNorm, plus a learned position embedding
      initialised with 2-D sin-cos;
@@ -16,16 +18,18 @@ The released network (class LaMambaDiff, configs/LaMamba-DIff-XL.yaml) written a
      the input of its mirrored decoder stage;
   5. head: linear + LN, then an adaLN-modulated affine-free LN and a linear to 2 x in_channels (eps + variance).
 
-Each LaMamba block is three adaLN-Zero residual sub-layers in sequence, modulated by one 9-way projection of the
-condition (time + class): SS2D (four snake-order selective scans over the map, summed), Swin window attention
-(8x8 windows, alternating shift, relative position bias; global when the map is no larger than a window), MLP.
+Each LaMamba block is three adaLN-Zero residual sub-layers in sequence, modulated by one 9-way
+projection of the condition (time + class): SS2D (four snake-order selective scans over the map,
+summed), Swin window attention (8x8 windows, alternating shift, relative position bias; global when
+the map is no larger than a window), MLP.
 
-Differences from the official code, all deliberate: the scan orders are precomputed once per grid instead of on
-every call; attention runs through torch's scaled_dot_product_attention; any grid whose sides are multiples of 4
-works (the position embedding is resized, maps that are not multiples of the window are padded, and the snake
-scans and window masks are built for the actual, possibly rectangular, map), while the official model only runs
-at the one square size it was built for; the SSM state size defaults to 16, what the paper's FLOP counts imply,
-not the released yaml's 1 (pass d_state=1 for that). `load_official_state_dict` maps the official names.
+Differences from the official code, all deliberate: the scan orders are precomputed once per grid
+instead of on every call; attention runs through torch's scaled_dot_product_attention; any grid
+whose sides are multiples of 4 works (the position embedding is resized, maps that are not multiples
+of the window are padded, and the snake scans and window masks are built for the actual, possibly
+rectangular, map), while the official model only runs at the one square size it was built for; the
+SSM state size defaults to 16, what the paper's FLOP counts imply, not the released yaml's 1 (pass
+d_state=1 for that). `load_official_state_dict` maps the official names.
 """
 import math
 import re
@@ -35,50 +39,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssm import count_scan_flops, init_dt_A_D, selective_scan
+from dit import LabelEmbedder, TimestepEmbedder
+from ssm import count_scan_flops, init_dt_A_D, mamba_scan
 
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
-
-
-#################################################################################
-#               Embedding Layers for Timesteps and Class Labels                 #
-#################################################################################
-
-class TimestepEmbedder(nn.Module):
-    """DiT's timestep embedder: 256-d sinusoid (cos half first) -> Linear -> SiLU -> Linear."""
-    def __init__(self, hidden_size, frequency_embedding_size=256):
-        super().__init__()
-        self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
-
-    @staticmethod
-    def timestep_embedding(t, dim, max_period=10000, dtype=torch.float32):
-        """t: (N,) possibly fractional -> (N, dim), computed in `dtype` (float32 as DiT, float64 in a float64 model)."""
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
-        args = t[:, None].to(dtype) * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
-
-    def forward(self, t):
-        dtype = self.mlp[0].weight.dtype
-        emb = self.timestep_embedding(t, self.frequency_embedding_size, dtype=torch.promote_types(dtype, torch.float32))
-        return self.mlp(emb.to(dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """Class table with one extra row, index num_classes, for the null class (train.py does the label dropout)."""
-    def __init__(self, num_classes, hidden_size):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
-
-    def forward(self, labels):
-        return self.embedding_table(labels)
 
 
 #################################################################################
@@ -97,18 +63,21 @@ def _cached(key, build, device):
 
 
 def snake_paths(h, w):
-    """The four continuous ("snake") scan orders of an h x w map stored row-major, as a (4, h*w) index tensor
-    whose row k lists the pixels in the order scan k visits them (official model/continuous_scan.py):
+    """The four continuous ("snake") scan orders of an h x w map stored row-major, as a (4, h*w)
+    index tensor whose row k lists the pixels in the order scan k visits them (official
+    model/continuous_scan.py):
       0. rows from the top, the first going right, each next row back the other way;
       1. rows from the bottom, the first going right;
       2. columns from the left, the first going up from the bottom;
       3. columns from the right, the first going up.
-    Consecutive tokens are always spatial neighbours. For an even number of rows scan 1 is scan 0 reversed, and
-    for an even number of columns scan 3 is scan 2 reversed."""
+    Consecutive tokens are always spatial neighbours. For an even number of rows scan 1 is scan 0
+    reversed, and for an even number of columns scan 3 is scan 2 reversed."""
     r = torch.arange(h)[:, None].expand(h, w)
     c = torch.arange(w)[None, :].expand(h, w)
-    c_snake = torch.where(r % 2 == 0, c, w - 1 - c)   # (h, w): row i of the path walks these columns
-    r_snake = torch.where(c % 2 == 0, r, h - 1 - r)   # (h, w): column j of the path walks these rows
+    # (h, w): row i of the path walks these columns
+    c_snake = torch.where(r % 2 == 0, c, w - 1 - c)
+    # (h, w): column j of the path walks these rows
+    r_snake = torch.where(c % 2 == 0, r, h - 1 - r)
     rows_top = r * w + c_snake                                         # [step row, step col]
     rows_bottom = (h - 1 - r) * w + c_snake
     cols_left = ((h - 1 - r_snake) * w + c).t()                        # [step col, step row]
@@ -117,8 +86,9 @@ def snake_paths(h, w):
 
 
 def window_layout(h, w, window_size, shift):
-    """Window (wh, ww) and shift (sh, sw) for an h x w map. As in the official block, an axis no longer than the
-    window is covered by one window and not shifted (at 256 px the 8x8 stages attend globally)."""
+    """Window (wh, ww) and shift (sh, sw) for an h x w map. As in the official block, an axis no
+    longer than the window is covered by one window and not shifted (at 256 px the 8x8 stages attend
+    globally)."""
     wh, ww = min(window_size, h), min(window_size, w)
     sh = shift if h > window_size else 0
     sw = shift if w > window_size else 0
@@ -140,9 +110,12 @@ def window_reverse(windows, wh, ww, H, W):
 
 
 def relative_position_index(wh, ww, window_size):
-    """(wh*ww, wh*ww) index of each (query, key) offset into a (2*window_size-1)^2 bias table (Swin's layout)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
-    rel = coords[:, :, None] - coords[:, None, :] + (window_size - 1)  # (2, N, N), offsets shifted to >= 0
+    """(wh*ww, wh*ww) index of each (query, key) offset into a (2*window_size-1)^2 bias table
+    (Swin's layout)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww),
+                                        indexing="ij")).flatten(1)  # (2, N)
+    # (2, N, N), offsets shifted to >= 0
+    rel = coords[:, :, None] - coords[:, None, :] + (window_size - 1)
     return rel[0] * (2 * window_size - 1) + rel[1]
 
 
@@ -150,11 +123,13 @@ MASKED = -100.0  # Swin's additive mask value, as the official code uses
 
 
 def shifted_window_mask(h, w, wh, ww, sh, sw):
-    """(nW, N, N) additive mask for the padded, rolled map: MASKED between tokens that fall in one window only
-    because of the cyclic roll (they lie on opposite sides of the seam), and for padded keys; 0 elsewhere."""
+    """(nW, N, N) additive mask for the padded, rolled map: MASKED between tokens that fall in one
+    window only because of the cyclic roll (they lie on opposite sides of the seam), and for padded
+    keys; 0 elsewhere."""
     hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
 
-    def regions(n, win, shift):  # Swin's three slices of the rolled axis: [0, n-win), [n-win, n-shift), [n-shift, n)
+    # Swin's three slices of the rolled axis: [0, n-win), [n-win, n-shift), [n-shift, n)
+    def regions(n, win, shift):
         label = torch.zeros(n, dtype=torch.long)
         if shift:
             label[n - win:n - shift] = 1
@@ -163,7 +138,8 @@ def shifted_window_mask(h, w, wh, ww, sh, sw):
 
     region = regions(hp, wh, sh)[:, None] * 3 + regions(wp, ww, sw)[None, :]            # (hp, wp)
     # rolled position i holds original position (i + shift) mod n; those past the map are padding
-    pad = ((torch.arange(hp) + sh) % hp >= h)[:, None] | ((torch.arange(wp) + sw) % wp >= w)[None, :]
+    pad = ((torch.arange(hp) + sh) % hp >= h)[:, None] | ((torch.arange(wp)
+                                                           + sw) % wp >= w)[None, :]
     region = window_partition(region[None, :, :, None], wh, ww)[0, :, :, 0]             # (nW, N)
     pad = window_partition(pad[None, :, :, None], wh, ww)[0, :, :, 0]                   # (nW, N)
     blocked = (region[:, :, None] != region[:, None, :]) | pad[:, None, :]
@@ -175,8 +151,9 @@ def shifted_window_mask(h, w, wh, ww, sh, sw):
 #################################################################################
 
 class SS2D(nn.Module):
-    """VMamba's 2-D selective scan (forward type v2) with LaMamba's four snake scans, summed; own parameters per
-    scan direction. in_proj -> (x, z); x -> depthwise conv -> SiLU -> 4 scans -> sum -> LN -> * SiLU(z) -> out_proj."""
+    """VMamba's 2-D selective scan (forward type v2) with LaMamba's four snake scans, summed; own
+    parameters per scan direction. in_proj -> (x, z); x -> depthwise conv -> SiLU -> 4 scans -> sum
+    -> LN -> * SiLU(z) -> out_proj."""
     K = 4  # scan directions
 
     def __init__(self, dim, d_state=16, expand=2, d_conv=3, conv_bias=False, dt_rank="auto",
@@ -189,7 +166,8 @@ class SS2D(nn.Module):
         self.in_proj = nn.Linear(dim, 2 * D, bias=False)
         self.conv2d = nn.Conv2d(D, D, d_conv, padding=(d_conv - 1) // 2, groups=D, bias=conv_bias)
         # per-direction x_proj (D -> dt_rank + 2N) and dt_proj (dt_rank -> D), stacked along K
-        self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N, D).uniform_(-D ** -0.5, D ** -0.5))
+        self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N,
+                                                      D).uniform_(-D ** -0.5, D ** -0.5))
         self.dt_projs_weight = nn.Parameter(torch.empty(K, D, R))
         # Mamba's init of dt (weight and bias), A (S4D-real) and D, once per scan direction
         dt_bias, A_log, Ds = init_dt_A_D(self.dt_projs_weight, D, N, R, dt_min, dt_max,
@@ -205,26 +183,21 @@ class SS2D(nn.Module):
         """x: (B, H, W, dim) -> (B, H, W, dim)."""
         B, H, W, _ = x.shape
         D, R, K, N, L = self.d_inner, self.dt_rank, self.K, self.d_state, H * W
-        x, z = self.in_proj(x).chunk(2, dim=-1)                                       # (B, H, W, D) each
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))                                # (B, D, H, W)
-
-        paths = _cached(("snake", H, W), lambda: snake_paths(H, W), x.device)        # (K, L)
-        xs = x.flatten(2).index_select(-1, paths.flatten()).view(B, D, K, L).transpose(1, 2)  # (B, K, D, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)               # (B, K, R+2N, L)
-        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)               # (B, K, D, L)
-        # one grouped scan: channel block k (D channels) uses B_k, C_k; in fp32 (as the official code forces) or
-        # higher, so a float64 model stays float64
-        f = lambda a: a.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
-        ys = selective_scan(f(xs.reshape(B, K * D, L)), f(dts.reshape(B, K * D, L)), -torch.exp(f(self.A_logs)),
-                            f(Bs), f(Cs), f(self.Ds), delta_bias=f(self.dt_projs_bias.reshape(-1)), delta_softplus=True)
-
-        # every scan output goes back to the pixel it was read from; the four are summed
-        inverse = _cached(("snake_inv", H, W), lambda: (torch.argsort(snake_paths(H, W), dim=1)
-                                                         + torch.arange(K)[:, None] * L), x.device)
-        y = ys.view(B, K, D, L).transpose(1, 2).reshape(B, D, K * L)
-        y = y.index_select(-1, inverse.flatten()).view(B, D, K, L).sum(2)             # (B, D, L)
-        y = self.out_norm(y.transpose(1, 2)).view(B, H, W, D).to(z.dtype)
+        x, z = self.in_proj(x).chunk(2, dim=-1)                                       # (B, H, W, D)
+        # the depthwise conv reads and writes channels-last memory, so the tokens stay (B, L, D) rows
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, L, D)
+        # per-direction x_proj and dt_proj act per token: computed in token order, no gathered copies
+        x_dbl = torch.einsum("bld,kcd->blkc", x, self.x_proj_weight)                  # (B, L, K, R+2N)
+        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
+        dts = torch.einsum("blkr,kdr->blkd", dts, self.dt_projs_weight)               # (B, L, K, D)
+        # the four snake scans in one call, each reading the tokens through its path and writing every
+        # output back to the pixel it was read from; in fp32 (as the official code forces) or higher, so
+        # a float64 model stays float64
+        f = lambda a: a.to(torch.promote_types(x.dtype, torch.float32))
+        paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)  # (K, L)
+        ys = mamba_scan(f(x), f(dts), -torch.exp(f(self.A_logs)).view(K, D, N), f(Bs), f(Cs),
+                        f(self.Ds).view(K, D), dt_bias=f(self.dt_projs_bias), order=paths)  # (B, L, K, D)
+        y = self.out_norm(ys.sum(2)).view(B, H, W, D).to(z.dtype)                      # the four summed
         return self.out_proj(y * F.silu(z))
 
 
@@ -235,18 +208,23 @@ class WindowAttention(nn.Module):
         self.num_heads, self.window_size = num_heads, window_size
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        # one bias per head and relative offset in [-(ws-1), ws-1]^2; a smaller window uses the central part
+        # one bias per head and relative offset in [-(ws-1), ws-1]^2; a smaller window uses the
+        # central part
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def attention_bias(self, h, w, wh, ww, sh, sw, device):
-        """(nW * heads, N, N): relative position bias plus the shift/padding mask, per window and head."""
+        """(nW * heads, N, N): relative position bias plus the shift/padding mask, per window and
+        head."""
         index = _cached(("relpos", wh, ww, self.window_size),
                         lambda: relative_position_index(wh, ww, self.window_size), device)
         N = wh * ww
-        bias = self.relative_position_bias_table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)  # (heads, N, N)
-        mask = _cached(("mask", h, w, wh, ww, sh, sw), lambda: shifted_window_mask(h, w, wh, ww, sh, sw), device)
-        return (bias[None] + mask[:, None]).flatten(0, 1)                             # (nW * heads, N, N)
+        # (heads, N, N)
+        bias = self.relative_position_bias_table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        mask = _cached(("mask", h, w, wh, ww, sh, sw),
+                       lambda: shifted_window_mask(h, w, wh, ww, sh, sw), device)
+        # (nW * heads, N, N)
+        return (bias[None] + mask[:, None]).flatten(0, 1)
 
     def forward(self, x, shift):
         """x: (B, H, W, C) -> (B, H, W, C); shift: the block's nominal shift (0 or window // 2)."""
@@ -257,13 +235,16 @@ class WindowAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, wp - W, 0, hp - H))
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        windows = window_partition(x, wh, ww)                                         # (B, nW, N, C)
+        # (B, nW, N, C)
+        windows = window_partition(x, wh, ww)
         nW, N, heads = windows.shape[1], wh * ww, self.num_heads
         qkv = self.qkv(windows).view(B, nW, N, 3, heads, C // heads)
-        # windows go on the head axis, so the (nW * heads, N, N) bias broadcasts over the batch alone
+        # windows go on the head axis, so the (nW * heads, N, N) bias broadcasts over the batch
+        # alone
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * heads, N, C // heads).unbind(0)
         bias = self.attention_bias(H, W, wh, ww, sh, sw, x.device).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)                # (B, nW * heads, N, hd)
+        # (B, nW * heads, N, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.view(B, nW, heads, N, C // heads).transpose(2, 3).reshape(B, nW, N, C)
         x = window_reverse(self.proj(out), wh, ww, hp, wp)
         if sh or sw:
@@ -276,13 +257,14 @@ class WindowAttention(nn.Module):
 #################################################################################
 
 class LaMambaBlock(nn.Module):
-    """SS2D, window attention and MLP as three adaLN-Zero residual sub-layers sharing one 9-way modulation."""
+    """SS2D, window attention and MLP as three adaLN-Zero residual sub-layers sharing one 9-way
+    modulation."""
     def __init__(self, dim, cond_dim, num_heads, window_size, shift, d_state, project_condition,
                  mlp_ratio=4.0, d_conv=3, conv_bias=False):
         super().__init__()
         self.shift = shift
-        # The condition has width 4C; blocks of another width (and all decoder blocks) project it first, so the
-        # condition passes Linear -> SiLU -> Linear, not DiT's SiLU -> Linear.
+        # The condition has width 4C; blocks of another width (and all decoder blocks) project it
+        # first, so the condition passes Linear -> SiLU -> Linear, not DiT's SiLU -> Linear.
         self.condition_projection = nn.Linear(cond_dim, dim) if project_condition else nn.Identity()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
         # the block norms are affine LayerNorms (DiT's are affine-free)
@@ -292,11 +274,13 @@ class LaMambaBlock(nn.Module):
         self.attn = WindowAttention(dim, num_heads, window_size)
         self.norm_mlp = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
+                                             fc2=nn.Linear(hidden, dim)))
 
     def forward(self, x, c):
         """x: (B, H, W, dim), c: (B, cond_dim)."""
-        mod = self.adaLN_modulation(self.condition_projection(c))[:, None, None]     # (B, 1, 1, 9 dim)
+        # (B, 1, 1, 9 dim)
+        mod = self.adaLN_modulation(self.condition_projection(c))[:, None, None]
         shift_s, scale_s, gate_s, shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(9, dim=-1)
         x = x + gate_s * self.ss2d(modulate(self.norm_ssm(x), shift_s, scale_s))
         x = x + gate_a * self.attn(modulate(self.norm_attn(x), shift_a, scale_a), self.shift)
@@ -305,7 +289,8 @@ class LaMambaBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> Linear (as a strided conv) -> LayerNorm; channels-last output."""
+    """Non-overlapping p x p patches -> Linear (as a strided conv) -> LayerNorm; channels-last
+    output."""
     def __init__(self, in_channels, dim, patch_size):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
@@ -325,13 +310,14 @@ class PatchMerging(nn.Module):
 
     def forward(self, x):
         """(B, H, W, C) -> (B, H/2, W/2, out_dim); H, W even."""
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
+                      dim=-1)
         return self.reduction(self.norm(x))
 
 
 class PatchExpanding(nn.Module):
-    """Linear to scale^2 * C / scale channels -> depth-to-space by `scale` -> LayerNorm. scale 2 halves the width
-    (decoder upsampling); the head uses scale = patch size and keeps the width."""
+    """Linear to scale^2 * C / scale channels -> depth-to-space by `scale` -> LayerNorm. scale 2
+    halves the width (decoder upsampling); the head uses scale = patch size and keeps the width."""
     def __init__(self, dim, scale=2, out_dim=None):
         super().__init__()
         self.scale, self.out_dim = scale, out_dim or dim // scale
@@ -342,16 +328,19 @@ class PatchExpanding(nn.Module):
         """(B, H, W, C) -> (B, s H, s W, out_dim)."""
         B, H, W, _ = x.shape
         s = self.scale
-        x = self.expand(x).view(B, H, W, s, s, self.out_dim).transpose(2, 3).reshape(B, s * H, s * W, self.out_dim)
+        x = self.expand(x).view(B, H, W, s, s,
+                                self.out_dim).transpose(2, 3).reshape(B, s * H, s * W, self.out_dim)
         return self.norm(x)
 
 
 class Stage(nn.Module):
-    """A run of LaMamba blocks (shift 0, w/2, 0, ...), with patch merging after (encoder) or expanding before."""
+    """A run of LaMamba blocks (shift 0, w/2, 0, ...), with patch merging after (encoder) or
+    expanding before."""
     def __init__(self, depth, dim, resample=None, **block_kwargs):
         super().__init__()
         window = block_kwargs["window_size"]
-        self.blocks = nn.ModuleList([LaMambaBlock(dim, shift=0 if d % 2 == 0 else window // 2, **block_kwargs)
+        self.blocks = nn.ModuleList([LaMambaBlock(dim, shift=0 if d % 2 == 0 else window // 2,
+                                                  **block_kwargs)
                                      for d in range(depth)])
         self.resample = resample
 
@@ -366,19 +355,21 @@ class Stage(nn.Module):
 #################################################################################
 
 class LaMambaDiff(nn.Module):
-    """LaMamba-Diff U-Net (Fu et al.): model(x, t, y) -> (N, 2C, H, W), epsilon and the variance interpolation."""
+    """LaMamba-Diff U-Net (Fu et al.): model(x, t, y) -> (N, 2C, H, W), epsilon and the variance
+    interpolation."""
     objective = "eps"
     schedule = "linear"
     time_offset = 0
-    # DiT's recipe. The official train.py calls AdamW(lr=1e-4) without weight_decay, so it actually ran with
-    # PyTorch's default 0.01 while its comment claims DiT's 0; we use 0 (pass --weight-decay 0.01 to match the
-    # run). No warm-up, no gradient clipping (0 = off), EMA 0.9999, label dropout 0.1, as official.
-    train_defaults = dict(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, warmup=0, grad_clip=0.0,
-                          label_dropout=0.1, ema=0.9999)
+    # DiT's recipe. The official train.py calls AdamW(lr=1e-4) without weight_decay, so it actually
+    # ran with PyTorch's default 0.01 while its comment claims DiT's 0; we use 0 (pass
+    # --weight-decay 0.01 to match the run). No warm-up, no gradient clipping (0 = off), EMA 0.9999,
+    # label dropout 0.1, as official.
+    train_defaults = dict(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, warmup=0,
+                          grad_clip=0.0, label_dropout=0.1, ema=0.9999)
 
     def __init__(self, input_size=32, patch_size=1, in_channels=4, hidden_size=320, num_heads=16,
-                 depths=(2, 2, 2, 2), bottleneck_depth=2, window_size=8, num_classes=1000, d_state=16,
-                 mlp_ratio=4.0, d_conv=3, conv_bias=False):
+                 depths=(2, 2, 2, 2), bottleneck_depth=2, window_size=8, num_classes=1000,
+                 d_state=16, mlp_ratio=4.0, d_conv=3, conv_bias=False):
         super().__init__()
         if len(depths) != 4:
             raise ValueError(f"LaMamba-Diff has 4 encoder stages, got depths={depths}")
@@ -396,13 +387,15 @@ class LaMambaDiff(nn.Module):
         self.t_embedder = TimestepEmbedder(cond_dim)
         self.y_embedder = LabelEmbedder(num_classes, cond_dim)
 
-        block = dict(cond_dim=cond_dim, window_size=window_size, d_state=d_state, mlp_ratio=mlp_ratio,
-                     d_conv=d_conv, conv_bias=conv_bias)
+        block = dict(cond_dim=cond_dim, window_size=window_size, d_state=d_state,
+                     mlp_ratio=mlp_ratio, d_conv=d_conv, conv_bias=conv_bias)
         # encoder: patch merging after the first two stages only (32 -> 16 -> 8 -> 8 at 256 px)
         self.encoder = nn.ModuleList([
             Stage(depths[i], dims[i], PatchMerging(dims[i], dims[i + 1]) if i < 2 else None,
-                  num_heads=heads[i], project_condition=dims[i] != cond_dim, **block) for i in range(4)])
-        self.bottleneck = Stage(bottleneck_depth, dims[-1], num_heads=heads[-1], project_condition=False, **block)
+                  num_heads=heads[i], project_condition=dims[i] != cond_dim,
+                  **block) for i in range(4)])
+        self.bottleneck = Stage(bottleneck_depth, dims[-1], num_heads=heads[-1],
+                                project_condition=False, **block)
         # decoder: mirrored, one block deeper per stage; patch expanding before the last two stages;
         # every decoder block projects the condition (official full_condition_project=True)
         self.decoder = nn.ModuleList([
@@ -417,8 +410,9 @@ class LaMambaDiff(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # xavier on every Linear (SS2D projections, attention, MLP, merges, condition projections) with zero bias;
-        # SS2D's dt/A/D, x_proj, depthwise conv and the relative position tables keep their own init
+        # xavier on every Linear (SS2D projections, attention, MLP, merges, condition projections)
+        # with zero bias; SS2D's dt/A/D, x_proj, depthwise conv and the relative position tables
+        # keep their own init
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -429,7 +423,8 @@ class LaMambaDiff(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
         with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.pos_embed.shape[1:3]))
+            self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1],
+                                                     *self.pos_embed.shape[1:3]))
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
@@ -443,26 +438,31 @@ class LaMambaDiff(nn.Module):
         # final_linear keeps its xavier init: the official model does not zero it (DiT does)
 
     def position_embedding(self, h, w):
-        """The learned (1, h, w, C) embedding, resized bilinearly when the grid differs from the one built for."""
+        """The learned (1, h, w, C) embedding, resized bilinearly when the grid differs from the one
+        built for."""
         pos = self.pos_embed
         if pos.shape[1:3] == (h, w):
             return pos
-        pos = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(h, w), mode="bilinear", align_corners=False)
+        pos = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(h, w), mode="bilinear",
+                            align_corners=False)
         return pos.permute(0, 2, 3, 1).to(self.pos_embed.dtype)
 
     def forward(self, x, t, y=None):
-        """x: (N, C, H, W), H and W multiples of 4 * patch_size; t: (N,) DDPM index; y: (N,) labels or None."""
+        """x: (N, C, H, W), H and W multiples of 4 * patch_size; t: (N,) DDPM index; y: (N,) labels
+        or None."""
         N, C, H, W = x.shape
         step = 4 * self.patch_size  # two 2x merges below the patch grid
         if C != self.in_channels or H % step or W % step:
-            raise ValueError(f"LaMamba-Diff expects (N, {self.in_channels}, H, W) with H, W multiples of {step} "
+            raise ValueError(f"LaMamba-Diff expects (N, {self.in_channels}, H, W) with H, W "
+                             f"multiples of {step} "
                              f"(patch size x two 2x downsamplings), got {tuple(x.shape)}")
         if y is None:
             y = torch.full((N,), self.num_classes, dtype=torch.long, device=x.device)
         t = t.expand(N) if t.dim() == 0 else t
         c = self.t_embedder(t) + self.y_embedder(y)                                   # (N, 4C)
 
-        x = self.patch_embed(x)                                                       # (N, h, w, C) channels-last
+        # (N, h, w, C) channels-last
+        x = self.patch_embed(x)
         x = x + self.position_embedding(x.shape[1], x.shape[2])
         skips = []
         for stage in self.encoder:
@@ -493,10 +493,11 @@ def sincos_1d(dim, pos):
 
 
 def sincos_pos_embed_2d(dim, h, w):
-    """MAE's 2-D sin-cos table as (1, h, w, dim): the first half of the channels encodes the column, the second
-    half the row."""
+    """MAE's 2-D sin-cos table as (1, h, w, dim): the first half of the channels encodes the column,
+    the second half the row."""
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    emb = torch.cat([sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))], dim=1)
+    emb = torch.cat([sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))],
+                    dim=1)
     return emb.float().view(1, h, w, dim)
 
 
@@ -505,11 +506,12 @@ def sincos_pos_embed_2d(dim, h, w):
 #################################################################################
 
 def flops(model, input_size=None, batch_size=1):
-    """Forward cost in the official repo's convention (LaMambaDiff.flops: fvcore), in G: one multiply-add counts
-    as one "FLOP" (so these are GMACs); linears, convolutions and the attention matmuls by their MACs; LayerNorms
-    5 per element (4 without affine); each grouped selective scan 9 * B * L * D * N + B * D * L (VMamba's
-    flops_selective_scan_fn; ssm.count_scan_flops). Elementwise ops are free.
-    Works on the meta device: build the model under `with torch.device("meta")` for an instant count."""
+    """Forward cost in the official repo's convention (LaMambaDiff.flops: fvcore), in G: one
+    multiply-add counts as one "FLOP" (so these are GMACs); linears, convolutions and the attention
+    matmuls by their MACs; LayerNorms 5 per element (4 without affine); each grouped selective scan
+    9 * B * L * D * N + B * D * L (VMamba's flops_selective_scan_fn; ssm.count_scan_flops).
+    Elementwise ops are free. Works on the meta device: build the model under `with
+    torch.device("meta")` for an instant count."""
     from torch.utils.flop_counter import FlopCounterMode
     input_size = input_size or model.input_size
     device = next(model.parameters()).device
@@ -518,7 +520,8 @@ def flops(model, input_size=None, batch_size=1):
     def count_norm(module, inputs, output):
         norms[0] += inputs[0].numel() * (5 if module.elementwise_affine else 4)
 
-    hooks = [m.register_forward_hook(count_norm) for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    hooks = [m.register_forward_hook(count_norm) for m in model.modules()
+             if isinstance(m, nn.LayerNorm)]
     x = torch.zeros(batch_size, model.in_channels, input_size, input_size, device=device)
     t = torch.zeros(batch_size, dtype=torch.long, device=device)
     try:
@@ -527,7 +530,8 @@ def flops(model, input_size=None, batch_size=1):
     finally:
         for hook in hooks:
             hook.remove()
-    return (counter.get_total_flops() / 2 + norms[0] + scans.macs) / 1e9  # torch counts a multiply-add as 2
+    # torch counts a multiply-add as 2
+    return (counter.get_total_flops() / 2 + norms[0] + scans.macs) / 1e9
 
 
 BLOCK_RENAMES = {"op": "ss2d", "norm": "norm_ssm", "norm_swin": "norm_attn", "norm2": "norm_mlp"}
@@ -540,7 +544,8 @@ def official_to_project(key):
     key = re.sub(r"^layers\.", "encoder.", key)
     key = re.sub(r"^layers_up\.", "decoder.", key)
     key = re.sub(r"^mid_layer\.", "bottleneck.", key)
-    return re.sub(r"(blocks\.\d+\.)(op|norm|norm_swin|norm2)\.", lambda m: m[1] + BLOCK_RENAMES[m[2]] + ".", key)
+    return re.sub(r"(blocks\.\d+\.)(op|norm|norm_swin|norm2)\.",
+                  lambda m: m[1] + BLOCK_RENAMES[m[2]] + ".", key)
 
 
 # official buffers that this module derives from the grid instead of storing
@@ -548,12 +553,14 @@ DERIVED_BUFFERS = ("attn_mask", "relative_position_index")
 
 
 def load_official_state_dict(model, state_dict):
-    """Load an official LaMambaDiff state dict (e.g. the 'ema' entry of a train.py checkpoint) into `model`.
-    Returns (loaded, missing, unused): project keys loaded, project keys with no official tensor, official keys
-    with no counterpart. The official attention masks and index buffers are recomputed here, so they are skipped.
-    A relative position table built for a map smaller than the window ((2r-1)^2 rows) becomes the central part
-    of ours; a position embedding for another grid is resized."""
-    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    """Load an official LaMambaDiff state dict (e.g. the 'ema' entry of a train.py checkpoint) into
+    `model`. Returns (loaded, missing, unused): project keys loaded, project keys with no official
+    tensor, official keys with no counterpart. The official attention masks and index buffers are
+    recomputed here, so they are skipped. A relative position table built for a map smaller than the
+    window ((2r-1)^2 rows) becomes the central part of ours; a position embedding for another grid
+    is resized."""
+    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k,
+                  v in state_dict.items()}
     ours = model.state_dict()
     converted, unused = {}, []
     for key, value in state_dict.items():
@@ -567,17 +574,20 @@ def load_official_state_dict(model, state_dict):
         if name.endswith("relative_position_bias_table") and value.shape != target.shape:
             r, ws = (math.isqrt(value.shape[0]) + 1) // 2, (math.isqrt(target.shape[0]) + 1) // 2
             if r > ws:
-                raise ValueError(f"{key}: official window {r} is larger than this model's window {ws}")
+                raise ValueError(f"{key}: official window {r} is larger than this model's window "
+                                 f"{ws}")
             table = torch.zeros_like(target).view(2 * ws - 1, 2 * ws - 1, -1)
             lo = ws - r
             table[lo:lo + 2 * r - 1, lo:lo + 2 * r - 1] = value.view(2 * r - 1, 2 * r - 1, -1)
             value = table.view_as(target)
         elif name == "pos_embed" and value.shape != target.shape:
-            value = F.interpolate(value.permute(0, 3, 1, 2).float(), size=target.shape[1:3], mode="bilinear",
-                                  align_corners=False).permute(0, 2, 3, 1)
+            value = F.interpolate(value.permute(0, 3, 1, 2).float(), size=target.shape[1:3],
+                                  mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
         if value.shape != target.shape:
-            raise ValueError(f"official tensor {key} has shape {tuple(value.shape)}, this model expects "
-                             f"{tuple(target.shape)} for {name}: was the checkpoint built with another config?")
+            raise ValueError(f"official tensor {key} has shape {tuple(value.shape)}, this model "
+                             "expects "
+                             f"{tuple(target.shape)} for {name}: was the checkpoint built with "
+                             "another config?")
         converted[name] = value
     missing = sorted(set(ours) - set(converted))
     model.load_state_dict(converted, strict=False)
@@ -587,9 +597,10 @@ def load_official_state_dict(model, state_dict):
 #################################################################################
 #                              LaMamba-Diff configs                             #
 #################################################################################
-# Only XL is released (C = 320, 16 heads). The paper's S/B/L widths are not in the repo: ours are the project's
-# own choice, matched in parameters to DiT-S/B/L (33M / 130M / 458M), which the abstract says LaMamba-Diff
-# equals or undercuts, with head dims near XL's. All use window 8 and d_state 16 (pass d_state=1 for the yaml).
+# Only XL is released (C = 320, 16 heads). The paper's S/B/L widths are not in the repo: ours are
+# the project's own choice, matched in parameters to DiT-S/B/L (33M / 130M / 458M), which the
+# abstract says LaMamba-Diff equals or undercuts, with head dims near XL's. All use window 8 and
+# d_state 16 (pass d_state=1 for the yaml).
 
 def LaMamba_XL(**kwargs):
     return LaMambaDiff(hidden_size=320, num_heads=16, **kwargs)
