@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tools.convert_official import read_safetensors
+
 ROOT = Path(__file__).parent
 FIDELITY_DIR = ROOT / "fidelity"
 
@@ -30,24 +32,6 @@ def one_thread():
 # Fidelity vectors: official models' outputs on known weights (fidelity/README.md)
 # ------------------------------------------------------------------------------------------------------
 
-def read_safetensors(path):
-    """Minimal safetensors reader (8-byte header length, JSON header, raw little-endian data), so the
-    tests need no extra package."""
-    dtypes = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I32": torch.int32}
-    blob = Path(path).read_bytes()
-    n = struct.unpack("<Q", blob[:8])[0]
-    header = json.loads(blob[8:8 + n])
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        raw = bytearray(blob[8 + n + start: 8 + n + end])
-        out[name] = torch.frombuffer(raw, dtype=dtypes[info["dtype"]]).reshape(info["shape"]).clone()
-    return out
-
-
 def load_fidelity(name):
     """(tensors, meta) of fidelity/NAME.{safetensors,json}. The vectors ship in the repository, so a missing
     one is a failure, never a skip."""
@@ -61,6 +45,19 @@ def load_fidelity(name):
 def fidelity():
     """load(name) -> (tensors, meta) of a fidelity vector; fails if the vector is missing."""
     return load_fidelity
+
+
+@pytest.fixture
+def perturb():
+    """perturb(model, scale, seed=0): add scale * N(0, 1) noise to every parameter (the real inits zero the
+    output layers and adaLNs, which would hide what the input does); returns the model."""
+    def perturb(model, scale, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+        return model
+    return perturb
 
 
 @pytest.fixture

@@ -49,22 +49,29 @@ def read_idx(path, magic):
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
+@functools.lru_cache(maxsize=2)
+def load_fashion_mnist(root=None, split="train"):
+    """Fashion-MNIST's images (N, 28, 28) and labels (N,) as uint8 arrays, split "train" (60k) or "t10k" (10k);
+    cached. The one reader of the IDX files: training, Moving Fashion-MNIST and fid.py's reference sets."""
+    root = root or FASHION_MNIST_DIR
+    paths = [os.path.join(root, f"{split}-{kind}-idx{n}-ubyte.gz") for kind, n in (("images", 3), ("labels", 1))]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"Fashion-MNIST not found: {path} is missing. Install it with "
+                            "`sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR")
+    images, labels = read_idx(paths[0], 0x00000803), read_idx(paths[1], 0x00000801)
+    if len(images) != len(labels) or labels.max() >= 10:
+        raise DataError(f"{root}: images and labels do not match ({len(images)} images, {len(labels)} labels, "
+                        f"largest label {labels.max()})")
+    return images, labels
+
+
 class FashionMNIST(Dataset):
     """The 60k Fashion-MNIST training images, padded 28 -> 32 and held in memory as one uint8 tensor."""
     num_classes = 10
 
     def __init__(self, root=None, res=32, channels=1):
-        root = root or FASHION_MNIST_DIR
-        images_path = os.path.join(root, "train-images-idx3-ubyte.gz")
-        labels_path = os.path.join(root, "train-labels-idx1-ubyte.gz")
-        for path in (images_path, labels_path):
-            if not os.path.isfile(path):
-                raise DataError(f"Fashion-MNIST not found: {path} is missing. Install it with "
-                                "`sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR")
-        images, labels = read_idx(images_path, 0x00000803), read_idx(labels_path, 0x00000801)
-        if len(images) != len(labels) or labels.max() >= self.num_classes:
-            raise DataError(f"{root}: images and labels do not match ({len(images)} images, {len(labels)} labels, "
-                            f"largest label {labels.max()})")
+        images, labels = load_fashion_mnist(root)
         # Pad with black (the background) to 32, a size that patch sizes 2, 4 and 8 and the VAE's 8 all divide.
         x = F.pad(torch.from_numpy(images.copy()), (2, 2, 2, 2)).unsqueeze(1)  # (N, 1, 32, 32) uint8
         if res != 32:  # resize once here rather than per sample; chunks bound the float copy's memory
@@ -230,17 +237,6 @@ FRAME_EXTENSIONS = tuple(e for e in IMAGE_EXTENSIONS if e not in VIDEO_EXTENSION
 #################################################################################
 #                              Moving Fashion-MNIST                             #
 #################################################################################
-
-@functools.lru_cache(maxsize=2)
-def load_fashion_mnist(root):
-    """The 60k Fashion-MNIST training images (60000, 28, 28) and labels (60000,) as uint8 arrays; cached."""
-    paths = [os.path.join(root, f"train-{kind}-idx{n}-ubyte.gz") for kind, n in (("images", 3), ("labels", 1))]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise DataError(f"Fashion-MNIST not found: {path} is missing. Install it with "
-                            "`sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR")
-    return read_idx(paths[0], 0x00000803), read_idx(paths[1], 0x00000801)
-
 
 class MovingFashionMNIST(Dataset):
     """`digits` Fashion-MNIST objects moving in straight lines and bouncing off the walls of a size x size frame.

@@ -9,7 +9,7 @@ Salimans 2022), SiT (Ma et al. 2024, GVP interpolant) as used by DiMSUM, Upsampl
 (section, equation).
 
 Layout:
-  schedules       get_betas, respaced_timesteps, cfg_from_uvit
+  schedules       get_betas, respaced_timesteps
   samplers        ddpm_sample, ddim_sample, dpmpp_2m_sample: plain functions of a denoiser closure;
                   flow_ode_sample (Euler / Heun) of a velocity closure
   losses          normal_kl, discretized_gaussian_nll (IDDPM's L_vb pieces)
@@ -62,30 +62,11 @@ def respaced_timesteps(num_steps: int, steps: int) -> list[int]:
     return [round(i * stride) for i in range(steps)]  # Python's round, as DiT; always hits 0 and N-1
 
 
-def cfg_from_uvit(s: float) -> float:
-    """U-ViT / DiM guidance eps_c + s (eps_c - eps_u) equals the standard eps_u + w (eps_c - eps_u) at w = 1 + s (§5)."""
-    return 1.0 + s
-
-
-#################################################################################
-#                                   Samplers                                    #
-#################################################################################
-# Each sampler runs K steps on the grid abar[0..K] (abar[0] noisiest, abar[K] = 1 clean), one network evaluation
-# per step, and returns x at grid point K, i.e. the last x0 estimate. Coefficients are Python floats computed in
-# float64, so multiplying keeps x's dtype and device.
-
-def _steps(K, progress):
-    if not progress:
-        return range(K)
-    from tqdm.auto import tqdm
-    return tqdm(range(K))
-
-
-def ddpm_sample(denoise, x, abar, generator=None, progress=False):
+def ddpm_sample(denoise, x, abar, generator=None):
     """Ancestral sampling from the Gaussian posterior q(x_s | x_t, x0_hat) on a respaced grid (DDPM eqs. 6-7;
     respacing: IDDPM Sec. 4)."""
     K = len(abar) - 1
-    for i in _steps(K, progress):
+    for i in range(K):
         x0, _, var_frac = denoise(x, i)
         a_t, a_s = abar[i].item(), abar[i + 1].item()
         beta = 1 - a_t / a_s  # respaced beta' (IDDPM §4): the step t -> s as if it were one DDPM step
@@ -103,10 +84,10 @@ def ddpm_sample(denoise, x, abar, generator=None, progress=False):
     return x
 
 
-def ddim_sample(denoise, x, abar, eta=0.0, generator=None, progress=False):
+def ddim_sample(denoise, x, abar, eta=0.0, generator=None):
     """DDIM (Song et al. 2021, eq. 12): re-noise x0_hat to the next level with the predicted eps; eta = 0 is deterministic."""
     K = len(abar) - 1
-    for i in _steps(K, progress):
+    for i in range(K):
         x0, eps, _ = denoise(x, i)
         a_t, a_s = abar[i].item(), abar[i + 1].item()
         c = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))  # eta * sigma_DDIM, 0 at the last step
@@ -116,7 +97,7 @@ def ddim_sample(denoise, x, abar, eta=0.0, generator=None, progress=False):
     return x
 
 
-def dpmpp_2m_sample(denoise, x, abar, order=2, lower_order_final=True, progress=False):
+def dpmpp_2m_sample(denoise, x, abar, order=2, lower_order_final=True):
     """DPM-Solver++ 2M: multistep, data prediction, exponential integrator in lambda = log(alpha/sigma) (Lu et al.
     2022, Alg. 2).
 
@@ -135,7 +116,7 @@ def dpmpp_2m_sample(denoise, x, abar, order=2, lower_order_final=True, progress=
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     lam = alpha.log() - sigma.log()  # (K+1,), lam[K] = inf
     x0_prev = None
-    for i in _steps(K, progress):
+    for i in range(K):
         x0, _, _ = denoise(x, i)
         h = (lam[i + 1] - lam[i]).item()
         if order == 1 or x0_prev is None or i >= K - (2 if lower_order_final else 1):
@@ -149,10 +130,10 @@ def dpmpp_2m_sample(denoise, x, abar, order=2, lower_order_final=True, progress=
     return x
 
 
-def flow_ode_sample(velocity, x, ts, order=2, progress=False):
+def flow_ode_sample(velocity, x, ts, order=2):
     """Fixed-step ODE solver for dx/dt = velocity(x, t) over the float64 grid ts (K+1,): Euler (order 1) or Heun
     (order 2, the trapezoidal corrector of EDM Alg. 1; 2 evaluations per step, the last one at ts[K])."""
-    for i in _steps(len(ts) - 1, progress):
+    for i in range(len(ts) - 1):
         t, s = ts[i].item(), ts[i + 1].item()
         u = velocity(x, t)
         if order == 2:  # Heun: average the slopes at both ends of an Euler predictor step
@@ -351,7 +332,7 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, model, noise, y=None, sampler="dpm++", steps=50, cfg_scale=1.0, null_label=None,
-               eta=0.0, generator=None, progress=False, upsample_guidance=None, init=None,
+               eta=0.0, generator=None, upsample_guidance=None, init=None,
                strength=1.0) -> torch.Tensor:
         """Draw x0 from pure noise (B, C, ...) with `steps` network evaluations; returns the same shape and dtype.
 
@@ -373,10 +354,10 @@ class GaussianDiffusion:
             noise = self.q_sample(init, torch.full((init.shape[0],), timesteps[0], device=init.device), noise)
         denoise, abar = self.denoiser(model, timesteps, y, cfg_scale, null_label, upsample_guidance)
         if sampler == "ddpm":
-            return ddpm_sample(denoise, noise, abar, generator, progress)
+            return ddpm_sample(denoise, noise, abar, generator)
         if sampler == "ddim":
-            return ddim_sample(denoise, noise, abar, eta, generator, progress)
-        return dpmpp_2m_sample(denoise, noise, abar, order=2, progress=progress)
+            return ddim_sample(denoise, noise, abar, eta, generator)
+        return dpmpp_2m_sample(denoise, noise, abar, order=2)
 
 
 #################################################################################
@@ -427,7 +408,7 @@ class FlowMatching:
 
     @torch.no_grad()
     def sample(self, model, noise, y=None, sampler="heun", steps=50, cfg_scale=1.0, null_label=None,
-               generator=None, progress=False, upsample_guidance=None, init=None, strength=1.0) -> torch.Tensor:
+               generator=None, upsample_guidance=None, init=None, strength=1.0) -> torch.Tensor:
         """Integrate the flow from t = 0 (noise (B, C, ...)) to t = 1 on the uniform grid t_i = i / steps.
         With `init`, start at t = 1 - strength from init mixed with `noise` on the GVP path (SDEdit).
 
@@ -469,7 +450,7 @@ class FlowMatching:
             return u
 
         if sampler in ("euler", "heun"):
-            return flow_ode_sample(velocity, noise, ts, 1 if sampler == "euler" else 2, progress)
+            return flow_ode_sample(velocity, noise, ts, 1 if sampler == "euler" else 2)
 
         def denoise(x, i):
             return (*gvp_velocity_to_x0_eps(x, velocity(x, ts[i].item()), ts[i].item()), None)
@@ -477,11 +458,11 @@ class FlowMatching:
         abar = gvp_coefs(ts)[0] ** 2
         abar[-1] = 1.0  # clean data exactly, whatever sin(pi / 2) rounds to
         if sampler == "ddim":
-            return ddim_sample(denoise, noise, abar, progress=progress)
+            return ddim_sample(denoise, noise, abar)
         # no lower_order_final: near t = 1 the uniform grid's lambda steps grow gently (r = log 1.5 / log 2 = 0.58
         # for any K), unlike the jump into the last discrete DDPM step that it guards against; 10 steps: std error
         # -2.0% without, -6.0% with
-        return dpmpp_2m_sample(denoise, noise, abar, order=2, lower_order_final=False, progress=progress)
+        return dpmpp_2m_sample(denoise, noise, abar, order=2, lower_order_final=False)
 
 
 def create_diffusion(model, **overrides):

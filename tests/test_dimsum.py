@@ -168,9 +168,9 @@ def test_window_orders():
         assert sorted(perm.tolist()) == list(range(64))
 
 
-def test_every_order_is_used_and_matters(relative_error):
+def test_every_order_is_used_and_matters(relative_error, perturb):
     torch.manual_seed(0)
-    model = randomised(dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10)).eval()
+    model = perturb(dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10), 0.1).eval()
     x, t, y = torch.randn(1, 4, 16, 16), torch.tensor([0.3]), torch.tensor([2])
     with torch.no_grad():
         ref = model(x, t, y)
@@ -185,19 +185,10 @@ def test_every_order_is_used_and_matters(relative_error):
 # Network behaviour
 # ------------------------------------------------------------------------------------------------------
 
-def randomised(model, seed=0):
-    """Give every parameter a random value (the real init zeroes the output layer and the adaLNs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
-
-
 @pytest.mark.parametrize("size", [(16, 16), (8, 8), (32, 32), (8, 24), (24, 16)])
-def test_forward_shapes(size):
+def test_forward_shapes(size, perturb):
     torch.manual_seed(0)
-    model = randomised(dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10)).eval()
+    model = perturb(dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10), 0.1).eval()
     x = torch.randn(2, 4, *size)
     with torch.no_grad():
         out = model(x, torch.tensor([0.1, 0.9]), torch.tensor([3, 10]))
@@ -215,9 +206,9 @@ def test_bad_input_shape():
         model(torch.randn(1, 3, 16, 16), t, None)
 
 
-def test_conditioning_and_null_label(relative_error):
+def test_conditioning_and_null_label(relative_error, perturb):
     torch.manual_seed(0)
-    model = randomised(dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10)).eval()
+    model = perturb(dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10), 0.1).eval()
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.5, 0.5])
     with torch.no_grad():
         a = model(x, t, torch.tensor([1, 1]))
@@ -229,8 +220,8 @@ def test_conditioning_and_null_label(relative_error):
     assert uncond(x, t, None).shape == x.shape
 
 
-def test_shared_block_applied_after_every_fourth():
-    model = randomised(dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10)).eval()
+def test_shared_block_applied_after_every_fourth(perturb):
+    model = perturb(dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10), 0.1).eval()
     calls = []
     model.attn_block.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
@@ -238,7 +229,7 @@ def test_shared_block_applied_after_every_fourth():
     assert len(calls) == 2 and sum(isinstance(m, dimsum.DiTBlock) for m in model.modules()) == 1
 
 
-def test_init_and_gradients():
+def test_init_and_gradients(perturb):
     torch.manual_seed(0)
     model = dimsum.DiMSUM_T_2(input_size=16, in_channels=4, num_classes=10)
     x, t, y = torch.randn(2, 4, 16, 16), torch.rand(2), torch.tensor([1, 10])
@@ -250,7 +241,7 @@ def test_init_and_gradients():
     torch.testing.assert_close(pos[0, 1, :16], sin1)        # token (0, 1): the first half encodes the column
     torch.testing.assert_close(pos[0, 8, 32:48], sin1)      # token (1, 0): the second half encodes the row
     # every parameter takes part in the output (training mode: drop-path active)
-    model = randomised(model).train()
+    model = perturb(model, 0.1).train()
     model(x, t, y).square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name

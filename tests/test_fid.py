@@ -13,6 +13,7 @@ from PIL import Image
 import fid
 import sample
 import train
+from data import FASHION_MNIST_DIR
 from fid import FIDError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -149,7 +150,7 @@ def test_sources_and_main(tmp_path, random_network, capsys):
 
 
 def test_named_dataset_fashion_mnist_test():
-    if not os.path.isfile(os.path.join(fid.FASHION_MNIST_DIR, fid.DATASETS["fashion-mnist-test"])):
+    if not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")):
         pytest.skip("needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
     kind, images = fid.open_source("fashion-mnist-test")
     assert kind == "images" and images.shape == (10000, 32, 32, 1) and images.dtype == np.uint8
