@@ -109,8 +109,8 @@ class BiMamba(Mamba):
         x = causal_conv_silu(x, conv1d.weight, conv1d.bias, order, self.backend)
         dt, B, C = torch.split(x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ dt_proj.weight.t()  # bias added in fp32 by the scan
-        return mamba_scan(x, dt, -torch.exp(A_log.float()), B, C, D.float(), z, dt_proj.bias.float(),
-                          order, self.backend)
+        return mamba_scan(x, dt, -torch.exp(A_log.float()), B, C, D.float(), z,
+                          dt_proj.bias.float(), order, self.backend)
 
     def forward(self, x):
         """x: (N, L, D) -> (N, L, D)."""

@@ -1,5 +1,6 @@
-"""Shared pytest fixtures. This file also puts the repository root on sys.path (pytest inserts a rootdir
-conftest's folder), so tests/ and the top-level test_models.py import the library the same way."""
+"""Shared pytest fixtures. This file also puts the repository root on sys.path (pytest inserts a
+rootdir conftest's folder), so tests/ and the top-level test_models.py import the library the same
+way."""
 import gzip
 import json
 import os
@@ -20,8 +21,8 @@ FIDELITY_DIR = ROOT / "fidelity"
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Pin torch to one intra-op thread for a module of many tiny ops: on a shared 2-core runner two threads made
-    each small op 10-100x slower, one is steady."""
+    """Pin torch to one intra-op thread for a module of many tiny ops: on a shared 2-core runner two
+    threads made each small op 10-100x slower, one is steady."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -33,8 +34,8 @@ def one_thread():
 # ------------------------------------------------------------------------------------------------------
 
 def load_fidelity(name):
-    """(tensors, meta) of fidelity/NAME.{safetensors,json}. The vectors ship in the repository, so a missing
-    one is a failure, never a skip."""
+    """(tensors, meta) of fidelity/NAME.{safetensors,json}. The vectors ship in the repository, so a
+    missing one is a failure, never a skip."""
     path = FIDELITY_DIR / f"{name}.safetensors"
     if not path.exists():
         pytest.fail(f"fidelity vector {path} is missing (it ships in the repository)")
@@ -49,8 +50,8 @@ def fidelity():
 
 @pytest.fixture
 def perturb():
-    """perturb(model, scale, seed=0): add scale * N(0, 1) noise to every parameter (the real inits zero the
-    output layers and adaLNs, which would hide what the input does); returns the model."""
+    """perturb(model, scale, seed=0): add scale * N(0, 1) noise to every parameter (the real inits
+    zero the output layers and adaLNs, which would hide what the input does); returns the model."""
     def perturb(model, scale, seed=0):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -78,31 +79,37 @@ def write_idx(path, array, magic):
 
 @pytest.fixture
 def fake_fmnist():
-    """write(folder, n=12): a tiny Fashion-MNIST training set (white images, labels 0..9 cycling)."""
+    """write(folder, n=12): a tiny Fashion-MNIST training set (white images, labels 0..9
+    cycling)."""
     def write(folder, n=12):
         os.makedirs(folder, exist_ok=True)
-        write_idx(os.path.join(folder, "train-images-idx3-ubyte.gz"), np.full((n, 28, 28), 255), 0x00000803)
+        write_idx(os.path.join(folder, "train-images-idx3-ubyte.gz"), np.full((n, 28, 28), 255),
+                  0x00000803)
         write_idx(os.path.join(folder, "train-labels-idx1-ubyte.gz"), np.arange(n) % 10, 0x00000801)
     return write
 
 
 @pytest.fixture
 def image_folder():
-    """write(folder, n, size=(20, 14), classes=()): n flat-colour PNGs per class subfolder (or in folder)."""
+    """write(folder, n, size=(20, 14), classes=()): n flat-colour PNGs per class subfolder (or in
+    folder)."""
     def write(folder, n, size=(20, 14), classes=()):
         for c in classes or [""]:
             os.makedirs(os.path.join(folder, c), exist_ok=True)
             for i in range(n):
-                Image.new("RGB", size, (40 * i % 256, 80, 160)).save(os.path.join(folder, c, f"{i}.png"))
+                Image.new("RGB", size, (40 * i % 256, 80,
+                                        160)).save(os.path.join(folder, c, f"{i}.png"))
     return write
 
 
 @pytest.fixture
 def tiny_vae():
-    """A random diffusers AutoencoderKL with Stable Diffusion's 8x downsampling (4 down blocks), 4 latents."""
+    """A random diffusers AutoencoderKL with Stable Diffusion's 8x downsampling (4 down blocks), 4
+    latents."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,) * 4,
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                                   block_out_channels=(8,) * 4,
                                    down_block_types=("DownEncoderBlock2D",) * 4,
                                    up_block_types=("UpDecoderBlock2D",) * 4,
                                    layers_per_block=1, norm_num_groups=4, sample_size=32).eval()

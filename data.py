@@ -1,10 +1,11 @@
 """
-Training data: Fashion-MNIST read from its gzip IDX files, any folder of images, and helpers for Stable Diffusion
-VAE latents (encode in train.py, decode in sample.py) and for writing images.
+Training data: Fashion-MNIST read from its gzip IDX files, any folder of images, and helpers for
+Stable Diffusion VAE latents (encode in train.py, decode in sample.py) and for writing images.
 
-Every dataset returns (image, label) with image a float tensor in [-1, 1], (C, res, res), and no randomness:
-random flips and label dropout happen in train.py on the whole batch, from the RNG that checkpoints save, so a
-resumed run can skip the batches it has already seen without replaying any augmentation draws.
+Every dataset returns (image, label) with image a float tensor in [-1, 1], (C, res, res), and no
+randomness: random flips and label dropout happen in train.py on the whole batch, from the RNG that
+checkpoints save, so a resumed run can skip the batches it has already seen without replaying any
+augmentation draws.
 """
 import functools
 import gzip
@@ -19,7 +20,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                    ".pgm")
 
 
 class DataError(ValueError):
@@ -31,15 +33,19 @@ class DataError(ValueError):
 #################################################################################
 
 def read_idx(path, magic):
-    """Read a gzip-compressed IDX file (big-endian header: magic, then one uint32 per dimension) as a uint8 array."""
+    """Read a gzip-compressed IDX file (big-endian header: magic, then one uint32 per dimension) as
+    a uint8 array."""
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise DataError(f"{path} is not a readable gzip IDX file ({e}); reinstall dataset-fashion-mnist")
-    ndim = magic & 0xFF  # the magic's last byte is the number of dimensions, the one before it the dtype (8 = uint8)
+        raise DataError(f"{path} is not a readable gzip IDX file ({e}); reinstall "
+                        "dataset-fashion-mnist")
+    # the magic's last byte is the number of dimensions, the one before it the dtype (8 = uint8)
+    ndim = magic & 0xFF
     if len(raw) < 4 + 4 * ndim or struct.unpack(">I", raw[:4])[0] != magic:
-        raise DataError(f"{path} is not an IDX file of the expected kind (magic number is not {magic:#010x}); "
+        raise DataError(f"{path} is not an IDX file of the expected kind (magic number is not "
+                        f"{magic:#010x}); "
                         "the file is corrupt or misnamed")
     shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     body = raw[4 + 4 * ndim:]
@@ -51,31 +57,39 @@ def read_idx(path, magic):
 
 @functools.lru_cache(maxsize=2)
 def load_fashion_mnist(root=None, split="train"):
-    """Fashion-MNIST's images (N, 28, 28) and labels (N,) as uint8 arrays, split "train" (60k) or "t10k" (10k);
-    cached. The one reader of the IDX files: training, Moving Fashion-MNIST and fid.py's reference sets."""
+    """Fashion-MNIST's images (N, 28, 28) and labels (N,) as uint8 arrays, split "train" (60k) or
+    "t10k" (10k); cached. The one reader of the IDX files: training, Moving Fashion-MNIST and
+    fid.py's reference sets."""
     root = root or FASHION_MNIST_DIR
-    paths = [os.path.join(root, f"{split}-{kind}-idx{n}-ubyte.gz") for kind, n in (("images", 3), ("labels", 1))]
+    paths = [os.path.join(root, f"{split}-{kind}-idx{n}-ubyte.gz") for kind,
+             n in (("images", 3), ("labels", 1))]
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"Fashion-MNIST not found: {path} is missing. Install it with "
                             "`sudo apt-get install dataset-fashion-mnist` or pass --data-dir DIR")
     images, labels = read_idx(paths[0], 0x00000803), read_idx(paths[1], 0x00000801)
     if len(images) != len(labels) or labels.max() >= 10:
-        raise DataError(f"{root}: images and labels do not match ({len(images)} images, {len(labels)} labels, "
+        raise DataError(f"{root}: images and labels do not match ({len(images)} images, "
+                        f"{len(labels)} labels, "
                         f"largest label {labels.max()})")
     return images, labels
 
 
 class FashionMNIST(Dataset):
-    """The 60k Fashion-MNIST training images, padded 28 -> 32 and held in memory as one uint8 tensor."""
+    """The 60k Fashion-MNIST training images, padded 28 -> 32 and held in memory as one uint8
+    tensor."""
     num_classes = 10
 
     def __init__(self, root=None, res=32, channels=1):
         images, labels = load_fashion_mnist(root)
-        # Pad with black (the background) to 32, a size that patch sizes 2, 4 and 8 and the VAE's 8 all divide.
-        x = F.pad(torch.from_numpy(images.copy()), (2, 2, 2, 2)).unsqueeze(1)  # (N, 1, 32, 32) uint8
-        if res != 32:  # resize once here rather than per sample; chunks bound the float copy's memory
-            x = torch.cat([F.interpolate(c.float(), size=(res, res), mode="bilinear", antialias=True)
+        # Pad with black (the background) to 32, a size that patch sizes 2, 4 and 8 and the VAE's 8
+        # all divide.
+        # (N, 1, 32, 32) uint8
+        x = F.pad(torch.from_numpy(images.copy()), (2, 2, 2, 2)).unsqueeze(1)
+        # resize once here rather than per sample; chunks bound the float copy's memory
+        if res != 32:
+            x = torch.cat([F.interpolate(c.float(), size=(res, res), mode="bilinear",
+                                         antialias=True)
                            .round().clamp(0, 255).to(torch.uint8) for c in x.split(10000)])
         self.images, self.labels, self.channels = x, torch.from_numpy(labels.astype(np.int64)), channels
 
@@ -92,8 +106,8 @@ class FashionMNIST(Dataset):
 #################################################################################
 
 def center_crop_arr(img, res):
-    """ADM's centre crop: halve with a box filter while that stays >= 2*res (cheap anti-aliasing for big
-    images), resize bicubically so the short side is res, then crop the centre square."""
+    """ADM's centre crop: halve with a box filter while that stays >= 2*res (cheap anti-aliasing for
+    big images), resize bicubically so the short side is res, then crop the centre square."""
     while min(img.size) >= 2 * res:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = res / min(img.size)
@@ -109,18 +123,23 @@ def list_images(folder):
 
 
 class ImageFolder(Dataset):
-    """RGB images from a folder: each subfolder is a class (sorted names); no subfolders means unconditional.
+    """RGB images from a folder: each subfolder is a class (sorted names); no subfolders means
+    unconditional.
 
-    An unreadable image stops training with an error naming the file (rather than being skipped): a silently
-    shrinking dataset would change the data order and make runs hard to compare.
+    An unreadable image stops training with an error naming the file (rather than being skipped): a
+    silently shrinking dataset would change the data order and make runs hard to compare.
     """
 
     def __init__(self, root, res):
         if not os.path.isdir(root):
-            raise DataError(f"no dataset named {root!r} and no such folder (use 'fashion-mnist' or a folder of images)")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+            raise DataError(f"no dataset named {root!r} and no such folder (use 'fashion-mnist' or "
+                            "a folder of images)")
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir()
+                              and not d.name.startswith("."))
         if self.classes:
-            self.samples = [(p, i) for i, c in enumerate(self.classes) for p in list_images(os.path.join(root, c))]
+            self.samples = [(p, i) for i,
+                            c in enumerate(self.classes)
+                            for p in list_images(os.path.join(root, c))]
         else:
             self.samples = [(p, 0) for p in list_images(root)]
         if not self.samples:
@@ -142,8 +161,8 @@ class ImageFolder(Dataset):
 
 
 def build_dataset(name_or_path, res, data_dir=None, channels=1):
-    """Returns (dataset, num_classes, channels). 'fashion-mnist' or a folder path; channels only matters for
-    Fashion-MNIST (1, or 3 to replicate grey into RGB); image folders are always RGB."""
+    """Returns (dataset, num_classes, channels). 'fashion-mnist' or a folder path; channels only
+    matters for Fashion-MNIST (1, or 3 to replicate grey into RGB); image folders are always RGB."""
     if name_or_path == "fashion-mnist":
         return FashionMNIST(data_dir, res, channels), FashionMNIST.num_classes, channels
     dataset = ImageFolder(name_or_path, res)
@@ -151,10 +170,12 @@ def build_dataset(name_or_path, res, data_dir=None, channels=1):
 
 
 def check_resolution(res, patch_size, vae_factor=1):
-    """The model cuts its input into patch_size tiles, and a VAE first shrinks images by vae_factor."""
+    """The model cuts its input into patch_size tiles, and a VAE first shrinks images by
+    vae_factor."""
     step = vae_factor * patch_size
     if res <= 0 or res % step:
-        why = f"patch size {patch_size}" + (f" x VAE downsampling {vae_factor}" if vae_factor > 1 else "")
+        why = f"patch size {patch_size}" + (f" x VAE downsampling {vae_factor}" if vae_factor > 1
+                                            else "")
         raise DataError(f"resolution {res} is not divisible by {step} ({why}); "
                         f"pick e.g. --res {max(1, round(res / step)) * step}")
 
@@ -171,8 +192,10 @@ def load_vae(name_or_path, device="cpu"):
         raise DataError("--vae needs the diffusers package: pip install diffusers") from None
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path)
-    except Exception as e:  # diffusers raises OSError, ValueError or hub errors depending on what went wrong
-        raise DataError(f"could not load the VAE {name_or_path!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+    # diffusers raises OSError, ValueError or hub errors depending on what went wrong
+    except Exception as e:
+        raise DataError(f"could not load the VAE {name_or_path!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}); "
                         "pass a local folder with config.json and the weights, or a hub id such as "
                         "stabilityai/sd-vae-ft-ema (needs internet access once)") from None
     return vae.to(device).eval().requires_grad_(False)
@@ -185,15 +208,16 @@ def vae_factor(vae):
 
 @torch.no_grad()
 def per_frame(fn, x):
-    """Apply an image function to clips (N, C, T, H, W) frame by frame; images (N, C, H, W) pass straight through."""
+    """Apply an image function to clips (N, C, T, H, W) frame by frame; images (N, C, H, W) pass
+    straight through."""
     if x.ndim == 4:
         return fn(x)
     return fn(x.transpose(1, 2).flatten(0, 1)).unflatten(0, (x.shape[0], -1)).transpose(1, 2)
 
 
 def vae_encode(vae, x):
-    """Images (or clips) in [-1, 1] -> latents with roughly unit variance (a posterior sample, as in LDM/DiT/DiM
-    training)."""
+    """Images (or clips) in [-1, 1] -> latents with roughly unit variance (a posterior sample, as in
+    LDM/DiT/DiM training)."""
     return per_frame(lambda im: vae.encode(im).latent_dist.sample() * vae.config.scaling_factor, x)
 
 
@@ -208,12 +232,14 @@ def vae_decode(vae, z):
 
 def to_pil(x):
     """One image in [-1, 1], (C, H, W) with C = 1 or 3 -> PIL image."""
-    arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    arr = ((x.float().clamp(-1, 1) + 1)
+           * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
 def save_grid(x, path, nrow=None, pad=2):
-    """Tile a batch (N, C, H, W) in [-1, 1] into one PNG, nrow images per row (default: about square)."""
+    """Tile a batch (N, C, H, W) in [-1, 1] into one PNG, nrow images per row (default: about
+    square)."""
     n, c, h, w = x.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -227,10 +253,12 @@ def save_grid(x, path, nrow=None, pad=2):
 #################################################################################
 #        Video (bidim.py): Moving Fashion-MNIST, video folders, GIF writers      #
 #################################################################################
-# Every video dataset returns (clip, label): clip in [-1, 1] of shape (C, T, H, W), channels then time, as the
-# models take it. As for images there is no randomness at load time: item i is always the same clip.
+# Every video dataset returns (clip, label): clip in [-1, 1] of shape (C, T, H, W), channels then
+# time, as the models take it. As for images there is no randomness at load time: item i is always
+# the same clip.
 
-VIDEO_EXTENSIONS = (".gif",)                                                   # one file = one video
+# one file = one video
+VIDEO_EXTENSIONS = (".gif",)
 FRAME_EXTENSIONS = tuple(e for e in IMAGE_EXTENSIONS if e not in VIDEO_EXTENSIONS)
 
 
@@ -239,26 +267,31 @@ FRAME_EXTENSIONS = tuple(e for e in IMAGE_EXTENSIONS if e not in VIDEO_EXTENSION
 #################################################################################
 
 class MovingFashionMNIST(Dataset):
-    """`digits` Fashion-MNIST objects moving in straight lines and bouncing off the walls of a size x size frame.
+    """`digits` Fashion-MNIST objects moving in straight lines and bouncing off the walls of a size
+    x size frame.
 
-    As Moving MNIST: 28 x 28 objects in 64 x 64 frames, overlaps combined with max, random start position and
-    direction. Objects scale with the frame (round(28 * size / 64) pixels, the same proportion at any size), speeds
-    are uniform in [2, 5] * size / 64 pixels per frame. Clip i is drawn from numpy's Generator seeded with
-    (seed, i): the same clip every time, independent of the other items. Label: the class of the first object,
-    so the clips support class-conditional generation. Returns ((1, num_frames, size, size) in [-1, 1], label).
+    As Moving MNIST: 28 x 28 objects in 64 x 64 frames, overlaps combined with max, random start
+    position and direction. Objects scale with the frame (round(28 * size / 64) pixels, the same
+    proportion at any size), speeds are uniform in [2, 5] * size / 64 pixels per frame. Clip i is
+    drawn from numpy's Generator seeded with (seed, i): the same clip every time, independent of the
+    other items. Label: the class of the first object, so the clips support class-conditional
+    generation. Returns ((1, num_frames, size, size) in [-1, 1], label).
     """
     num_classes = 10
     channels = 1
 
     def __init__(self, root=None, num_frames=16, size=64, digits=2, num_clips=10000, seed=0):
         if num_frames < 1 or digits < 1 or num_clips < 1 or size < 8:
-            raise DataError(f"MovingFashionMNIST needs num_frames, digits, num_clips >= 1 and size >= 8; got "
-                            f"num_frames={num_frames}, digits={digits}, num_clips={num_clips}, size={size}")
+            raise DataError("MovingFashionMNIST needs num_frames, digits, num_clips >= 1 and size "
+                            ">= 8; got "
+                            f"num_frames={num_frames}, digits={digits}, num_clips={num_clips}, "
+                            f"size={size}")
         images, labels = load_fashion_mnist(root or FASHION_MNIST_DIR)
         self.object_size = round(28 * size / 64)
         if self.object_size != 28:   # resize all objects once, with anti-aliasing when shrinking
             x = torch.from_numpy(images.copy()).unsqueeze(1).float()
-            x = F.interpolate(x, size=self.object_size, mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(x, size=self.object_size, mode="bilinear", antialias=True,
+                              align_corners=False)
             images = x.round().clamp(0, 255).to(torch.uint8).squeeze(1).numpy()
         self.images, self.labels = images, labels
         self.num_frames, self.size, self.digits, self.num_clips, self.seed = num_frames, size, digits, num_clips, seed
@@ -267,8 +300,8 @@ class MovingFashionMNIST(Dataset):
         return self.num_clips
 
     def trajectory(self, i):
-        """Clip i's objects and motion: (object indices (digits,), top-left corners (num_frames, digits, 2) as
-        integer (row, column)), every corner within [0, size - object_size]."""
+        """Clip i's objects and motion: (object indices (digits,), top-left corners (num_frames,
+        digits, 2) as integer (row, column)), every corner within [0, size - object_size]."""
         if not 0 <= i < self.num_clips:
             raise IndexError(f"clip {i} out of range for {self.num_clips} clips")
         rng = np.random.default_rng((self.seed, i))
@@ -276,13 +309,15 @@ class MovingFashionMNIST(Dataset):
         room = self.size - self.object_size
         pos = rng.uniform(0, room, (self.digits, 2))
         angle = rng.uniform(0, 2 * math.pi, self.digits)
-        speed = rng.uniform(2, 5, self.digits) * self.size / 64                # < room: one reflection suffices
+        # < room: one reflection suffices
+        speed = rng.uniform(2, 5, self.digits) * self.size / 64
         vel = np.stack([np.sin(angle), np.cos(angle)], axis=1) * speed[:, None]
         corners = []
         for _ in range(self.num_frames):
             corners.append(np.rint(pos).astype(np.int64))
             pos = pos + vel
-            low, high = pos < 0, pos > room                                    # bounce: reflect off the wall
+            # bounce: reflect off the wall
+            low, high = pos < 0, pos > room
             pos = np.where(low, -pos, np.where(high, 2 * room - pos, pos))
             vel = np.where(low | high, -vel, vel)
         return objects, np.clip(np.stack(corners), 0, room)
@@ -293,7 +328,8 @@ class MovingFashionMNIST(Dataset):
         clip = np.zeros((self.num_frames, self.size, self.size), dtype=np.uint8)
         for k, obj in enumerate(objects):
             for t, (r, c) in enumerate(corners[:, k]):
-                np.maximum(clip[t, r:r + s, c:c + s], self.images[obj], out=clip[t, r:r + s, c:c + s])
+                np.maximum(clip[t, r:r + s, c:c + s], self.images[obj],
+                           out=clip[t, r:r + s, c:c + s])
         return torch.from_numpy(clip).float().div(127.5).sub(1)[None], int(self.labels[objects[0]])
 
 
@@ -311,13 +347,14 @@ def gif_length(path):
 
 
 class VideoFolder(Dataset):
-    """Unconditional RGB clips from a folder of videos, searched recursively: every folder that directly holds
-    frame images (any of data.py's image types but GIF, sorted by name) is one video, and every .gif file is one
-    video. Each video of n frames gives n // num_frames clips of num_frames consecutive frames (stride num_frames,
-    non-overlapping; pass stride for more); frames are centre-cropped and resized to size x size as data.py's
-    ImageFolder does. Videos shorter than num_frames are skipped (counted in .skipped). An unreadable GIF stops
-    construction, an unreadable frame stops training, each with an error naming the file.
-    Returns ((3, num_frames, size, size) in [-1, 1], 0); num_classes = 0 (train.py then trains with y = None).
+    """Unconditional RGB clips from a folder of videos, searched recursively: every folder that
+    directly holds frame images (any of data.py's image types but GIF, sorted by name) is one video,
+    and every .gif file is one video. Each video of n frames gives n // num_frames clips of
+    num_frames consecutive frames (stride num_frames, non-overlapping; pass stride for more); frames
+    are centre-cropped and resized to size x size as data.py's ImageFolder does. Videos shorter than
+    num_frames are skipped (counted in .skipped). An unreadable GIF stops construction, an
+    unreadable frame stops training, each with an error naming the file. Returns ((3, num_frames,
+    size, size) in [-1, 1], 0); num_classes = 0 (train.py then trains with y = None).
     """
     num_classes = 0
     channels = 3
@@ -331,7 +368,8 @@ class VideoFolder(Dataset):
         for folder, dirs, files in os.walk(root):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             files = sorted(f for f in files if not f.startswith("."))
-            frames = [os.path.join(folder, f) for f in files if f.lower().endswith(FRAME_EXTENSIONS)]
+            frames = [os.path.join(folder, f) for f in files
+                      if f.lower().endswith(FRAME_EXTENSIONS)]
             if frames:
                 self.videos.append((folder, frames, len(frames)))
             for f in files:
@@ -340,13 +378,15 @@ class VideoFolder(Dataset):
                     self.videos.append((path, None, gif_length(path)))
         if not self.videos:
             raise DataError(f"{root} holds no videos: expected subfolders of frame images "
-                            f"({', '.join(FRAME_EXTENSIONS)}) or {', '.join(VIDEO_EXTENSIONS)} files")
+                            f"({', '.join(FRAME_EXTENSIONS)}) or {', '.join(VIDEO_EXTENSIONS)} "
+                            "files")
         stride = stride or num_frames
         self.clips = [(v, start) for v, (_, _, n) in enumerate(self.videos)
                       for start in range(0, n - num_frames + 1, stride)]
         self.skipped = sum(n < num_frames for _, _, n in self.videos)
         if not self.clips:
-            raise DataError(f"all {len(self.videos)} videos in {root} are shorter than num_frames={num_frames} "
+            raise DataError(f"all {len(self.videos)} videos in {root} are shorter than "
+                            f"num_frames={num_frames} "
                             f"(the longest has {max(n for _, _, n in self.videos)} frames)")
         self.num_frames, self.size = num_frames, size
 
@@ -376,16 +416,17 @@ class VideoFolder(Dataset):
         return out
 
     def __getitem__(self, i):
-        arr = np.stack([center_crop_arr(img, self.size) for img in self.read_frames(*self.clips[i])])  # (T, H, W, 3)
+        arr = np.stack([center_crop_arr(img, self.size)
+                        for img in self.read_frames(*self.clips[i])])  # (T, H, W, 3)
         return torch.from_numpy(arr).permute(3, 0, 1, 2).float() / 127.5 - 1, 0
 
 
 def build_video_dataset(name_or_path, res, num_frames, data_dir=None):
-    """Returns (dataset, num_classes, channels) like data.build_dataset: 'moving-fashion-mnist' (res x res frames)
-    or a folder of videos."""
+    """Returns (dataset, num_classes, channels) like data.build_dataset: 'moving-fashion-mnist' (res
+    x res frames) or a folder of videos."""
     if name_or_path == "moving-fashion-mnist":
-        return (MovingFashionMNIST(data_dir, num_frames=num_frames, size=res), MovingFashionMNIST.num_classes,
-                MovingFashionMNIST.channels)
+        return (MovingFashionMNIST(data_dir, num_frames=num_frames, size=res),
+                MovingFashionMNIST.num_classes, MovingFashionMNIST.channels)
     return VideoFolder(name_or_path, num_frames, res), VideoFolder.num_classes, VideoFolder.channels
 
 
@@ -404,8 +445,9 @@ def _as_batch(clip):
 
 
 def save_gif(clip, path, fps=8, nrow=None, pad=2):
-    """Write clips in [-1, 1] as one looping GIF; a batch (N, C, T, H, W) plays as a grid, nrow clips per row
-    (default about square). Pillow merges identical consecutive frames into one longer frame."""
+    """Write clips in [-1, 1] as one looping GIF; a batch (N, C, T, H, W) plays as a grid, nrow
+    clips per row (default about square). Pillow merges identical consecutive frames into one longer
+    frame."""
     clips = _as_batch(clip)
     n, c, T, h, w = clips.shape
     if n > 1:   # tile every frame into a grid, clip k at row k // nrow, column k % nrow
@@ -417,11 +459,14 @@ def save_gif(clip, path, fps=8, nrow=None, pad=2):
             grid[:, :, top:top + h, left:left + w] = clips[k]
         clips = grid[None]
     frames = [to_pil(clips[0, :, t]) for t in range(T)]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps),
+                   loop=0)
 
 
 def save_frame_strip(clip, path, pad=2):
-    """Write clips in [-1, 1] as one PNG: the frames of each clip left to right, one clip per row."""
+    """Write clips in [-1, 1] as one PNG: the frames of each clip left to right, one clip per
+    row."""
     clips = _as_batch(clip)
     T = clips.shape[2]
-    save_grid(clips.transpose(1, 2).flatten(0, 1), path, nrow=T, pad=pad)   # (N*T, C, H, W), T per row
+    # (N*T, C, H, W), T per row
+    save_grid(clips.transpose(1, 2).flatten(0, 1), path, nrow=T, pad=pad)

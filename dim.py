@@ -105,8 +105,8 @@ class DiMBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(3, dim) / dim ** 0.5)
 
     def forward(self, x, adaln, order, skip=None):
-        """x: (N, L, D) residual stream, adaln: (N, 3D), order: (L,) the token this layer's scan reads at
-        each step."""
+        """x: (N, L, D) residual stream, adaln: (N, 3D), order: (L,) the token this layer's scan
+        reads at each step."""
         if skip is not None:  # Linear([x, skip]) as two products: no (N, L, 2D) concatenated copy
             w = self.skip_linear.weight
             x = F.linear(x, w[:, :x.shape[-1]], self.skip_linear.bias) + F.linear(skip.to(x.dtype),

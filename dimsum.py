@@ -238,8 +238,8 @@ class MambaBranch(nn.Module):
     def forward(self, x, c, order):
         """x: (N, L, dim), c: (N, cond_dim), order: (L,) the token the scan reads at each step."""
         shift, scale, gate = self.adaLN_modulation(c).chunk(3, dim=1)
-        # modulation and gate act per token, so only the Mamba's conv and scan follow the order; they
-        # read the tokens through it in place (no permuted copy and back)
+        # modulation and gate act per token, so only the Mamba's conv and scan follow the order;
+        # they read the tokens through it in place (no permuted copy and back)
         return x + gate[:, None] * self.mixer(modulate(x, shift, scale), order=order)
 
 
@@ -383,7 +383,8 @@ class DiMSUM(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
 
     def orders(self, h, w, device):
-        """Index tables (int32): the 4 spatial orders and the 2 wavelet window scans for an h x w grid."""
+        """Index tables (int32): the 4 spatial orders and the 2 wavelet window scans for an h x w
+        grid."""
         key = (h, w, str(device))
         if key not in self._order_cache:
             tables = lambda perms: [p.to(torch.int32) for p in perms]

@@ -11,9 +11,9 @@ The transformer baseline the Diffusion Mamba models are compared against, rebuil
   3. final adaLN + linear to p*p*2C values per token (epsilon and the learned-range variance), unpatchify.
 
 Parameter names follow the official model, so its checkpoints load with `load_official_state_dict`.
-Label dropout for classifier-free guidance lives in train.py (the official model drops labels inside forward);
-y = None selects the null class, row `num_classes` of the label table. Attention runs through
-torch's scaled_dot_product_attention (flash attention on GPUs under bf16).
+Label dropout for classifier-free guidance lives in train.py (the official model drops labels inside
+forward); y = None selects the null class, row `num_classes` of the label table. Attention runs
+through torch's scaled_dot_product_attention (flash attention on GPUs under bf16).
 """
 import math
 
@@ -32,10 +32,12 @@ def modulate(x, shift, scale):
 #################################################################################
 
 def timestep_embedding(t, dim, max_period=10000, dtype=torch.float32):
-    """Sinusoidal embedding of (possibly fractional) timesteps, cos half first (DiT's). t: (N,) -> (N, dim),
-    computed in `dtype` (float32 as DiT; float64 in a float64 model, for precision tests)."""
+    """Sinusoidal embedding of (possibly fractional) timesteps, cos half first (DiT's). t: (N,) ->
+    (N, dim), computed in `dtype` (float32 as DiT; float64 in a float64 model, for precision
+    tests)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype,
+                                                           device=t.device) / half)
     args = t[:, None].to(dtype) * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -53,7 +55,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         dtype = self.mlp[0].weight.dtype  # the sinusoid in float32, or float64 in a float64 model
-        emb = timestep_embedding(t, self.frequency_size, dtype=torch.promote_types(dtype, torch.float32))
+        emb = timestep_embedding(t, self.frequency_size,
+                                 dtype=torch.promote_types(dtype, torch.float32))
         return self.mlp(emb.to(dtype))  # (N, D)
 
 
@@ -93,8 +96,10 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, T, D = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)                            # (N, heads, T, D/heads)
+        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads,
+                                   D // self.num_heads).permute(2, 0, 3, 1, 4)
+        # (N, heads, T, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
@@ -111,7 +116,8 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning: modulated norms, gated attention and MLP residuals."""
+    """Transformer block with adaLN-Zero conditioning: modulated norms, gated attention and MLP
+    residuals."""
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -146,17 +152,18 @@ class FinalLayer(nn.Module):
 #################################################################################
 
 class DiT(nn.Module):
-    """Diffusion Transformer (Peebles & Xie); model(x, t, y) -> (epsilon, variance interpolation), 2C channels."""
+    """Diffusion Transformer (Peebles & Xie); model(x, t, y) -> (epsilon, variance interpolation),
+    2C channels."""
     objective = "eps"
     schedule = "linear"             # DiT's linear betas, 1e-4 to 0.02 over 1000 steps
     time_offset = 0                 # the network sees the DDPM index 0..999
-    # DiT's recipe: AdamW 1e-4, no weight decay, no warm-up, EMA 0.9999, label dropout 0.1, no gradient
-    # clipping (grad_clip 0 is off).
+    # DiT's recipe: AdamW 1e-4, no weight decay, no warm-up, EMA 0.9999, label dropout 0.1, no
+    # gradient clipping (grad_clip 0 is off).
     train_defaults = dict(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, warmup=0,
                           grad_clip=0.0, label_dropout=0.1, ema=0.9999)
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, learn_sigma=True):
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, num_classes=1000, learn_sigma=True):
         super().__init__()
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
@@ -165,7 +172,8 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads,
+                                              mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._pos_cache = {}
         self.initialize_weights()
@@ -192,10 +200,12 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def pos_embed(self, h, w, device):
-        """Frozen (1, h*w, D) sin-cos embedding of an h x w token grid, cached per grid and device."""
+        """Frozen (1, h*w, D) sin-cos embedding of an h x w token grid, cached per grid and
+        device."""
         key = (h, w, str(device))
         if key not in self._pos_cache:
-            with torch.inference_mode(False):   # a normal tensor even when first built under inference_mode
+            # a normal tensor even when first built under inference_mode
+            with torch.inference_mode(False):
                 self._pos_cache[key] = get_2d_sincos_pos_embed(self.hidden_size, h, w).to(device)[None]
         return self._pos_cache[key]
 
@@ -206,17 +216,20 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x, t, y=None):
-        """x: (N, C, H, W) with H, W multiples of patch_size; t: (N,) DDPM index; y: (N,) labels or None (null)."""
+        """x: (N, C, H, W) with H, W multiples of patch_size; t: (N,) DDPM index; y: (N,) labels or
+        None (null)."""
         p = self.patch_size
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(f"DiT expects (N, {self.in_channels}, H, W) with H, W multiples of {p}, "
+            raise ValueError(f"DiT expects (N, {self.in_channels}, H, W) with H, W multiples of "
+                             f"{p}, "
                              f"got {tuple(x.shape)}")
         N, h, w = x.shape[0], x.shape[2] // p, x.shape[3] // p
         if y is None:
             y = torch.full((N,), self.num_classes, dtype=torch.long, device=x.device)
         t = t.expand(N) if t.dim() == 0 else t
 
-        x = self.x_embedder(x) + self.pos_embed(h, w, x.device)                  # (N, T, D), T = h*w
+        # (N, T, D), T = h*w
+        x = self.x_embedder(x) + self.pos_embed(h, w, x.device)
         c = self.t_embedder(t) + self.y_embedder(y)                              # (N, D)
         for block in self.blocks:
             x = block(x, c)                                                      # (N, T, D)
@@ -225,8 +238,9 @@ class DiT(nn.Module):
 
 
 def load_official_state_dict(model, state_dict):
-    """Load an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt). Its stored pos_embed is dropped: the
-    embedding is recomputed for whatever grid the model sees, and equals the stored one on the training grid."""
+    """Load an official DiT checkpoint (e.g. DiT-XL-2-256x256.pt). Its stored pos_embed is dropped:
+    the embedding is recomputed for whatever grid the model sees, and equals the stored one on the
+    training grid."""
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items() if k != "pos_embed"}
     model.load_state_dict(state_dict)
 
@@ -236,15 +250,17 @@ def load_official_state_dict(model, state_dict):
 #################################################################################
 
 def get_1d_sincos_pos_embed(dim, pos):
-    """pos: (M,) positions -> (M, dim): sin of pos * 10000^(-k / (dim/2)) for k < dim/2, then cos of the same."""
+    """pos: (M,) positions -> (M, dim): sin of pos * 10000^(-k / (dim/2)) for k < dim/2, then cos of
+    the same."""
     omega = 10000.0 ** (-torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     angles = pos.to(torch.float64)[:, None] * omega[None]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
 def get_2d_sincos_pos_embed(dim, h, w):
-    """(h*w, dim) float32 for a row-major h x w grid. As in DiT (and MAE), the first half of the channels encodes
-    the column index and the second half the row index; on a square grid this equals DiT's stored table."""
+    """(h*w, dim) float32 for a row-major h x w grid. As in DiT (and MAE), the first half of the
+    channels encodes the column index and the second half the row index; on a square grid this
+    equals DiT's stored table."""
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a hidden size divisible by 4, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -291,8 +307,6 @@ def DiT_T_2(**kwargs):
 
 DiT_models = {
     "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4,
-    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4,
-    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4,
-    "DiT-T/2": DiT_T_2,
+    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4,
+    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-T/2": DiT_T_2,
 }

@@ -184,20 +184,26 @@ class SS2D(nn.Module):
         B, H, W, _ = x.shape
         D, R, K, N, L = self.d_inner, self.dt_rank, self.K, self.d_state, H * W
         x, z = self.in_proj(x).chunk(2, dim=-1)                                       # (B, H, W, D)
-        # the depthwise conv reads and writes channels-last memory, so the tokens stay (B, L, D) rows
+        # the depthwise conv reads and writes channels-last memory, so the tokens stay (B, L, D)
+        # rows
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, L, D)
-        # per-direction x_proj and dt_proj act per token: computed in token order, no gathered copies
-        x_dbl = torch.einsum("bld,kcd->blkc", x, self.x_proj_weight)                  # (B, L, K, R+2N)
+        # per-direction x_proj and dt_proj act per token: computed in token order, no gathered
+        # copies
+        # (B, L, K, R+2N)
+        x_dbl = torch.einsum("bld,kcd->blkc", x, self.x_proj_weight)
         dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
         dts = torch.einsum("blkr,kdr->blkd", dts, self.dt_projs_weight)               # (B, L, K, D)
-        # the four snake scans in one call, each reading the tokens through its path and writing every
-        # output back to the pixel it was read from; in fp32 (as the official code forces) or higher, so
-        # a float64 model stays float64
+        # the four snake scans in one call, each reading the tokens through its path and writing
+        # every output back to the pixel it was read from; in fp32 (as the official code forces) or
+        # higher, so a float64 model stays float64
         f = lambda a: a.to(torch.promote_types(x.dtype, torch.float32))
-        paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)  # (K, L)
+        # (K, L)
+        paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)
         ys = mamba_scan(f(x), f(dts), -torch.exp(f(self.A_logs)).view(K, D, N), f(Bs), f(Cs),
-                        f(self.Ds).view(K, D), dt_bias=f(self.dt_projs_bias), order=paths)  # (B, L, K, D)
-        y = self.out_norm(ys.sum(2)).view(B, H, W, D).to(z.dtype)                      # the four summed
+                        # (B, L, K, D)
+                        f(self.Ds).view(K, D), dt_bias=f(self.dt_projs_bias), order=paths)
+        # the four summed
+        y = self.out_norm(ys.sum(2)).view(B, H, W, D).to(z.dtype)
         return self.out_proj(y * F.silu(z))
 
 

@@ -1,5 +1,6 @@
 """
-Model registry (every model file's config dict in one place) and checkpoint loading for train.py and sample.py.
+Model registry (every model file's config dict in one place) and checkpoint loading for train.py and
+sample.py.
 """
 import os
 
@@ -12,8 +13,10 @@ from dit import DiT_models
 from lamamba import LaMamba_models
 
 MODELS = {**DiM_models, **BiDiM_models, **DiMSUM_models, **LaMamba_models, **DiT_models}
-# `--model dim` picks the family's usual config: the smallest paper-sized one, which trains on one GPU.
-FAMILY_DEFAULTS = {"dim": "DiM-S/2", "bidim": "BiDiM-S/2", "dimsum": "DiMSUM-S/2", "lamamba": "LaMamba-S", "dit": "DiT-S/2"}
+# `--model dim` picks the family's usual config: the smallest paper-sized one, which trains on one
+# GPU.
+FAMILY_DEFAULTS = {"dim": "DiM-S/2", "bidim": "BiDiM-S/2", "dimsum": "DiMSUM-S/2",
+                   "lamamba": "LaMamba-S", "dit": "DiT-S/2"}
 
 
 class ModelError(ValueError):
@@ -23,17 +26,20 @@ class ModelError(ValueError):
 def resolve_model_name(name):
     name = FAMILY_DEFAULTS.get(name.lower(), name)
     if name not in MODELS:
-        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join([*FAMILY_DEFAULTS, *MODELS])}")
+        raise ModelError(f"unknown model {name!r}; choose one of: "
+                         f"{', '.join([*FAMILY_DEFAULTS, *MODELS])}")
     return name
 
 
 def build_model(name, **kwargs):
-    """name: a config ('DiM-S/2') or a family ('dim'); kwargs: input_size, in_channels, num_classes."""
+    """name: a config ('DiM-S/2') or a family ('dim'); kwargs: input_size, in_channels,
+    num_classes."""
     return MODELS[resolve_model_name(name)](**kwargs)
 
 
 def takes_clips(name):
-    """Whether a config builds video models (num_frames=T): its model class declares `video = True`."""
+    """Whether a config builds video models (num_frames=T): its model class declares `video =
+    True`."""
     with torch.device("meta"):  # no memory, no init cost: only the class attribute is read
         return getattr(MODELS[resolve_model_name(name)](input_size=8), "video", False)
 
@@ -44,25 +50,31 @@ def find_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """A train.py checkpoint as a dict; clear errors for a missing file or a file of another kind."""
+    """A train.py checkpoint as a dict; clear errors for a missing file or a file of another
+    kind."""
     if not os.path.isfile(path):
         raise ModelError(f"checkpoint {path} not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never run pickled code
+        # weights_only: never run pickled code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
-    if not (isinstance(ckpt, dict) and {"model", "ema", "args", "model_name", "model_kwargs"} <= ckpt.keys()):
-        raise ModelError(f"{path} is not a checkpoint of this project (expected one written by train.py; "
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})")
+    if not (isinstance(ckpt, dict) and {"model", "ema", "args", "model_name",
+                                        "model_kwargs"} <= ckpt.keys()):
+        raise ModelError(f"{path} is not a checkpoint of this project (expected one written by "
+                         "train.py; "
                          "convert official weights with python -m tools.convert_official)")
     return ckpt
 
 
 def load_model(path, name=None):
-    """Rebuild a checkpoint's model from its stored config and load its EMA weights. Returns (model, ckpt).
-    name: if given, the checkpoint must hold that model."""
+    """Rebuild a checkpoint's model from its stored config and load its EMA weights. Returns (model,
+    ckpt). name: if given, the checkpoint must hold that model."""
     ckpt = load_checkpoint(path)
     if name is not None and resolve_model_name(name) != ckpt["model_name"]:
-        raise ModelError(f"{path} holds a {ckpt['model_name']} model, not {resolve_model_name(name)}; "
+        raise ModelError(f"{path} holds a {ckpt['model_name']} model, not "
+                         f"{resolve_model_name(name)}; "
                          f"drop --model or pass --model {ckpt['model_name']}")
     model = build_model(ckpt["model_name"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema"])
@@ -70,31 +82,37 @@ def load_model(path, name=None):
 
 
 def resize_grid_tensor(value, new_shape, old_grid, new_grid):
-    """Bilinearly resize a learned positional embedding to another token grid (DiM's 256 -> 512 fine-tune).
-    Handles (1, prefix + h*w, D) tables (the prefix, e.g. DiM's time and class entries, is kept) and (1, h, w, D)
-    maps. old_grid/new_grid: (h, w) token grids."""
+    """Bilinearly resize a learned positional embedding to another token grid (DiM's 256 -> 512
+    fine-tune). Handles (1, prefix + h*w, D) tables (the prefix, e.g. DiM's time and class entries,
+    is kept) and (1, h, w, D) maps. old_grid/new_grid: (h, w) token grids."""
     if value.dim() == 4:
         grid = value.permute(0, 3, 1, 2)
     else:
         prefix_len = value.shape[1] - old_grid[0] * old_grid[1]
         prefix, grid = value[:, :prefix_len], value[:, prefix_len:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
-    grid = torch.nn.functional.interpolate(grid.float(), size=new_grid, mode="bilinear", align_corners=False)
+    grid = torch.nn.functional.interpolate(grid.float(), size=new_grid, mode="bilinear",
+                                           align_corners=False)
     grid = grid.to(value.dtype).permute(0, 2, 3, 1)
-    out = grid if value.dim() == 4 else torch.cat([prefix, grid.reshape(1, -1, grid.shape[-1])], dim=1)
+    out = grid if value.dim() == 4 else torch.cat([prefix, grid.reshape(1, -1, grid.shape[-1])],
+                                                  dim=1)
     if tuple(out.shape) != tuple(new_shape):
-        raise ModelError(f"cannot resize a tensor of shape {tuple(value.shape)} to {tuple(new_shape)}")
+        raise ModelError(f"cannot resize a tensor of shape {tuple(value.shape)} to "
+                         f"{tuple(new_shape)}")
     return out
 
 
 def init_from_checkpoint(model, path, model_name):
-    """Weak-to-strong start (DiM Sec. 4): load every weight of a checkpoint trained at a lower resolution into
-    `model`, resizing the tensors that depend on the token grid. Uses the checkpoint's EMA weights, as DiM's
-    512 fine-tune starts from the 256 nnet_ema. Returns (copied, resized, skipped) key lists."""
+    """Weak-to-strong start (DiM Sec. 4): load every weight of a checkpoint trained at a lower
+    resolution into `model`, resizing the tensors that depend on the token grid. Uses the
+    checkpoint's EMA weights, as DiM's 512 fine-tune starts from the 256 nnet_ema. Returns (copied,
+    resized, skipped) key lists."""
     ckpt = load_checkpoint(path)
     if ckpt["model_name"] != model_name:
-        raise ModelError(f"--init-from {path} holds a {ckpt['model_name']} model, not {model_name}: "
+        raise ModelError(f"--init-from {path} holds a {ckpt['model_name']} model, not "
+                         f"{model_name}: "
                          f"pass --model {ckpt['model_name']} or a checkpoint of {model_name}")
-    old_side = ckpt["model_kwargs"]["input_size"] // model.patch_size  # same config, so the same patch size
+    # same config, so the same patch size
+    old_side = ckpt["model_kwargs"]["input_size"] // model.patch_size
     new_side = model.input_size // model.patch_size
     ours, copied, resized, skipped = model.state_dict(), [], [], []
     for key, value in ckpt["ema"].items():
@@ -104,7 +122,8 @@ def init_from_checkpoint(model, path, model_name):
             ours[key] = value
             copied.append(key)
         elif "pos_embed" in key:
-            ours[key] = resize_grid_tensor(value, ours[key].shape, (old_side, old_side), (new_side, new_side))
+            ours[key] = resize_grid_tensor(value, ours[key].shape, (old_side, old_side),
+                                           (new_side, new_side))
             resized.append(key)
         else:
             skipped.append(key)

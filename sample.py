@@ -5,21 +5,24 @@ tools/convert_official.py, which writes the same kind of checkpoint).
     python sample.py --ckpt results/000-DiM-S-2/checkpoints/latest.pt --num-samples 64
     python sample.py --ckpt results/000-DiM-S-2 --res 48 --class-label 3       # another resolution, one class
 
-Many samples for FID, in batches, on one GPU or several (each process generates every world-th sample):
+Many samples for FID, in batches, on one GPU or several (each process generates every world-th
+sample):
 
     python sample.py --ckpt results/000-DiM-S-2 --num-samples 10000 --format npz --no-grid
     torchrun --nproc_per_node=8 sample.py --ckpt results/000-DiM-S-2 --num-samples 50000 --format npz
     python fid.py --samples samples/samples.npz --ref fashion-mnist-test
 
-Writes DIR/grid.png and DIR/000000.png, ... (--format png) or DIR/samples.npz (--format npz: one uint8 array arr_0
-of shape (N, H, W, C), as ADM's and DiT's sample scripts write it). The model is rebuilt from the config stored in
-the checkpoint and runs with its EMA weights; any resolution divisible by the patch size (x 8 with a VAE) works,
-because the models resize their positional embeddings to the grid they are given.
+Writes DIR/grid.png and DIR/000000.png, ... (--format png) or DIR/samples.npz (--format npz: one
+uint8 array arr_0 of shape (N, H, W, C), as ADM's and DiT's sample scripts write it). The model is
+rebuilt from the config stored in the checkpoint and runs with its EMA weights; any resolution
+divisible by the patch size (x 8 with a VAE) works, because the models resize their positional
+embeddings to the grid they are given.
 
-Sample i always starts from the same noise (its own generator, seeded from --seed and i) and, without --class-label,
-has class i % num_classes, so a set of samples does not depend on --batch-size or on the number of processes. The
-default samplers (dpm++, heun) and ddim are deterministic from there; ddpm also draws noise at every step, per
-batch, so its samples do depend on the batching.
+Sample i always starts from the same noise (its own generator, seeded from --seed and i) and,
+without --class-label, has class i % num_classes, so a set of samples does not depend on
+--batch-size or on the number of processes. The default samplers (dpm++, heun) and ddim are
+deterministic from there; ddpm also draws noise at every step, per batch, so its samples do depend
+on the batching.
 """
 import argparse
 import os
@@ -38,9 +41,10 @@ from train import setup_distributed
 
 
 class TiledModel(torch.nn.Module):
-    """Runs `model` on overlapping tiles of its trained size and averages the predictions where tiles overlap
-    (MultiDiffusion, DemoFusion): every forward stays at the trained size, so memory stays flat and models whose
-    structure is tied to the grid work at any output size. Same call as the model: tiled(x, t, y)."""
+    """Runs `model` on overlapping tiles of its trained size and averages the predictions where
+    tiles overlap (MultiDiffusion, DemoFusion): every forward stays at the trained size, so memory
+    stays flat and models whose structure is tied to the grid work at any output size. Same call as
+    the model: tiled(x, t, y)."""
     def __init__(self, model, tile, overlap):
         super().__init__()
         self.model, self.tile = model, tile
@@ -57,7 +61,8 @@ class TiledModel(torch.nn.Module):
         out, count = None, torch.zeros(1, 1, H, W, device=x.device, dtype=torch.float32)
         for i in self.starts(H):
             for j in self.starts(W):
-                pred = self.model(x[:, :, i:i + self.tile, j:j + self.tile], t, y).float()   # (N, C', tile, tile)
+                # (N, C', tile, tile)
+                pred = self.model(x[:, :, i:i + self.tile, j:j + self.tile], t, y).float()
                 if out is None:
                     out = torch.zeros(N, pred.shape[1], H, W, device=x.device)
                 out[:, :, i:i + self.tile, j:j + self.tile] += pred
@@ -66,47 +71,54 @@ class TiledModel(torch.nn.Module):
 
 
 def upsample_plan(args, res, trained_res, diffusion):
-    """Which training-free route generates above the trained size: 'guidance' (DiM's Upsample Guidance, at an
-    integer ratio; flow models through their VP form), 'patch' (sample at the trained size, upsample, re-noise, tiled denoising)
-    or 'none' (plain sampling at the new size, positional embeddings resized)."""
+    """Which training-free route generates above the trained size: 'guidance' (DiM's Upsample
+    Guidance, at an integer ratio; flow models through their VP form), 'patch' (sample at the
+    trained size, upsample, re-noise, tiled denoising) or 'none' (plain sampling at the new size,
+    positional embeddings resized)."""
     mode = args.upsample
     if mode == "auto":
         integer_ratio = res % trained_res == 0 and res // trained_res >= 2
         mode = "none" if res <= trained_res else ("guidance" if integer_ratio else "patch")
     if mode == "guidance" and (res % trained_res or res < 2 * trained_res):
-        raise ModelError(f"--upsample guidance needs --res a multiple (>= 2x) of the trained {trained_res}px; "
+        raise ModelError("--upsample guidance needs --res a multiple (>= 2x) of the trained "
+                         f"{trained_res}px; "
                          "use --upsample patch or none")
     return mode
 
 
-# Sample i of --seed s draws its initial noise from a generator seeded s * NOISE_SEED_STRIDE + i (distinct for all
-# i < the stride); ddpm's per-step noise comes from per-batch generators seeded above STEP_SEED_OFFSET.
+# Sample i of --seed s draws its initial noise from a generator seeded s * NOISE_SEED_STRIDE + i
+# (distinct for all i < the stride); ddpm's per-step noise comes from per-batch generators seeded
+# above STEP_SEED_OFFSET.
 NOISE_SEED_STRIDE = 1_000_003
 STEP_SEED_OFFSET = 1 << 62
-GRID_MAX = 256  # grid.png / grid.gif show the first GRID_MAX samples: a preview, not a 50k-image mosaic
+# grid.png / grid.gif show the first GRID_MAX samples: a preview, not a 50k-image mosaic
+GRID_MAX = 256
 
 
 def sample_noise(index, seed, shapes):
-    """Sample `index`'s initial noise, one tensor per shape, from its own CPU generator: the same whatever the
-    batch size, the number of processes or the device."""
+    """Sample `index`'s initial noise, one tensor per shape, from its own CPU generator: the same
+    whatever the batch size, the number of processes or the device."""
     g = torch.Generator().manual_seed(seed * NOISE_SEED_STRIDE + index)
     return [torch.randn(shape, generator=g) for shape in shapes]
 
 
 def to_uint8(x):
-    """[-1, 1] floats -> uint8 on the CPU, rounded as data.to_pil rounds, so PNGs keep their exact bytes."""
+    """[-1, 1] floats -> uint8 on the CPU, rounded as data.to_pil rounds, so PNGs keep their exact
+    bytes."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 def to_float(x):
-    """uint8 -> [-1, 1] floats, for data.py's grid and GIF writers (which round back to the same bytes)."""
+    """uint8 -> [-1, 1] floats, for data.py's grid and GIF writers (which round back to the same
+    bytes)."""
     return x.float() / 127.5 - 1
 
 
 def gather(images, indices, num_samples, out_dir, rank, world):
-    """Collective: every rank's uint8 samples and their indices -> all samples in index order, on rank 0 (None
-    elsewhere). Through part files next to the output rather than all_gather_object, so only rank 0 ever holds
-    the whole set (and NCCL needs no CPU objects); the processes must share out_dir (one node, or a shared disk)."""
+    """Collective: every rank's uint8 samples and their indices -> all samples in index order, on
+    rank 0 (None elsewhere). Through part files next to the output rather than all_gather_object, so
+    only rank 0 ever holds the whole set (and NCCL needs no CPU objects); the processes must share
+    out_dir (one node, or a shared disk)."""
     if world == 1:
         return images
     part = os.path.join(out_dir, f"part-{rank:03d}-of-{world:03d}.npz")
@@ -128,10 +140,11 @@ def gather(images, indices, num_samples, out_dir, rank, world):
 
 
 def main(args):
-    """Generate args.num_samples samples and write them; returns them as a uint8 tensor (N, C, [T,] H, W) (on
-    rank 0 under torchrun; None on the other ranks)."""
+    """Generate args.num_samples samples and write them; returns them as a uint8 tensor (N, C, [T,]
+    H, W) (on rank 0 under torchrun; None on the other ranks)."""
     if args.num_samples < 1 or args.batch_size < 1:
-        raise ModelError(f"--num-samples and --batch-size must be >= 1 (got {args.num_samples}, {args.batch_size})")
+        raise ModelError(f"--num-samples and --batch-size must be >= 1 (got {args.num_samples}, "
+                         f"{args.batch_size})")
     rank, world, device = setup_distributed()
     try:
         return generate(args, rank, world, device)
@@ -145,7 +158,8 @@ def generate(args, rank, world, device):
     master = rank == 0
     ckpt_path = find_checkpoint(args.ckpt)
 
-    model, ckpt = load_model(ckpt_path, name=args.model)  # the checkpoint knows its model, resolution and VAE
+    # the checkpoint knows its model, resolution and VAE
+    model, ckpt = load_model(ckpt_path, name=args.model)
     train_args = ckpt["args"]
     vae_name = args.vae or train_args.get("vae")
     res = args.res or train_args["res"]
@@ -157,52 +171,64 @@ def generate(args, rank, world, device):
     diffusion = create_diffusion(model)
     sampler = args.sampler or diffusion.default_sampler
     if sampler not in diffusion.samplers:
-        raise ModelError(f"--sampler {sampler} does not fit a {diffusion.objective} model; choose one of "
+        raise ModelError(f"--sampler {sampler} does not fit a {diffusion.objective} model; choose "
+                         "one of "
                          f"{', '.join(diffusion.samplers)}")
     trained_res = train_args.get("res") or model.input_size * factor
     upsample = upsample_plan(args, res, trained_res, diffusion)
     num_classes = model.num_classes
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
-        raise ModelError(f"--class-label {args.class_label} is out of range: the model has {num_classes} classes")
+        raise ModelError(f"--class-label {args.class_label} is out of range: the model has "
+                         f"{num_classes} classes")
     frames = args.frames or getattr(model, "num_frames", None)
     if frames and upsample != "none":
-        raise ModelError("training-free upsampling is for images; sample clips at --res up to the trained size")
+        raise ModelError("training-free upsampling is for images; sample clips at --res up to the "
+                         "trained size")
     cfg = args.cfg if args.cfg is not None else (1.5 if num_classes else 1.0)
     bf16 = device.type == "cuda"
     if master:
-        print(f"{ckpt_path}: {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M), "
-              f"{args.num_samples} samples at {res}px (trained {trained_res}px, upsample {upsample}), {sampler} "
+        print(f"{ckpt_path}: {type(model).__name__} "
+              f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M), "
+              f"{args.num_samples} samples at {res}px (trained {trained_res}px, upsample "
+              f"{upsample}), {sampler} "
               f"{args.steps} steps, cfg {cfg}" + (f", {world} processes" if world > 1 else ""))
 
     shape = (model.in_channels, *([frames] if frames else []), res // factor, res // factor)
     shapes = [shape]
-    if upsample == "patch":  # the trained-size first pass gets its own noise, from the same per-sample generator
+    # the trained-size first pass gets its own noise, from the same per-sample generator
+    if upsample == "patch":
         lo = trained_res // factor
         shapes.append((shape[0], lo, lo))
 
-    # Rank r generates samples r, r + world, ...: every rank gets a similar share, and sample i is the same for any
-    # number of processes. Each batch becomes uint8 at once, so 10k+ samples never sit in memory as floats.
+    # Rank r generates samples r, r + world, ...: every rank gets a similar share, and sample i is
+    # the same for any number of processes. Each batch becomes uint8 at once, so 10k+ samples never
+    # sit in memory as floats.
     mine = list(range(rank, args.num_samples, world))
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
     images = []
     for idx in tqdm(batches, desc="batches", disable=not master):
-        noises = [torch.stack(n).to(device) for n in zip(*(sample_noise(i, args.seed, shapes) for i in idx))]
+        noises = [torch.stack(n).to(device) for n in zip(*(sample_noise(i, args.seed, shapes)
+                                                           for i in idx))]
         noise = noises[0]  # noises[1]: the patch route's trained-size noise
         if not num_classes:
             y = None
         else:  # one class, or cycle through the classes so a grid shows all of them
-            y = torch.tensor([args.class_label if args.class_label is not None else i % num_classes for i in idx],
+            y = torch.tensor([args.class_label if args.class_label is not None else i % num_classes
+                              for i in idx],
                              device=device)
-        g = torch.Generator(device).manual_seed(STEP_SEED_OFFSET + args.seed * NOISE_SEED_STRIDE + idx[0])
-        common = dict(sampler=sampler, steps=args.steps, cfg_scale=cfg, null_label=num_classes, generator=g)
+        g = torch.Generator(device).manual_seed(STEP_SEED_OFFSET + args.seed * NOISE_SEED_STRIDE
+                                                + idx[0])
+        common = dict(sampler=sampler, steps=args.steps, cfg_scale=cfg, null_label=num_classes,
+                      generator=g)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if upsample == "patch":
-                # 1. a sample at the trained size; 2. upsampled; 3. re-noised and denoised at the target size by
-                # the model applied to overlapping tiles of the trained size
+                # 1. a sample at the trained size; 2. upsampled; 3. re-noised and denoised at the
+                # target size by the model applied to overlapping tiles of the trained size
                 x_lo = diffusion.sample(model, noises[1], y, **common)
                 x_up = torch.nn.functional.interpolate(x_lo.float(), size=shape[1:], mode="bicubic")
                 tiled = TiledModel(model, noises[1].shape[-1], args.tile_overlap)
-                x = diffusion.sample(tiled, noise, y, init=x_up.to(x_lo.dtype), strength=args.renoise, **common)
+                x = diffusion.sample(tiled, noise, y, init=x_up.to(x_lo.dtype),
+                                     strength=args.renoise, **common)
             elif upsample == "guidance":
                 ug = UpsampleGuidance(m=res // trained_res, theta=args.ug_scale, eta=args.ug_window)
                 x = diffusion.sample(model, noise, y, upsample_guidance=ug, **common)
@@ -212,18 +238,20 @@ def generate(args, rank, world, device):
             x = vae_decode(vae, x.float())
         images.append(to_uint8(x))
     os.makedirs(args.out, exist_ok=True)
-    images = gather(torch.cat(images) if images else torch.zeros(0, dtype=torch.uint8), mine, args.num_samples,
-                    args.out, rank, world)
+    images = gather(torch.cat(images) if images else torch.zeros(0, dtype=torch.uint8), mine,
+                    args.num_samples, args.out, rank, world)
     if master:
         write_samples(images, args, cycling_classes=num_classes if args.class_label is None else 0)
     return images
 
 
 def write_samples(images, args, cycling_classes):
-    """uint8 samples (N, C, [T,] H, W) -> args.out: PNGs (clips: GIFs and frame strips) or one npz, plus a grid."""
+    """uint8 samples (N, C, [T,] H, W) -> args.out: PNGs (clips: GIFs and frame strips) or one npz,
+    plus a grid."""
     clips = images.ndim == 5
     written = []
-    if args.format == "npz":  # channels last, as ADM's/DiT's npz and fid.py expect; (N, T, H, W, C) for clips
+    # channels last, as ADM's/DiT's npz and fid.py expect; (N, T, H, W, C) for clips
+    if args.format == "npz":
         path = os.path.join(args.out, "samples.npz")
         np.savez(path, arr_0=images.movedim(1, -1).numpy())
         written.append(f"{path} {tuple(images.movedim(1, -1).shape)}")
@@ -235,7 +263,8 @@ def write_samples(images, args, cycling_classes):
     else:
         for i, x in enumerate(images):
             arr = x.permute(1, 2, 0).numpy()
-            Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(os.path.join(args.out, f"{i:06d}.png"))
+            Image.fromarray(arr[..., 0] if arr.shape[-1] == 1
+                            else arr).save(os.path.join(args.out, f"{i:06d}.png"))
         written.append(f"{len(images)} images")
     if not args.no_grid:
         head = to_float(images[:GRID_MAX])
@@ -243,42 +272,58 @@ def write_samples(images, args, cycling_classes):
             save_gif(head, os.path.join(args.out, "grid.gif"))
             written.append("grid.gif")
         else:  # a column per class when cycling through a few classes
-            save_grid(head, os.path.join(args.out, "grid.png"), nrow=cycling_classes if 0 < cycling_classes <= 16
+            save_grid(head, os.path.join(args.out, "grid.png"),
+                      nrow=cycling_classes if 0 < cycling_classes <= 16
                       else None)
             written.append("grid.png")
     print(f"wrote {' and '.join(written)} to {args.out}")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="a train.py checkpoint or run folder (or official weights "
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True,
+                        help="a train.py checkpoint or run folder (or official weights "
                         "converted by tools/convert_official.py)")
     parser.add_argument("--model", default=None, help="check that the checkpoint holds this model")
-    parser.add_argument("--res", type=int, default=None, help="image side in pixels (default: the trained one)")
+    parser.add_argument("--res", type=int, default=None,
+                        help="image side in pixels (default: the trained one)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None,
-                        help="default: the model's (dpm++ for epsilon models, heun for flow matching)")
+                        help="default: the model's (dpm++ for epsilon models, heun for flow "
+                        "matching)")
     parser.add_argument("--steps", type=int, default=50, help="network evaluations (x2 with CFG)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale w, 1 = none "
                         "(default 1.5 class-conditional, 1 unconditional)")
     parser.add_argument("--num-samples", type=int, default=16)
-    parser.add_argument("--class-label", type=int, default=None, help="all samples of this class (default: cycle)")
+    parser.add_argument("--class-label", type=int, default=None,
+                        help="all samples of this class (default: cycle)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--format", choices=["png", "npz"], default="png", help="png: one file per sample; npz: "
-                        "OUT/samples.npz, uint8 arr_0 (N, H, W, C) (clips: (N, T, H, W, C)), for fid.py")
-    parser.add_argument("--no-grid", action="store_true", help=f"skip grid.png / grid.gif (else of the first "
+    parser.add_argument("--format", choices=["png", "npz"], default="png",
+                        help="png: one file per sample; npz: "
+                        "OUT/samples.npz, uint8 arr_0 (N, H, W, C) (clips: (N, T, H, W, C)), for "
+                        "fid.py")
+    parser.add_argument("--no-grid", action="store_true",
+                        help=f"skip grid.png / grid.gif (else of the first "
                         f"{GRID_MAX} samples)")
-    parser.add_argument("--vae", default=None, help="decode latents with this VAE (default: the one trained on)")
-    parser.add_argument("--frames", type=int, default=None, help="video models: frames per clip (default: trained)")
+    parser.add_argument("--vae", default=None,
+                        help="decode latents with this VAE (default: the one trained on)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="video models: frames per clip (default: trained)")
     parser.add_argument("--upsample", choices=["auto", "guidance", "patch", "none"], default="auto",
-                        help="above the trained size: Upsample Guidance (DiM), patch (tiled re-denoising) or none; "
+                        help="above the trained size: Upsample Guidance (DiM), patch (tiled "
+                        "re-denoising) or none; "
                         "auto picks guidance at an integer ratio, else patch")
-    parser.add_argument("--ug-scale", type=float, default=1.0, help="Upsample Guidance weight theta (DiM: 1)")
-    parser.add_argument("--ug-window", type=float, default=0.3, help="guide the noisiest fraction eta of the "
+    parser.add_argument("--ug-scale", type=float, default=1.0,
+                        help="Upsample Guidance weight theta (DiM: 1)")
+    parser.add_argument("--ug-window", type=float, default=0.3,
+                        help="guide the noisiest fraction eta of the "
                         "schedule (DiM: 0.3)")
-    parser.add_argument("--tile-overlap", type=float, default=0.5, help="patch route: overlap of adjacent tiles")
-    parser.add_argument("--renoise", type=float, default=0.6, help="patch route: fraction of the schedule re-run "
+    parser.add_argument("--tile-overlap", type=float, default=0.5,
+                        help="patch route: overlap of adjacent tiles")
+    parser.add_argument("--renoise", type=float, default=0.6,
+                        help="patch route: fraction of the schedule re-run "
                         "on the upsampled sample (1 = from pure noise)")
     return parser.parse_args(argv)
 

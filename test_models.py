@@ -1,9 +1,10 @@
-"""The contract every config in the registry (models.py) meets, so that train.py and sample.py never special-case
-a model: it builds from (input_size, in_channels, num_classes); model(x, t, y) takes any grid its patch size
-divides, with labels or with y=None (the null class), and returns the shape its objective needs; its parameter
-count is its config's; and for the tiny configs, which run for real: a seed fixes the initial weights, a
-checkpoint round trip reproduces the outputs, and the training loss falls.
-Large configs run on the meta device (shapes only, no memory); their scans are counted, not run."""
+"""The contract every config in the registry (models.py) meets, so that train.py and sample.py never
+special-case a model: it builds from (input_size, in_channels, num_classes); model(x, t, y) takes
+any grid its patch size divides, with labels or with y=None (the null class), and returns the shape
+its objective needs; its parameter count is its config's; and for the tiny configs, which run for
+real: a seed fixes the initial weights, a checkpoint round trip reproduces the outputs, and the
+training loss falls. Large configs run on the meta device (shapes only, no memory); their scans are
+counted, not run."""
 import pytest
 import torch
 
@@ -11,18 +12,20 @@ import ssm
 from diffusion import create_diffusion
 from models import MODELS, load_model, takes_clips
 
-# Parameters at input_size 32, 4 channels, 1000 classes. A change here is a change of architecture: the model
-# files' own tests check the papers' counts.
+# Parameters at input_size 32, 4 channels, 1000 classes. A change here is a change of architecture:
+# the model files' own tests check the papers' counts.
 PARAMS = {
     "DiM-H/2": 862_370_320, "DiM-L/2": 386_038_800, "DiM-S/2": 51_586_576, "DiM-T/2": 370_256,
-    "BiDiM-XL/2": 774_699_296, "BiDiM-XL/4": 774_865_280, "BiDiM-XL/8": 775_529_216, "BiDiM-L/2": 526_063_648,
-    "BiDiM-L/4": 526_211_200, "BiDiM-B/2": 150_001_184, "BiDiM-B/4": 150_111_872, "BiDiM-S/2": 38_284_064,
-    "BiDiM-S/4": 38_339_456, "BiDiM-T/2": 491_168,
-    "DiMSUM-B/2": 184_373_008, "DiMSUM-L/2": 426_329_104, "DiMSUM-XL/2": 791_074_960, "DiMSUM-S/2": 46_696_336,
-    "DiMSUM-T/2": 1_044_048,
-    "LaMamba-XL": 659_742_248, "LaMamba-L": 424_017_000, "LaMamba-B": 136_333_736, "LaMamba-S": 35_329_112,
-    "LaMamba-T": 2_189_520,
-    "DiT-XL/2": 674_834_720, "DiT-XL/4": 675_000_704, "DiT-XL/8": 675_664_640, "DiT-L/2": 457_840_672,
+    "BiDiM-XL/2": 774_699_296, "BiDiM-XL/4": 774_865_280, "BiDiM-XL/8": 775_529_216,
+    "BiDiM-L/2": 526_063_648,
+    "BiDiM-L/4": 526_211_200, "BiDiM-B/2": 150_001_184, "BiDiM-B/4": 150_111_872,
+    "BiDiM-S/2": 38_284_064, "BiDiM-S/4": 38_339_456, "BiDiM-T/2": 491_168,
+    "DiMSUM-B/2": 184_373_008, "DiMSUM-L/2": 426_329_104, "DiMSUM-XL/2": 791_074_960,
+    "DiMSUM-S/2": 46_696_336, "DiMSUM-T/2": 1_044_048,
+    "LaMamba-XL": 659_742_248, "LaMamba-L": 424_017_000, "LaMamba-B": 136_333_736,
+    "LaMamba-S": 35_329_112, "LaMamba-T": 2_189_520,
+    "DiT-XL/2": 674_834_720, "DiT-XL/4": 675_000_704, "DiT-XL/8": 675_664_640,
+    "DiT-L/2": 457_840_672,
     "DiT-L/4": 457_988_224, "DiT-B/2": 130_315_808, "DiT-B/4": 130_426_496, "DiT-S/2": 32_865_056,
     "DiT-S/4": 32_920_448, "DiT-T/2": 394_912,
 }
@@ -34,8 +37,8 @@ def test_every_config_is_listed():
 
 
 def out_channels(model, C):
-    """What the objective needs: eps models predict eps (C) or eps and the variance interpolation (2C), flow
-    models the velocity (C)."""
+    """What the objective needs: eps models predict eps (C) or eps and the variance interpolation
+    (2C), flow models the velocity (C)."""
     diffusion = create_diffusion(model)
     assert diffusion.objective in ("eps", "flow")
     assert model.out_channels in ((C, 2 * C) if diffusion.objective == "eps" else (C,))
@@ -50,8 +53,10 @@ def test_contract_on_meta(name):
     assert (model.input_size, model.in_channels, model.num_classes) == (32, 4, 1000)
     C_out = out_channels(model, 4)
     with torch.no_grad(), ssm.count_scan_flops():
-        # the trained grid with labels; a larger, oblong one (LaMamba: multiples of 8) with the null class
-        for (h, w), y in [((32, 32), torch.zeros(2, dtype=torch.long, device="meta")), ((64, 48), None)]:
+        # the trained grid with labels; a larger, oblong one (LaMamba: multiples of 8) with the null
+        # class
+        for (h, w), y in [((32, 32), torch.zeros(2, dtype=torch.long, device="meta")),
+                          ((64, 48), None)]:
             x = torch.empty(2, 4, h, w, device="meta")
             t = torch.empty(2, device="meta") if model.objective == "flow" else torch.zeros(2, dtype=torch.long,
                                                                                              device="meta")
@@ -81,7 +86,8 @@ def test_tiny_forward_labels_and_null_class(name, one_thread, perturb):
             out, null = model(x, t, y), model(x, t, None)
             assert out.shape == null.shape == (2, C_out, size, size)
             assert torch.isfinite(out).all() and not torch.allclose(out, null)  # the label is used
-            assert torch.allclose(null, model(x, t, torch.full_like(y, model.num_classes)), atol=1e-6)
+            assert torch.allclose(null, model(x, t, torch.full_like(y, model.num_classes)),
+                                  atol=1e-6)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -96,7 +102,8 @@ def test_tiny_checkpoint_round_trip(name, tmp_path, perturb):
     kwargs = dict(input_size=8, in_channels=3, num_classes=10)
     model = perturb(build(name, **kwargs), 0.02, seed=2).eval()
     state = model.state_dict()
-    torch.save({"model": state, "ema": state, "args": {"res": 8}, "model_name": name, "model_kwargs": kwargs},
+    torch.save({"model": state, "ema": state, "args": {"res": 8}, "model_name": name,
+                "model_kwargs": kwargs},
                tmp_path / "ckpt.pt")
     loaded, ckpt = load_model(str(tmp_path / "ckpt.pt"), name=name)
     x, t, y = inputs(model)
@@ -106,7 +113,8 @@ def test_tiny_checkpoint_round_trip(name, tmp_path, perturb):
 
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_loss_falls(name, one_thread):
-    # A few Adam steps on one fixed batch with fixed noise and times: the objective's loss must fall.
+    # A few Adam steps on one fixed batch with fixed noise and times: the objective's loss must
+    # fall.
     model = build(name)
     diffusion = create_diffusion(model)
     g = torch.Generator().manual_seed(3)
@@ -126,11 +134,13 @@ def test_tiny_loss_falls(name, one_thread):
 
 
 def test_video_is_declared_by_the_model():
-    # train.py --video asks takes_clips(name), which reads the class attribute `video`; no TypeError guessing
+    # train.py --video asks takes_clips(name), which reads the class attribute `video`; no TypeError
+    # guessing
     assert takes_clips("BiDiM-T/2") and takes_clips("bidim") and not takes_clips("DiT-T/2")
     assert not any(takes_clips(name) for name in TINY if not name.startswith("BiDiM"))
     with torch.device("meta"):
         model = MODELS["BiDiM-T/2"](input_size=8, in_channels=4, num_classes=0, num_frames=3)
     with torch.no_grad(), ssm.count_scan_flops():
-        out = model(torch.empty(2, 4, 3, 8, 8, device="meta"), torch.zeros(2, dtype=torch.long, device="meta"))
+        out = model(torch.empty(2, 4, 3, 8, 8, device="meta"),
+                    torch.zeros(2, dtype=torch.long, device="meta"))
     assert out.shape == (2, model.out_channels, 3, 8, 8)

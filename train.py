@@ -1,13 +1,15 @@
 """
-Train a Diffusion Mamba image generator (DiM first) on Fashion-MNIST, a folder of images, or VAE latents.
+Train a Diffusion Mamba image generator (DiM first) on Fashion-MNIST, a folder of images, or VAE
+latents.
 
     python train.py --model dim --steps 20000                          # one process (GPU if there is one)
     torchrun --nproc_per_node=8 train.py --model DiM-L/2 --data /data/imagenet/train --res 256 \
         --vae stabilityai/sd-vae-ft-ema --global-batch-size 1024
     python train.py --resume results/000-DiM-S-2 --steps 40000         # continue exactly where it stopped
 
-The training recipe (optimiser settings, warm-up, EMA, label dropout) defaults to the model's `train_defaults`,
-and the noise schedule and time offset come from the model class, so one script trains every model family.
+The training recipe (optimiser settings, warm-up, EMA, label dropout) defaults to the model's
+`train_defaults`, and the noise schedule and time offset come from the model class, so one script
+trains every model family.
 """
 import argparse
 import itertools
@@ -27,17 +29,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import (DataError, build_dataset, build_video_dataset, check_resolution, load_vae, save_frame_strip, save_gif,
-                  save_grid, vae_decode, vae_encode, vae_factor)
+from data import (DataError, build_dataset, build_video_dataset, check_resolution, load_vae,
+                  save_frame_strip, save_gif, save_grid, vae_decode, vae_encode, vae_factor)
 from diffusion import create_diffusion
 from models import (ModelError, build_model, find_checkpoint, init_from_checkpoint, load_checkpoint,
                     resolve_model_name, takes_clips)
 
 HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout", "ema")
-# Flags that only steer the run; on --resume, the ones given on the command line replace the stored ones. All
-# other settings come from the checkpoint, so the continued run trains exactly as the first one did.
-RUN_CONTROL = dict(steps=100_000, ckpt_every=10_000, sample_every=5_000, log_every=100, num_workers=4,
-                   compile=False, data_dir=None)
+# Flags that only steer the run; on --resume, the ones given on the command line replace the stored
+# ones. All other settings come from the checkpoint, so the continued run trains exactly as the
+# first one did.
+RUN_CONTROL = dict(steps=100_000, ckpt_every=10_000, sample_every=5_000, log_every=100,
+                   num_workers=4, compile=False, data_dir=None)
 
 
 #################################################################################
@@ -53,7 +56,8 @@ def update_ema(ema, model, decay):
 
 
 def setup_distributed():
-    """nanoGPT's rule: DDP only when torchrun set RANK, so the same script also runs as one plain process."""
+    """nanoGPT's rule: DDP only when torchrun set RANK, so the same script also runs as one plain
+    process."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -68,9 +72,11 @@ def setup_distributed():
 
 
 def get_rng_state():
-    """Every RNG this process draws from; a resumed run restores them so it continues the same random streams."""
+    """Every RNG this process draws from; a resumed run restores them so it continues the same
+    random streams."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss)}
 
 
@@ -84,8 +90,8 @@ def set_rng_state(state):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start part-way through an epoch, so a resumed run gets exactly the batches
-    the uninterrupted run would have got, without loading the skipped ones."""
+    """DistributedSampler that can start part-way through an epoch, so a resumed run gets exactly
+    the batches the uninterrupted run would have got, without loading the skipped ones."""
     start = 0
 
     def __iter__(self):
@@ -96,9 +102,10 @@ class ResumableSampler(DistributedSampler):
 
 
 def save_checkpoint(state, ckpt_dir, world, master):
-    """Collective: every rank's RNG states go into the checkpoint, rank 0 writes it, then all ranks wait.
-    Written to a temporary file, synced and renamed, so a crash never leaves a half-written checkpoint; latest.pt
-    is a hard link to the newest numbered one (no second copy of a multi-GB file)."""
+    """Collective: every rank's RNG states go into the checkpoint, rank 0 writes it, then all ranks
+    wait. Written to a temporary file, synced and renamed, so a crash never leaves a half-written
+    checkpoint; latest.pt is a hard link to the newest numbered one (no second copy of a multi-GB
+    file)."""
     rng = [None] * world
     if world > 1:
         dist.all_gather_object(rng, get_rng_state())
@@ -128,14 +135,16 @@ def new_run_dir(results_dir, model_name, world, master):
     name = [None]
     if master:
         os.makedirs(results_dir, exist_ok=True)
-        name[0] = os.path.join(results_dir, f"{len(os.listdir(results_dir)):03d}-{model_name.replace('/', '-')}")
+        name[0] = os.path.join(results_dir,
+                               f"{len(os.listdir(results_dir)):03d}-{model_name.replace('/', '-')}")
     if world > 1:
         dist.broadcast_object_list(name)
     return name[0]
 
 
 def batches(loader, sampler, epoch, batch_in_epoch):
-    """Endless (epoch, batches done in it, x, y); each epoch reshuffled, the first one entered at batch_in_epoch."""
+    """Endless (epoch, batches done in it, x, y); each epoch reshuffled, the first one entered at
+    batch_in_epoch."""
     while True:
         sampler.set_epoch(epoch)
         sampler.start = batch_in_epoch * loader.batch_size
@@ -147,15 +156,17 @@ def batches(loader, sampler, epoch, batch_in_epoch):
 
 @torch.no_grad()
 def save_samples(ema, diffusion, vae, shape, num_classes, path, device, seed, autocast):
-    """A grid from the EMA model: one column per class (first 10), few DPM-Solver++ steps, fixed noise."""
-    g = torch.Generator(device).manual_seed(seed)  # own generator: sampling must not move the training RNG
+    """A grid from the EMA model: one column per class (first 10), few DPM-Solver++ steps, fixed
+    noise."""
+    # own generator: sampling must not move the training RNG
+    g = torch.Generator(device).manual_seed(seed)
     k = min(num_classes, 10)
     rows = 4 if len(shape) == 3 else 1  # clips: one row, each is a whole sequence of frames
     y = torch.arange(k, device=device).repeat(rows) if k else None
     noise = torch.randn(rows * k if k else 4 * rows, *shape, device=device, generator=g)
     with autocast:
-        x = diffusion.sample(ema, noise, y, sampler=diffusion.default_sampler, steps=25, cfg_scale=1.5 if k else 1.0,
-                             null_label=num_classes, generator=g)
+        x = diffusion.sample(ema, noise, y, sampler=diffusion.default_sampler, steps=25,
+                             cfg_scale=1.5 if k else 1.0, null_label=num_classes, generator=g)
     if vae is not None:
         x = vae_decode(vae, x.float())
     if x.ndim == 5:  # clips: an animated GIF (a grid of clips) and a frame strip
@@ -172,7 +183,8 @@ def save_samples(ema, diffusion, vae, shape, num_classes, path, device, seed, au
 def main(args):
     rank, world, device = setup_distributed()
     master = rank == 0
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+: ~free speed, no visible effect on training
+    # TF32 on Ampere+: ~free speed, no visible effect on training
+    torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
     ckpt, run_dir = None, None
@@ -192,34 +204,46 @@ def main(args):
     args.model = resolve_model_name(args.model or "dim")
     args.res = args.res or (256 if args.vae else 32)
     if args.global_batch_size % world:
-        raise DataError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+        raise DataError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
+                        f"{world} processes")
     local_batch = args.global_batch_size // world
 
-    # Data, then the model sized for it. A VAE turns 3-channel images into latent images vae_factor times smaller.
+    # Data, then the model sized for it. A VAE turns 3-channel images into latent images vae_factor
+    # times smaller.
     vae = load_vae(args.vae, device) if args.vae else None
     factor = vae_factor(vae) if vae else 1
-    if args.video:  # clips (C, T, H, W): Moving Fashion-MNIST or a folder of videos; the model takes num_frames
+    # clips (C, T, H, W): Moving Fashion-MNIST or a folder of videos; the model takes num_frames
+    if args.video:
         data_name = "moving-fashion-mnist" if args.data == "fashion-mnist" else args.data
         dataset, num_classes, channels = build_video_dataset(data_name, args.res, args.frames, args.data_dir)
     else:
-        dataset, num_classes, channels = build_dataset(args.data, args.res, args.data_dir, 3 if vae else args.channels)
+        dataset, num_classes, channels = build_dataset(args.data, args.res, args.data_dir,
+                                                       3 if vae else args.channels)
     if args.video and not takes_clips(args.model):
-        raise ModelError(f"{args.model} is an image model; --video needs one that takes clips (BiDiM)")
-    model_kwargs = dict(input_size=args.res // factor, in_channels=vae.config.latent_channels if vae else channels,
-                        num_classes=num_classes, **({"num_frames": args.frames} if args.video else {}))
+        raise ModelError(f"{args.model} is an image model; --video needs one that takes clips "
+                         "(BiDiM)")
+    model_kwargs = dict(input_size=args.res // factor,
+                        in_channels=vae.config.latent_channels if vae else channels,
+                        num_classes=num_classes,
+                        **({"num_frames": args.frames} if args.video else {}))
     torch.manual_seed(args.seed)  # same initial weights on every rank and for every world size
     model = build_model(args.model, **model_kwargs).to(device)
     check_resolution(args.res, model.patch_size, factor)
-    for k in HYPERPARAMETERS:  # None means "the model's own recipe"; the checkpoint stores the resolved values
+    # None means "the model's own recipe"; the checkpoint stores the resolved values
+    for k in HYPERPARAMETERS:
         if getattr(args, k) is None:
             setattr(args, k, model.train_defaults[k])
-    if args.init_from and ckpt is None:  # weak-to-strong: start from weights trained at a lower resolution
-        copied, resized, skipped = init_from_checkpoint(model, find_checkpoint(args.init_from), args.model)
+    # weak-to-strong: start from weights trained at a lower resolution
+    if args.init_from and ckpt is None:
+        copied, resized, skipped = init_from_checkpoint(model, find_checkpoint(args.init_from),
+                                                        args.model)
         if master:
-            print(f"--init-from {args.init_from}: copied {len(copied)} tensors, resized {resized or 'none'} to the "
+            print(f"--init-from {args.init_from}: copied {len(copied)} tensors, resized "
+                  f"{resized or 'none'} to the "
                   f"{args.res}px grid, could not load {skipped or 'none'}; fresh optimizer and EMA")
     ema = deepcopy(model).float().requires_grad_(False).eval()
-    diffusion = create_diffusion(model)  # the model's objective: eps (+ learned sigma) or flow matching
+    # the model's objective: eps (+ learned sigma) or flow matching
+    diffusion = create_diffusion(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             betas=model.train_defaults["betas"], eps=model.train_defaults["eps"])
 
@@ -233,9 +257,11 @@ def main(args):
         set_rng_state(ckpt["rng"][rank])
     else:
         if ckpt is not None and master:
-            print(f"warning: checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}: "
+            print(f"warning: checkpoint was written by {len(ckpt['rng'])} processes, this run has "
+                  f"{world}: "
                   "training continues but cannot reproduce the original run exactly")
-        seed = args.seed * world + rank + step  # DiT's per-rank seed (+ step, so a resumed run draws fresh noise)
+        # DiT's per-rank seed (+ step, so a resumed run draws fresh noise)
+        seed = args.seed * world + rank + step
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
@@ -246,14 +272,19 @@ def main(args):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    autocast = torch.autocast(device.type,
+                              dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     if len(sampler) < local_batch:
-        raise DataError(f"the dataset ({len(dataset)} images) is smaller than one batch per process ({local_batch})")
-    # A private generator: DataLoader draws a worker seed from it each epoch instead of from the global RNG.
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True, generator=torch.Generator())
+        raise DataError(f"the dataset ({len(dataset)} images) is smaller than one batch per "
+                        f"process ({local_batch})")
+    # A private generator: DataLoader draws a worker seed from it each epoch instead of from the
+    # global RNG.
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler,
+                        num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        generator=torch.Generator())
 
     # Run folder (rank 0 names it, everyone learns the name), metrics log, args for humans.
     run_dir = run_dir or new_run_dir(args.results_dir, args.model, world, master)
@@ -263,13 +294,15 @@ def main(args):
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        if os.path.exists(metrics_path):  # drop lines a crashed run logged after its last checkpoint
+        # drop lines a crashed run logged after its last checkpoint
+        if os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 lines = [line for line in f if json.loads(line)["step"] <= step]
             with open(metrics_path, "w") as f:
                 f.writelines(lines)
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{args.model}: {n_params / 1e6:.2f}M parameters; {len(dataset)} images, {num_classes} classes; "
+        print(f"{args.model}: {n_params / 1e6:.2f}M parameters; {len(dataset)} images, "
+              f"{num_classes} classes; "
               f"{world} process(es) on {device.type}, {precision}; run folder {run_dir}")
 
     model.train()
@@ -281,11 +314,14 @@ def main(args):
             epoch, batch_in_epoch, x, y = next(data)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             flip = torch.rand(x.shape[0], device=device) < 0.5
-            x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)  # horizontal flip, images or clips
+            # horizontal flip, images or clips
+            x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
             if vae is not None:
                 x = vae_encode(vae, x)
-            if num_classes:  # label dropout trains the unconditional model that classifier-free guidance needs
-                y = torch.where(torch.rand(y.shape, device=device) < args.label_dropout, num_classes, y)
+            # label dropout trains the unconditional model that classifier-free guidance needs
+            if num_classes:
+                y = torch.where(torch.rand(y.shape, device=device) < args.label_dropout,
+                                num_classes, y)
             else:
                 y = None
             with autocast:
@@ -294,7 +330,8 @@ def main(args):
             loss.backward()
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr  # warm-up, constant
+            # warm-up, constant
+            lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.step()
@@ -312,13 +349,15 @@ def main(args):
                 if master:
                     pbar.set_postfix(loss=f"{avg_loss:.4f}", img_s=f"{img_s:.0f}")
                     with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": step, "loss": avg_loss, "lr": lr, "img_per_s": img_s}) + "\n")
+                        f.write(json.dumps({"step": step, "loss": avg_loss, "lr": lr,
+                                            "img_per_s": img_s}) + "\n")
                 running_loss.zero_()
                 log_steps, t0 = 0, time.time()
 
             t_pause = time.time()
             if (args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.steps:
-                state = {"model": raw_model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                state = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
+                         "opt": opt.state_dict(),
                          "args": vars(args), "model_name": args.model, "model_kwargs": model_kwargs,
                          "objective": diffusion.objective,
                          "step": step, "data": (epoch, batch_in_epoch)}
@@ -327,45 +366,65 @@ def main(args):
                 frames = (args.frames,) if args.video else ()
                 shape = (raw_model.in_channels, *frames, args.res // factor, args.res // factor)
                 save_samples(ema, diffusion, vae, shape, num_classes,
-                             os.path.join(run_dir, "samples", f"{step:07d}.png"), device, args.seed, autocast)
-            t0 += time.time() - t_pause  # images/s counts training time, not checkpoints and sample grids
+                             os.path.join(run_dir, "samples", f"{step:07d}.png"), device, args.seed,
+                             autocast)
+            # images/s counts training time, not checkpoints and sample grids
+            t0 += time.time() - t_pause
     if world > 1:
         dist.destroy_process_group()
     return run_dir
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="a config (DiM-S/2) or a family (dim); default dim")
-    parser.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or a folder of images "
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="a config (DiM-S/2) or a family (dim); default dim")
+    parser.add_argument("--data", default="fashion-mnist",
+                        help="'fashion-mnist' or a folder of images "
                         "(class subfolders become labels; no subfolders = unconditional)")
     parser.add_argument("--data-dir", default=None, help="where Fashion-MNIST's .gz files are")
-    parser.add_argument("--res", type=int, default=None, help="image side in pixels (default 32, 256 with --vae)")
-    parser.add_argument("--channels", type=int, choices=[1, 3], default=1, help="Fashion-MNIST as grey or RGB")
-    parser.add_argument("--video", action="store_true", help="train on clips (BiDiM); --data fashion-mnist then "
-                        "means Moving Fashion-MNIST, else a folder of videos (frame folders or GIFs)")
+    parser.add_argument("--res", type=int, default=None,
+                        help="image side in pixels (default 32, 256 with --vae)")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=1,
+                        help="Fashion-MNIST as grey or RGB")
+    parser.add_argument("--video", action="store_true",
+                        help="train on clips (BiDiM); --data fashion-mnist then "
+                        "means Moving Fashion-MNIST, else a folder of videos (frame folders or "
+                        "GIFs)")
     parser.add_argument("--frames", type=int, default=16, help="frames per clip with --video")
-    parser.add_argument("--vae", default=None, help="train on the latents of this diffusers AutoencoderKL "
+    parser.add_argument("--vae", default=None,
+                        help="train on the latents of this diffusers AutoencoderKL "
                         "(a local folder or a hub id such as stabilityai/sd-vae-ft-ema)")
     parser.add_argument("--global-batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=None, help="total optimisation steps (default 100000)")
-    parser.add_argument("--lr", type=float, default=None, help="default: the model's train_defaults (as below)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="total optimisation steps (default 100000)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default: the model's train_defaults (as below)")
     parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--warmup", type=int, default=None, help="linear warm-up steps, then constant lr")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="linear warm-up steps, then constant lr")
     parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off)")
-    parser.add_argument("--label-dropout", type=float, default=None, help="probability of the null label")
+    parser.add_argument("--label-dropout", type=float, default=None,
+                        help="probability of the null label")
     parser.add_argument("--ema", type=float, default=None, help="EMA decay per step")
     parser.add_argument("--results-dir", default="results")
-    parser.add_argument("--ckpt-every", type=int, default=None, help="default 10000; 0 = only at the end")
+    parser.add_argument("--ckpt-every", type=int, default=None,
+                        help="default 10000; 0 = only at the end")
     parser.add_argument("--sample-every", type=int, default=None, help="default 5000; 0 = never")
     parser.add_argument("--log-every", type=int, default=None, help="default 100")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init-from", default=None, help="start from this checkpoint's EMA weights, trained at "
-                        "another resolution (weak-to-strong fine-tuning); positional embeddings are resized")
-    parser.add_argument("--resume", default=None, help="a checkpoint or a run folder; continues it exactly "
-                        "(settings come from the checkpoint; only run-control flags such as --steps apply)")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this checkpoint's EMA weights, trained at "
+                        "another resolution (weak-to-strong fine-tuning); positional embeddings "
+                        "are resized")
+    parser.add_argument("--resume", default=None,
+                        help="a checkpoint or a run folder; continues it exactly "
+                        "(settings come from the checkpoint; only run-control flags such as "
+                        "--steps apply)")
     parser.add_argument("--num-workers", type=int, default=None, help="default 4")
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the model")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
     return parser.parse_args(argv)
@@ -375,7 +434,7 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except (DataError, ModelError) as e:
-        # One clear line instead of a traceback. An error raised in a DataLoader worker arrives wrapped in the
-        # worker's traceback text; its last line is the original message.
+        # One clear line instead of a traceback. An error raised in a DataLoader worker arrives
+        # wrapped in the worker's traceback text; its last line is the original message.
         message = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
         sys.exit(f"error: {message}")

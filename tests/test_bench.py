@@ -1,4 +1,5 @@
-"""tools/bench.py on the CPU with tiny models: every column in the JSON, the plot, OOM rows, the scaling fit."""
+"""tools/bench.py on the CPU with tiny models: every column in the JSON, the plot, OOM rows, the
+scaling fit."""
 import json
 
 import pytest
@@ -31,26 +32,29 @@ def oom_family(monkeypatch):
 def test_bench_cpu_tiny(tmp_path, capsys, oom_family, mode):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     bench.main(["--models", "dim,dit,oom", "--size", "T", "--res", "32,64", "--batch", "2,1",
-                "--repeats", "1", "--warmup", "0", "--mode", mode, "--out", str(out), "--plot", str(plot)])
+                "--repeats", "1", "--warmup", "0", "--mode", mode, "--out", str(out), "--plot",
+                str(plot)])
     rows = json.loads(out.read_text())
     assert all(set(r) == set(bench.COLUMNS) for r in rows)
     status = {(r["model"], r["res"]): r["status"] for r in rows}
-    assert status == {("DiM-T/2", 32): "ok", ("DiM-T/2", 64): "ok", ("DiT-T/2", 32): "ok", ("DiT-T/2", 64): "ok",
-                      ("OOM-T/2", 32): "OOM", ("OOM-T/2", 64): "OOM*"}
+    assert status == {("DiM-T/2", 32): "ok", ("DiM-T/2", 64): "ok", ("DiT-T/2", 32): "ok",
+                      ("DiT-T/2", 64): "ok", ("OOM-T/2", 32): "OOM", ("OOM-T/2", 64): "OOM*"}
     for r in rows:
         assert r["mode"] == mode and r["device"] == "cpu" and r["scan"] == "torch"
         if r["status"] == "ok":
             assert r["tokens"] == (r["res"] // 16) ** 2 and r["params_M"] > 0 and r["gflops"] > 0
             assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
             assert r["ms_per_image"] == pytest.approx(r["step_ms"] / r["batch"])
-    assert next(r for r in rows if r["model"] == "DiM-T/2")["scan_gflops"] > 0   # the scans were counted
+    # the scans were counted
+    assert next(r for r in rows if r["model"] == "DiM-T/2")["scan_gflops"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "| DiT-T/2 | 64 | 16 | 1 |" in printed and "| OOM-T/2 | 32 |" in printed
 
 
 def test_scaling_exponent_and_crossover():
-    assert bench.scaling_exponent([(1e3, 1.0), (4e3, 16.0), (16e3, 256.0), (10, 99.0)]) == pytest.approx(2.0)
+    assert bench.scaling_exponent([(1e3, 1.0), (4e3, 16.0), (16e3, 256.0),
+                                   (10, 99.0)]) == pytest.approx(2.0)
 
     def row(model, res, ms, status="ok"):
         return dict(model=model, res=res, ms_per_image=ms, status=status)

@@ -1,4 +1,5 @@
-"""Tests for data.py: IDX parsing and its errors, Fashion-MNIST, image folders, resolution checks, VAE helpers."""
+"""Tests for data.py: IDX parsing and its errors, Fashion-MNIST, image folders, resolution checks,
+VAE helpers."""
 import gzip
 import os
 import struct
@@ -8,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (FASHION_MNIST_DIR, DataError, FashionMNIST, ImageFolder, build_dataset, center_crop_arr,
+from data import (FASHION_MNIST_DIR, DataError, FashionMNIST, ImageFolder, build_dataset,
+                  center_crop_arr,
                   check_resolution, read_idx, save_grid, vae_decode, vae_encode, vae_factor)
 
 HAVE_FMNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
@@ -43,7 +45,8 @@ def test_fashion_mnist_errors(tmp_path, fake_fmnist):
 
 def test_fake_fashion_mnist_padding(tmp_path, fake_fmnist):
     fake_fmnist(tmp_path)
-    ds, num_classes, channels = build_dataset("fashion-mnist", 32, data_dir=str(tmp_path), channels=3)
+    ds, num_classes, channels = build_dataset("fashion-mnist", 32, data_dir=str(tmp_path),
+                                              channels=3)
     x, y = ds[3]
     assert (len(ds), num_classes, channels, x.shape, int(y)) == (12, 10, 3, (3, 32, 32), 3)
     assert (x[:, :2] == -1).all() and (x[:, :, -2:] == -1).all()  # black (background) padding
@@ -87,7 +90,8 @@ def test_image_folder_errors(tmp_path, image_folder):
 def test_center_crop_arr():
     img = Image.new("RGB", (300, 100))
     assert center_crop_arr(img, 32).shape == (32, 32, 3)
-    assert center_crop_arr(Image.new("RGB", (10, 20)), 16).shape == (16, 16, 3)  # upscales small images
+    # upscales small images
+    assert center_crop_arr(Image.new("RGB", (10, 20)), 16).shape == (16, 16, 3)
 
 
 def test_check_resolution():

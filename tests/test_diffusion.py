@@ -1,10 +1,10 @@
 """
-Tests for diffusion.py (CPU, a few seconds). The known-answer tests use Gaussian data x0 ~ N(mu, s^2 I), for which
-the optimal epsilon predictor is closed form: x_t ~ N(a mu, (a^2 s^2 + sigma^2) I) and
+Tests for diffusion.py (CPU, a few seconds). The known-answer tests use Gaussian data x0 ~ N(mu, s^2
+I), for which the optimal epsilon predictor is closed form: x_t ~ N(a mu, (a^2 s^2 + sigma^2) I) and
 E[eps | x_t] = sigma (x_t - a mu) / (a^2 s^2 + sigma^2), with a = sqrt(abar_t), sigma = sqrt(1 - abar_t).
-A correct sampler fed this predictor must return samples with mean mu and std s, up to its discretisation error.
-The same holds on the GVP flow path (a = sin(pi t / 2), sigma = cos(pi t / 2)) with the optimal velocity
-E[u | x_t] = a' E[x0 | x_t] + sigma' E[eps | x_t], E[x0 | x_t] = mu + a s^2 (x_t - a mu) / (a^2 s^2 + sigma^2).
+A correct sampler fed this predictor must return samples with mean mu and std s, up to its
+discretisation error. The same holds on the GVP flow path (a = sin(pi t / 2), sigma = cos(pi t / 2))
+with the optimal velocity E[u | x_t] = a' E[x0 | x_t] + sigma' E[eps | x_t], E[x0 | x_t] = mu + a s^2 (x_t - a mu) / (a^2 s^2 + sigma^2).
 """
 import math
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusion import (SAMPLERS, FlowMatching, GaussianDiffusion, UpsampleGuidance,
-                       create_diffusion, ddim_sample, discretized_gaussian_nll, dpmpp_2m_sample, get_betas,
-                       gvp_coefs, gvp_velocity_to_x0_eps, normal_kl, respaced_timesteps)
+                       create_diffusion, ddim_sample, discretized_gaussian_nll, dpmpp_2m_sample,
+                       get_betas, gvp_coefs, gvp_velocity_to_x0_eps, normal_kl, respaced_timesteps)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -25,21 +25,25 @@ S = 0.7
 
 
 def gaussian_model(diffusion, mu, s, extra_channels=None):
-    """Optimal eps predictor for N(mu, s^2 I) data; mu (D,) or a per-class table (num_classes, D) indexed by y."""
+    """Optimal eps predictor for N(mu, s^2 I) data; mu (D,) or a per-class table (num_classes, D)
+    indexed by y."""
     def model(x, t, y):  # x (B, D), t (B,) as the network sees it (index + time_offset)
         abar = diffusion.alphas_cumprod[t - diffusion.time_offset].to(x.dtype)[:, None]  # (B, 1)
         m = (mu if mu.ndim == 1 else mu[y]).to(x.dtype)
         eps = (1 - abar).sqrt() * (x - abar.sqrt() * m) / (abar * s * s + 1 - abar)
-        return eps if extra_channels is None else torch.cat([eps, extra_channels.expand_as(eps)], dim=1)
+        return eps if extra_channels is None else torch.cat([eps, extra_channels.expand_as(eps)],
+                                                            dim=1)
     return model
 
 
 def prior_sample(diffusion, mu, s, z):
-    """x_T drawn from the exact marginal N(a_T mu, (a_T^2 s^2 + sigma_T^2) I) at t = N-1 rather than N(0, I).
+    """x_T drawn from the exact marginal N(a_T mu, (a_T^2 s^2 + sigma_T^2) I) at t = N-1 rather than
+    N(0, I).
 
-    Isolates the solver error: scaled-linear betas end at abar_T = 0.0047 (a_T = 0.068, no zero terminal SNR), so
-    starting from N(0, I) alone shifts the sample mean by about -s a_T mu (-0.1 for mu = 2). z is standardised
-    per dimension so that deterministic samplers show their discretisation error alone, not sampling noise.
+    Isolates the solver error: scaled-linear betas end at abar_T = 0.0047 (a_T = 0.068, no zero
+    terminal SNR), so starting from N(0, I) alone shifts the sample mean by about -s a_T mu (-0.1
+    for mu = 2). z is standardised per dimension so that deterministic samplers show their
+    discretisation error alone, not sampling noise.
     """
     z = (z - z.mean(0)) / z.std(0)
     abar = diffusion.alphas_cumprod[-1].item()
@@ -73,10 +77,12 @@ def test_respaced_timesteps():
     assert GaussianDiffusion().timesteps(3) == [999, 500, 0]  # noisiest first; 499.5 rounds to even
 
 
-# --------------------------------------------------------------------------- known answer on Gaussian data
+# --------------------------------------------------------------------------- known answer on
+# Gaussian data
 
 @pytest.mark.parametrize("schedule,time_offset", [("linear", 0), ("scaled_linear", 1)])
-@pytest.mark.parametrize("sampler,steps,tol_std", [("ddpm", 250, 0.035), ("ddim", 100, 0.03), ("dpm++", 25, 0.03)])
+@pytest.mark.parametrize("sampler,steps,tol_std", [("ddpm", 250, 0.035), ("ddim", 100, 0.03),
+                                                   ("dpm++", 25, 0.03)])
 def test_gaussian_known_answer(schedule, time_offset, sampler, steps, tol_std):
     d = GaussianDiffusion(schedule, 1000, time_offset)
     g = torch.Generator().manual_seed(0)
@@ -84,7 +90,8 @@ def test_gaussian_known_answer(schedule, time_offset, sampler, steps, tol_std):
     x = d.sample(gaussian_model(d, MU, S), noise, sampler=sampler, steps=steps, generator=g)
     assert x.shape == noise.shape and x.dtype == noise.dtype
     assert (x.mean(0).double() - MU).abs().max() < 0.02  # ddpm's own noise: standard error 0.005
-    # measured: ddpm 250 -1% .. -2.5%, ddim 100 -2.2%, dpm++ 25 -0.5% (linear) / -2.6% (scaled-linear)
+    # measured: ddpm 250 -1% .. -2.5%, ddim 100 -2.2%, dpm++ 25 -0.5% (linear) / -2.6%
+    # (scaled-linear)
     assert (x.std(0).double() / S - 1).abs().max() < tol_std
 
 
@@ -92,17 +99,21 @@ def test_gaussian_known_answer(schedule, time_offset, sampler, steps, tol_std):
 def test_dpmpp_beats_ddim(schedule):
     d = GaussianDiffusion(schedule)
     noise = prior_sample(d, MU, S, torch.randn(2000, 4, dtype=torch.float64))
-    err = lambda sampler, steps: (d.sample(gaussian_model(d, MU, S), noise, sampler=sampler, steps=steps)
+    err = lambda sampler, steps: (d.sample(gaussian_model(d, MU, S), noise, sampler=sampler,
+                                           steps=steps)
                                   .std(0) / S - 1).abs().max().item()
-    assert err("dpm++", 25) < 0.4 * err("ddim", 25)  # measured ratio 0.05 (linear), 0.36 (scaled-linear)
+    # measured ratio 0.05 (linear), 0.36 (scaled-linear)
+    assert err("dpm++", 25) < 0.4 * err("ddim", 25)
     assert err("dpm++", 200) < 0.25 * err("dpm++", 25)  # converges; measured 0.14 / 0.08
 
 
 def test_class_conditional_and_null_label():
     d = GaussianDiffusion("linear")
-    mus = torch.tensor([[1.5, -0.5], [-2.0, 0.7], [0.3, 2.5], [0.0, 0.0]], dtype=torch.float64)  # row 3 = null
+    # row 3 = null
+    mus = torch.tensor([[1.5, -0.5], [-2.0, 0.7], [0.3, 2.5], [0.0, 0.0]], dtype=torch.float64)
     y = torch.arange(9000) % 3
-    noise = prior_sample(d, mus[y], S, torch.randn(9000, 2, generator=torch.Generator().manual_seed(1)))
+    noise = prior_sample(d, mus[y], S,
+                         torch.randn(9000, 2, generator=torch.Generator().manual_seed(1)))
     model = gaussian_model(d, mus, S)
     x = d.sample(model, noise, y=y, sampler="dpm++", steps=25, cfg_scale=1.0, null_label=3)
     for c in range(3):
@@ -163,7 +174,8 @@ def test_respaced_ddpm_with_all_steps_is_the_plain_chain(dtype):
     d = GaussianDiffusion("linear", 1000)
     model = gaussian_model(d, MU, S)
     noise = torch.randn(32, 4, dtype=dtype, generator=torch.Generator().manual_seed(3))
-    out = d.sample(model, noise, sampler="ddpm", steps=1000, generator=torch.Generator().manual_seed(4))
+    out = d.sample(model, noise, sampler="ddpm", steps=1000,
+                   generator=torch.Generator().manual_seed(4))
     # reference: unrespaced DDPM (Ho et al. eq. 7) written from the original betas
     betas, abar = d.betas, d.alphas_cumprod
     abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
@@ -176,8 +188,8 @@ def test_respaced_ddpm_with_all_steps_is_the_plain_chain(dtype):
         if t > 0:
             var = betas[t] * (1 - abar_prev[t]) / (1 - abar[t])
             x = x + var.sqrt() * torch.randn(x.shape, generator=g, dtype=x.dtype)
-    # beta' = 1 - abar_t / abar_{t-1} differs from beta_t by float64 rounding only: bit-identical once the
-    # coefficients are rounded to float32, within 1e-13 in float64
+    # beta' = 1 - abar_t / abar_{t-1} differs from beta_t by float64 rounding only: bit-identical
+    # once the coefficients are rounded to float32, within 1e-13 in float64
     if dtype == torch.float32:
         assert torch.equal(out, x)
     else:
@@ -187,9 +199,11 @@ def test_respaced_ddpm_with_all_steps_is_the_plain_chain(dtype):
 def test_learned_range_variance():
     d = GaussianDiffusion("linear")
     noise = torch.randn(256, 4, generator=torch.Generator().manual_seed(5))
-    run = lambda model: d.sample(model, noise, sampler="ddpm", steps=50, generator=torch.Generator().manual_seed(6))
+    run = lambda model: d.sample(model, noise, sampler="ddpm", steps=50,
+                                 generator=torch.Generator().manual_seed(6))
     fixed = run(gaussian_model(d, MU, S))
-    # v = -1 selects log beta-tilde, i.e. the fixed-small variance; v = +1 selects beta, which is larger
+    # v = -1 selects log beta-tilde, i.e. the fixed-small variance; v = +1 selects beta, which is
+    # larger
     assert torch.allclose(fixed, run(gaussian_model(d, MU, S, torch.tensor(-1.0))), atol=1e-5)
     assert not torch.allclose(fixed, run(gaussian_model(d, MU, S, torch.tensor(1.0))), atol=1e-3)
 
@@ -207,11 +221,13 @@ def test_training_loss():
     expected = ((model(x_t, t, None) - noise) ** 2).mean()
     assert torch.allclose(d.training_loss(model, x0, None, noise=noise, t=t), expected, atol=1e-6)
     zero = lambda x, t, y: torch.zeros_like(x)
-    assert d.training_loss(model, x0, None, noise, t) < 0.8 * d.training_loss(zero, x0, None, noise, t)
+    assert d.training_loss(model, x0, None, noise,
+                           t) < 0.8 * d.training_loss(zero, x0, None, noise, t)
     # 2C outputs (eps + variance channels): the eps loss uses the first C channels only, plus L_vb
     wide = gaussian_model(d, MU, S, torch.tensor(0.3))
     vb = d.vb_bpd(x0, x_t, t, model(x_t, t, None), torch.full_like(x0, 0.3)).mean()
-    assert vb > 0 and torch.allclose(d.training_loss(wide, x0, None, noise, t), expected + vb, atol=1e-6)
+    assert vb > 0 and torch.allclose(d.training_loss(wide, x0, None, noise, t), expected + vb,
+                                     atol=1e-6)
     # image-shaped batches and a random t from the global RNG
     img = torch.randn(3, 2, 4, 4)
     assert d.training_loss(lambda x, t, y: torch.zeros_like(x), img, None).ndim == 0
@@ -224,7 +240,8 @@ def test_fixed_seed_is_bit_identical(sampler, eta):
     d = GaussianDiffusion("linear")
     model = gaussian_model(d, MU, S)
     noise = torch.randn(2, 4, 3, 3)  # image-shaped: the samplers only broadcast scalars
-    model4d = lambda x, t, y: model(x.flatten(2).transpose(1, 2).reshape(-1, 4), t.repeat_interleave(9), None) \
+    model4d = lambda x, t, y: model(x.flatten(2).transpose(1, 2).reshape(-1, 4),
+                                    t.repeat_interleave(9), None) \
         .reshape(2, 9, 4).transpose(1, 2).reshape(x.shape)
     run = lambda seed: d.sample(model4d, noise, sampler=sampler, steps=20, eta=eta,
                                 generator=torch.Generator().manual_seed(seed))
@@ -274,15 +291,18 @@ def test_normal_kl():
 
 
 def test_discretized_gaussian_nll_matches_integral():
-    x = torch.tensor([-1.0, -0.5, 0.0, 0.3, 1.0], dtype=torch.float64)  # both end bins and three inner ones
+    # both end bins and three inner ones
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.3, 1.0], dtype=torch.float64)
     mean = x + torch.tensor([0.01, -0.005, 0.0, 0.02, -0.01], dtype=torch.float64)
     std = torch.tensor([0.02, 0.01, 0.05, 0.03, 0.02], dtype=torch.float64)
     for xi, mi, si, nll in zip(x, mean, std, discretized_gaussian_nll(x, mean, std.log())):
         lo = xi - 1 / 255 if xi > -0.999 else mi - 12 * si  # end bins reach -inf / +inf
         hi = xi + 1 / 255 if xi < 0.999 else mi + 12 * si
         z = torch.linspace(lo.item(), hi.item(), 20001, dtype=torch.float64)
-        p = torch.trapezoid(torch.exp(-0.5 * ((z - mi) / si) ** 2) / (si * math.sqrt(2 * math.pi)), z)
-        assert math.exp(-nll.item()) == pytest.approx(p.item(), rel=2e-3)  # tanh CDF: |error| < 2e-4
+        p = torch.trapezoid(torch.exp(-0.5 * ((z - mi) / si) ** 2) / (si * math.sqrt(2 * math.pi)),
+                            z)
+        # tanh CDF: |error| < 2e-4
+        assert math.exp(-nll.item()) == pytest.approx(p.item(), rel=2e-3)
 
 
 def test_vb_is_minimal_at_the_true_posterior():
@@ -293,8 +313,9 @@ def test_vb_is_minimal_at_the_true_posterior():
     t = torch.randint(1, 1000, (64,), generator=g)
     x_t = d.q_sample(x0, t, noise)
     vb = lambda eps, v: d.vb_bpd(x0, x_t, t, eps, torch.full_like(x0, v))
-    # eps = the true noise gives x0_hat = x0, the true posterior mean; v = -1 gives log beta-tilde (clipped), the
-    # true posterior variance: KL = 0, and it grows as the variance moves towards beta
+    # eps = the true noise gives x0_hat = x0, the true posterior mean; v = -1 gives log beta-tilde
+    # (clipped), the true posterior variance: KL = 0, and it grows as the variance moves towards
+    # beta
     assert vb(noise, -1.0).abs().max() < 1e-10
     vals = torch.stack([vb(noise, v) for v in torch.linspace(-1, 1, 9).tolist()])  # (9, B)
     assert (vals.diff(dim=0) > 0).all()
@@ -305,16 +326,21 @@ def test_vb_is_minimal_at_the_true_posterior():
     post_var = b * (1 - a_prev) / (1 - a)
     eps = noise + 0.1
     x0_hat = (x_t[i, j] - math.sqrt(1 - a) * eps[i, j]) / math.sqrt(a)
-    mu_q = (math.sqrt(a_prev) * b * x0[i, j] + math.sqrt(1 - b) * (1 - a_prev) * x_t[i, j]) / (1 - a)
+    mu_q = (math.sqrt(a_prev) * b * x0[i, j] + math.sqrt(1 - b) * (1 - a_prev)
+            * x_t[i, j]) / (1 - a)
     mu_p = (math.sqrt(a_prev) * b * x0_hat + math.sqrt(1 - b) * (1 - a_prev) * x_t[i, j]) / (1 - a)
     var_p = math.exp(0.25 * math.log(b) + 0.75 * math.log(post_var))  # v = -0.5: f = 0.25
-    kl = 0.5 * (math.log(var_p / post_var) + post_var / var_p + (mu_q - mu_p) ** 2 / var_p - 1) / math.log(2)
-    one = d.vb_bpd(x0[:1, :1], x_t[:1, :1], t[:1], eps[:1, :1], torch.full((1, 1), -0.5, dtype=torch.float64))
+    kl = 0.5 * (math.log(var_p / post_var) + post_var / var_p + (mu_q - mu_p) ** 2 / var_p
+                - 1) / math.log(2)
+    one = d.vb_bpd(x0[:1, :1], x_t[:1, :1], t[:1], eps[:1, :1],
+                   torch.full((1, 1), -0.5, dtype=torch.float64))
     assert one.item() == pytest.approx(kl.item(), rel=1e-9)
-    # t = 0: the decoder NLL of x0 under N(x0_hat, Sigma_0), Sigma_0 = beta-tilde_1 at v = -1 ("clipped")
+    # t = 0: the decoder NLL of x0 under N(x0_hat, Sigma_0), Sigma_0 = beta-tilde_1 at v = -1
+    # ("clipped")
     t0 = torch.zeros(64, dtype=torch.long)
     x_0 = d.q_sample(x0, t0, noise)
-    log_var = math.log(d.betas[1].item() * (1 - d.alphas_cumprod[0].item()) / (1 - d.alphas_cumprod[1].item()))
+    log_var = math.log(d.betas[1].item()
+                       * (1 - d.alphas_cumprod[0].item()) / (1 - d.alphas_cumprod[1].item()))
     nll = discretized_gaussian_nll(x0, x0, torch.full_like(x0, 0.5 * log_var)).mean(1) / math.log(2)
     assert torch.allclose(d.vb_bpd(x0, x_0, t0, noise, torch.full_like(x0, -1.0)), nll, rtol=1e-9)
 
@@ -346,13 +372,15 @@ def flow_model(mu, s):
 
 def test_gvp_conversions_round_trip():
     g = torch.Generator().manual_seed(11)
-    x0, eps = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x0, eps = torch.randn(7, 5, generator=g,
+                          dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
     t = torch.tensor([0.0, 1e-4, 0.2, 0.5, 0.77, 0.999, 1.0], dtype=torch.float64)[:, None]
     a, s = gvp_coefs(t)
     x_t, u = a * x0 + s * eps, math.pi / 2 * (s * x0 - a * eps)
     x0_hat, eps_hat = gvp_velocity_to_x0_eps(x_t, u, t)
     assert torch.allclose(x0_hat, x0, atol=1e-12) and torch.allclose(eps_hat, eps, atol=1e-12)
-    # ... consistent with the VP eps parameterisation (abar = a^2) where alpha > 0, and back to the velocity
+    # ... consistent with the VP eps parameterisation (abar = a^2) where alpha > 0, and back to the
+    # velocity
     assert torch.allclose(((x_t - s * eps_hat) / a)[1:], x0[1:], atol=1e-9)
     assert torch.allclose(math.pi / 2 * (s * x0_hat - a * eps_hat), u, atol=1e-12)
     # float32 with a scalar t
@@ -379,23 +407,27 @@ def test_flow_training_loss():
             total += (0.5 * x_t + 1.0 - u) ** 2
     assert fm.training_loss(model, x0, None, noise, t).item() == pytest.approx(total / 6, rel=1e-6)
     assert torch.equal(seen[0], t)  # the network sees continuous t, 1 = data
-    loss = fm.training_loss(lambda x, t, y: torch.zeros_like(x), torch.randn(4, 3, 2, 2), None)  # random t
+    # random t
+    loss = fm.training_loss(lambda x, t, y: torch.zeros_like(x), torch.randn(4, 3, 2, 2), None)
     assert loss.ndim == 0 and loss > 0
     # the optimal velocity beats zero
     x0 = MU.float() + S * torch.randn(4096, 4)
-    assert fm.training_loss(flow_model(MU, S), x0, None) < 0.5 * fm.training_loss(lambda x, t, y: 0 * x, x0, None)
+    assert fm.training_loss(flow_model(MU, S), x0,
+                            None) < 0.5 * fm.training_loss(lambda x, t, y: 0 * x, x0, None)
 
 
 @pytest.mark.parametrize("sampler,steps,tol_mean,tol_std", [
-    ("heun", 50, 1e-3, 2e-3), ("euler", 100, 0.02, 5e-3), ("dpm++", 25, 1e-5, 0.01), ("dpm++", 10, 1e-5, 0.03),
-    ("ddim", 50, 1e-5, 0.03)])
+    ("heun", 50, 1e-3, 2e-3), ("euler", 100, 0.02, 5e-3), ("dpm++", 25, 1e-5, 0.01),
+    ("dpm++", 10, 1e-5, 0.03), ("ddim", 50, 1e-5, 0.03)])
 def test_flow_known_answer(sampler, steps, tol_mean, tol_std):
     z = torch.randn(20000, 4, generator=torch.Generator().manual_seed(13))
-    z = (z - z.mean(0)) / z.std(0)  # t = 0 is exactly N(0, I): no prior mismatch to isolate, as on the VP grid
+    # t = 0 is exactly N(0, I): no prior mismatch to isolate, as on the VP grid
+    z = (z - z.mean(0)) / z.std(0)
     x = FlowMatching().sample(flow_model(MU, S), z, sampler=sampler, steps=steps)
     assert x.shape == z.shape and x.dtype == z.dtype
-    # measured: |mean error| heun 2e-4, euler 0.014, dpm++ / ddim 1e-7 (their first step is exact at t = 0);
-    # std error heun +0.01%, euler -0.08%, dpm++ +0.35% (10 steps: -2.0%; -6.0% with lower_order_final), ddim -2.6%
+    # measured: |mean error| heun 2e-4, euler 0.014, dpm++ / ddim 1e-7 (their first step is exact at
+    # t = 0); std error heun +0.01%, euler -0.08%, dpm++ +0.35% (10 steps: -2.0%; -6.0% with
+    # lower_order_final), ddim -2.6%
     assert (x.mean(0).double() - MU).abs().max() < tol_mean
     assert (x.std(0).double() / S - 1).abs().max() < tol_std
 
@@ -404,7 +436,8 @@ def test_flow_heun_is_second_order():
     z = torch.randn(512, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
     fm = FlowMatching()
     ref = fm.sample(flow_model(MU, S), z, sampler="heun", steps=400)
-    err = lambda k: (fm.sample(flow_model(MU, S), z, sampler="heun", steps=k) - ref).abs().max().item()
+    err = lambda k: (fm.sample(flow_model(MU, S), z, sampler="heun",
+                               steps=k) - ref).abs().max().item()
     assert 3.5 < err(10) / err(20) < 4.5  # halving h quarters the error
 
 
@@ -422,8 +455,10 @@ def test_flow_cfg_and_calls():
     out = fm.sample(model, x, y, sampler="euler", steps=1, cfg_scale=2.5, null_label=2)
     assert calls == [(12, 0.0)] and torch.allclose(out, x + u_u + 2.5 * (u_c - u_u))
     calls.clear()
-    fm.sample(model, x, y, sampler="heun", steps=4)  # 2 evaluations a step, the last at t = 1; w = 1: no doubling
-    assert [t for _, t in calls] == [0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0] and {b for b, _ in calls} == {6}
+    # 2 evaluations a step, the last at t = 1; w = 1: no doubling
+    fm.sample(model, x, y, sampler="heun", steps=4)
+    assert [t for _, t in calls] == [0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75,
+                                     1.0] and {b for b, _ in calls} == {6}
     for sampler in ("dpm++", "ddim"):  # one evaluation a step, never at t = 1
         calls.clear()
         fm.sample(model, x, y, sampler=sampler, steps=4)
@@ -449,7 +484,8 @@ def test_create_diffusion():
     d = create_diffusion(Eps)
     assert isinstance(d, GaussianDiffusion) and d.time_offset == 1
     assert torch.equal(d.betas, get_betas("scaled_linear"))
-    d = create_diffusion(Dit(), num_steps=250)  # an instance works too; overrides go to the constructor
+    # an instance works too; overrides go to the constructor
+    d = create_diffusion(Dit(), num_steps=250)
     assert d.time_offset == 0 and d.num_steps == 250 and torch.equal(d.betas, get_betas("linear", 250))
     assert isinstance(create_diffusion(Flow), FlowMatching)
     for bad in (type("Bad", (), {"objective": "v"}), object):
@@ -473,7 +509,8 @@ def test_ug_level_hand_computed():
         tau = min(range(1000), key=lambda n: abs(abar[n] / (1 - abar[n]) - target))
         P, tau_d = d.ug_level(t, m)
         assert P == pytest.approx(abar[t] + (1 - abar[t]) / m ** 2, rel=1e-12) and tau_d == tau
-    assert d.ug_level(800, 2)[1] == 709  # pinned: 4 SNR(800) = 4 x 0.00151 = 0.00604; SNR(709) = 0.00608
+    # pinned: 4 SNR(800) = 4 x 0.00151 = 0.00604; SNR(709) = 0.00608
+    assert d.ug_level(800, 2)[1] == 709
     P, _ = d.ug_level(999, 2)
     assert P == pytest.approx(0.25 + 0.75 * abar[999], rel=1e-9)
 
@@ -485,17 +522,21 @@ def test_ug_theta_zero_and_active_steps():
     def model(x, t, y):  # eps of i.i.d. Gaussian data; records the low-resolution calls
         if x.shape[-1] == 4:
             lo_calls.append((x.shape[0], t[0].item()))
-        return gaussian_model(d, MU[:1], S)(x.reshape(-1, 1), t.repeat_interleave(x[0].numel()), None).reshape(x.shape)
+        return gaussian_model(d, MU[:1], S)(x.reshape(-1, 1), t.repeat_interleave(x[0].numel()),
+                                            None).reshape(x.shape)
 
-    y, noise = torch.tensor([0, 1]), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(15))
+    y, noise = torch.tensor([0, 1]), torch.randn(2, 3, 8, 8,
+                                                 generator=torch.Generator().manual_seed(15))
     for sampler in ("ddpm", "ddim", "dpm++"):
-        run = lambda ug: d.sample(model, noise, y, sampler=sampler, steps=50, cfg_scale=2.0, null_label=5,
+        run = lambda ug: d.sample(model, noise, y, sampler=sampler, steps=50, cfg_scale=2.0,
+                                  null_label=5,
                                   generator=torch.Generator().manual_seed(16), upsample_guidance=ug)
         assert torch.equal(run(None), run(UpsampleGuidance(m=2, theta=0.0)))
         assert not lo_calls
         out = run(UpsampleGuidance(m=2))
         assert out.shape == noise.shape and not torch.equal(out, run(None))
-        # active in the noisiest 30%: respaced steps with t / 999 >= 0.7, i.e. 15 of 50, each with a CFG batch
+        # active in the noisiest 30%: respaced steps with t / 999 >= 0.7, i.e. 15 of 50, each with a
+        # CFG batch
         active = [t for t in d.timesteps(50) if t >= 699.3]
         assert len(active) == 15 and len(lo_calls) == 15
         assert lo_calls == [(4, d.ug_level(t, 2)[1]) for t in active]
@@ -505,35 +546,40 @@ def test_ug_theta_zero_and_active_steps():
 
 
 def test_ug_leaves_a_scale_consistent_model_unchanged():
-    """Data constant on 2x2 blocks, with N(mu, s^2) i.i.d. blocks, and each resolution's optimal eps predictor:
-    average pooling a high-resolution sample gives exactly a low-resolution one, so eps_lo / m = avgpool(eps_hi)
-    and the guidance term vanishes, provided tau hits SNR m^2 SNR(t) exactly. A schedule whose log-SNR falls by
-    log 4 / 10 a step makes tau = t - 10 exact."""
+    """Data constant on 2x2 blocks, with N(mu, s^2) i.i.d. blocks, and each resolution's optimal eps
+    predictor: average pooling a high-resolution sample gives exactly a low-resolution one, so
+    eps_lo / m = avgpool(eps_hi) and the guidance term vanishes, provided tau hits SNR m^2 SNR(t)
+    exactly. A schedule whose log-SNR falls by log 4 / 10 a step makes tau = t - 10 exact."""
     N, m, mu, s = 100, 2, 0.4, 0.8
     d = GaussianDiffusion("linear", N)
-    d.alphas_cumprod = torch.sigmoid(8 - torch.arange(N, dtype=torch.float64) * math.log(m * m) / 10)
+    d.alphas_cumprod = torch.sigmoid(8 - torch.arange(N, dtype=torch.float64)
+                                     * math.log(m * m) / 10)
     assert d.ug_level(80, m)[1] == 70
 
-    def model(x, t, y, iid=False):  # optimal eps for data constant on k x k blocks: k = 2 at 8x8, 1 at 4x4
+    # optimal eps for data constant on k x k blocks: k = 2 at 8x8, 1 at 4x4
+    def model(x, t, y, iid=False):
         k = 1 if x.shape[-1] == 4 or iid else m
         a = d.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
         b = F.interpolate(F.avg_pool2d(x, k), scale_factor=k, mode="nearest")  # block means
-        return (x - b) / (1 - a).sqrt() + (1 - a).sqrt() * (b - a.sqrt() * mu) / (k * k * a * s * s + 1 - a)
+        return (x - b) / (1 - a).sqrt() + (1 - a).sqrt() * (b - a.sqrt()
+                                                            * mu) / (k * k * a * s * s + 1 - a)
 
-    noise = torch.randn(16, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    noise = torch.randn(16, 2, 8, 8, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(17))
     for sampler in ("ddpm", "ddim", "dpm++"):
         run = lambda f, ug: d.sample(f, noise, sampler=sampler, steps=25, upsample_guidance=ug,
                                      generator=torch.Generator().manual_seed(18))
         plain = run(model, None)
         assert torch.allclose(run(model, UpsampleGuidance(m=m)), plain, rtol=0, atol=1e-10)
-        # control: the i.i.d. predictor at 8x8 is not consistent with the 4x4 one, and UG moves its samples
+        # control: the i.i.d. predictor at 8x8 is not consistent with the 4x4 one, and UG moves its
+        # samples
         iid = lambda x, t, y: model(x, t, y, iid=x.shape[-1] == 8)
         assert not torch.allclose(run(iid, UpsampleGuidance(m=m)), run(iid, None), atol=1e-3)
 
 
 def test_ug_term_matches_direct_computation_on_a_tiny_model():
-    # Inside the window the guided eps equals eps_hi + up_m(eps_lo / m - avgpool_m(eps_hi)) computed by hand with a
-    # real (tiny) DiM; outside it the guidance term is exactly zero.
+    # Inside the window the guided eps equals eps_hi + up_m(eps_lo / m - avgpool_m(eps_hi)) computed
+    # by hand with a real (tiny) DiM; outside it the guidance term is exactly zero.
     import dim
     torch.manual_seed(0)
     model = dim.DiM_T_2(input_size=8, in_channels=1, num_classes=0).eval()
@@ -551,13 +597,15 @@ def test_ug_term_matches_direct_computation_on_a_tiny_model():
                 continue
             P, tau = d.ug_level(t, 2)
             eps_lo = model(F.avg_pool2d(x, 2) / math.sqrt(P), torch.full((2,), tau + 1), None)
-            expected = eps_plain + F.interpolate(eps_lo / 2 - F.avg_pool2d(eps_plain, 2), scale_factor=2, mode="nearest")
+            expected = eps_plain + F.interpolate(eps_lo / 2 - F.avg_pool2d(eps_plain, 2),
+                                                 scale_factor=2, mode="nearest")
             assert torch.allclose(eps_guided, expected, atol=1e-6)
             assert not torch.allclose(eps_guided, eps_plain, atol=1e-4)
 
 
 def test_flow_ug_level_closed_form():
-    # tau has exactly m^2 times the SNR of t on the GVP path (SNR = tan^2(pi t / 2)); P rescales the pooled input.
+    # tau has exactly m^2 times the SNR of t on the GVP path (SNR = tan^2(pi t / 2)); P rescales the
+    # pooled input.
     f = FlowMatching()
     for t, m in [(0.1, 2), (0.25, 3), (0.3, 2), (0.6, 4)]:
         P, tau = f.ug_level(t, m)
@@ -568,26 +616,32 @@ def test_flow_ug_level_closed_form():
 
 
 def block_flow_model(m, mu, s, iid_at=None):
-    """Optimal GVP velocity for images made of k x k blocks with i.i.d. N(mu, s^2) values: k = m at 8x8 (the
-    'high resolution'), 1 at 4x4; iid_at=8 makes the 8x8 predictor pixel-i.i.d. (k = 1) instead."""
+    """Optimal GVP velocity for images made of k x k blocks with i.i.d. N(mu, s^2) values: k = m at
+    8x8 (the 'high resolution'), 1 at 4x4; iid_at=8 makes the 8x8 predictor pixel-i.i.d. (k = 1)
+    instead."""
     def model(x, t, y):
         k = 1 if x.shape[-1] == 4 or x.shape[-1] == iid_at else m
-        a, s_ = (v.to(x.dtype).view(-1, 1, 1, 1) for v in (torch.sin(math.pi / 2 * t), torch.cos(math.pi / 2 * t)))
-        b = F.interpolate(F.avg_pool2d(x, k), scale_factor=k, mode="nearest")  # block means: a B + s_ noise / k
-        x0 = mu + a * s * s * (b - a * mu) / (a * a * s * s + s_ * s_ / (k * k))  # E[B | block mean]
+        a, s_ = (v.to(x.dtype).view(-1, 1, 1, 1) for v in (torch.sin(math.pi / 2 * t),
+                                                           torch.cos(math.pi / 2 * t)))
+        # block means: a B + s_ noise / k
+        b = F.interpolate(F.avg_pool2d(x, k), scale_factor=k, mode="nearest")
+        # E[B | block mean]
+        x0 = mu + a * s * s * (b - a * mu) / (a * a * s * s + s_ * s_ / (k * k))
         eps = (x - a * x0) / s_
         return (math.pi / 2) * (s_ * x0 - a * eps)
     return model
 
 
 def test_flow_ug_leaves_a_scale_consistent_model_unchanged():
-    # The flow version of the test above, through the VP form: with the exact (closed-form) tau, the optimal
-    # 4x4 prediction at tau is the pooled 8x8 one, so Upsample Guidance changes nothing; it does move the samples
-    # of a predictor that is not consistent across scales.
+    # The flow version of the test above, through the VP form: with the exact (closed-form) tau, the
+    # optimal 4x4 prediction at tau is the pooled 8x8 one, so Upsample Guidance changes nothing; it
+    # does move the samples of a predictor that is not consistent across scales.
     f, m = FlowMatching(), 2
-    noise = torch.randn(16, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(19))
+    noise = torch.randn(16, 2, 8, 8, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(19))
     for sampler in ("dpm++", "ddim"):
-        run = lambda model, ug: f.sample(model, noise, sampler=sampler, steps=25, upsample_guidance=ug)
+        run = lambda model, ug: f.sample(model, noise, sampler=sampler, steps=25,
+                                         upsample_guidance=ug)
         consistent = block_flow_model(m, 0.4, 0.8)
         plain = run(consistent, None)
         assert torch.allclose(run(consistent, UpsampleGuidance(m=m)), plain, rtol=0, atol=1e-10)
@@ -603,11 +657,12 @@ def test_flow_ug_theta_zero_and_active_steps():
         calls.append((x.shape[-1], x.shape[0], t[0].item()))
         return block_flow_model(2, 0.4, 0.8, iid_at=8)(x, t, y)
 
-    noise = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(20))
+    noise = torch.randn(2, 1, 8, 8, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(20))
     y = torch.tensor([0, 1])
     for sampler in ("dpm++", "heun"):
-        run = lambda ug: f.sample(model, noise, y, sampler=sampler, steps=20, cfg_scale=2.0, null_label=5,
-                                  upsample_guidance=ug)
+        run = lambda ug: f.sample(model, noise, y, sampler=sampler, steps=20, cfg_scale=2.0,
+                                  null_label=5, upsample_guidance=ug)
         assert torch.equal(run(None), run(UpsampleGuidance(m=2, theta=0.0)))
         calls.clear()
         run(UpsampleGuidance(m=2, eta=0.3))
@@ -616,15 +671,18 @@ def test_flow_ug_theta_zero_and_active_steps():
         assert all(batch == 4 for _, batch, _ in calls)  # CFG doubles the batch at both resolutions
         # one low-resolution call per high-resolution call at 0 < t <= 0.3, each at tau(t)
         assert lo == [pytest.approx(f.ug_level(t, 2)[1], abs=1e-6) for t in hi if 0 < t <= 0.3]
-        assert len(lo) == (5 if sampler == "dpm++" else 10)  # t = 0.05 .. 0.25 (0.3 rounds up); heun: both ends
+        # t = 0.05 .. 0.25 (0.3 rounds up); heun: both ends
+        assert len(lo) == (5 if sampler == "dpm++" else 10)
         calls.clear()
     with pytest.raises(ValueError, match="divisible"):
-        f.sample(model, torch.randn(1, 1, 6, 6), sampler="ddim", steps=4, upsample_guidance=UpsampleGuidance(m=4))
+        f.sample(model, torch.randn(1, 1, 6, 6), sampler="ddim", steps=4,
+                 upsample_guidance=UpsampleGuidance(m=4))
 
 
 def test_flow_ug_term_matches_direct_computation_on_a_tiny_model():
-    # One Euler step from t = 0.2 (init + strength) exposes the guided velocity; by hand: eps from the velocity at
-    # both resolutions (the GVP conversion), eps + up(eps_lo / m - avgpool(eps)), back to a velocity with x_t fixed.
+    # One Euler step from t = 0.2 (init + strength) exposes the guided velocity; by hand: eps from
+    # the velocity at both resolutions (the GVP conversion), eps + up(eps_lo / m - avgpool(eps)),
+    # back to a velocity with x_t fixed.
     import dimsum
     torch.manual_seed(0)
     model = dimsum.DiMSUM_T_2(input_size=8, in_channels=1, num_classes=0).eval()
@@ -643,7 +701,8 @@ def test_flow_ug_term_matches_direct_computation_on_a_tiny_model():
         a_lo, s_lo = math.sin(math.pi / 2 * tau), math.cos(math.pi / 2 * tau)
         eps = s * x - (2 / math.pi) * a * u
         eps_lo = s_lo * x_lo - (2 / math.pi) * a_lo * u_lo
-        eps_g = eps + F.interpolate(eps_lo / 2 - F.avg_pool2d(eps, 2), scale_factor=2, mode="nearest")
+        eps_g = eps + F.interpolate(eps_lo / 2 - F.avg_pool2d(eps, 2), scale_factor=2,
+                                    mode="nearest")
         expected = (math.pi / 2) * (s * x - eps_g) / a
         assert torch.allclose(u_guided, expected, atol=1e-4, rtol=1e-4)
         assert not torch.allclose(u_guided, u, atol=1e-2)

@@ -1,4 +1,5 @@
-"""DiM tests: the official-output fidelity check, shapes at any grid, scan orders, pads, configs, bad input."""
+"""DiM tests: the official-output fidelity check, shapes at any grid, scan orders, pads, configs,
+bad input."""
 import pytest
 import torch
 
@@ -11,23 +12,28 @@ import dim
 def test_dim_matches_official_output(fidelity, relative_error):
     tensors, meta = fidelity("dim_small")
     cfg = meta["config"]
-    model = dim.DiM(input_size=cfg["sample_size"], patch_size=cfg["patch_size"], in_channels=cfg["in_channels"],
-                    hidden_size=cfg["num_attention_heads"] * cfg["attention_head_dim"], depth=cfg["num_layers"],
-                    num_classes=cfg["num_embeds_ada_norm"], d_state=cfg["mamba_d_state"], d_conv=cfg["mamba_d_conv"])
+    model = dim.DiM(input_size=cfg["sample_size"], patch_size=cfg["patch_size"],
+                    in_channels=cfg["in_channels"],
+                    hidden_size=cfg["num_attention_heads"] * cfg["attention_head_dim"],
+                    depth=cfg["num_layers"],
+                    num_classes=cfg["num_embeds_ada_norm"], d_state=cfg["mamba_d_state"],
+                    d_conv=cfg["mamba_d_conv"])
     official = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     loaded, missing, unused = dim.load_official_state_dict(model, official)
     assert missing == [] and unused == [], (missing, unused)
     model.eval()
     with torch.no_grad():
         out = model(tensors["input.x"], tensors["input.t"], tensors["input.y"])
-    # The recording is itself float32: our model in float32 and in float64 differ by 3.0e-5 relative (the time
-    # sinusoid at t = 640 alone loses ~4e-5 absolute in float32), so agreement can only be that close.
+    # The recording is itself float32: our model in float32 and in float64 differ by 3.0e-5 relative
+    # (the time sinusoid at t = 640 alone loses ~4e-5 absolute in float32), so agreement can only be
+    # that close.
     err = relative_error(out, tensors["output"])
     assert err < 5e-5, f"relative error {err:.2e} against the official output"
     # The check can fail: a 10% change to the pad tokens moves the output well past the tolerance.
     with torch.no_grad():
         model.pad_tokens.mul_(1.1)
-        assert relative_error(model(tensors["input.x"], tensors["input.t"], tensors["input.y"]), tensors["output"]) > 1e-4
+        assert relative_error(model(tensors["input.x"], tensors["input.t"], tensors["input.y"]),
+                              tensors["output"]) > 1e-4
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -35,8 +41,8 @@ def test_dim_matches_official_output(fidelity, relative_error):
 # ------------------------------------------------------------------------------------------------------
 
 def test_scan_schedule_matches_official_rule():
-    # 49 layers (L, H): row-forward 13 times, each other order 12 times, layer 48 row-major (the official
-    # schedule, tyshiwo1/DiM-DiffusionMamba).
+    # 49 layers (L, H): row-forward 13 times, each other order 12 times, layer 48 row-major (the
+    # official schedule, tyshiwo1/DiM-DiffusionMamba).
     orders = dim.scan_schedule(49)
     assert orders[0] == 0 and orders[48] == 0
     assert [orders.count(k) for k in range(4)] == [13, 12, 12, 12]
@@ -46,7 +52,8 @@ def test_scan_schedule_matches_official_rule():
 
 
 def test_scan_permutations_are_the_four_orders():
-    row, row_rev, col, col_rev = dim.scan_permutations(2, 3, pad=1, device="cpu")   # 3 x 4 padded grid
+    # 3 x 4 padded grid
+    row, row_rev, col, col_rev = dim.scan_permutations(2, 3, pad=1, device="cpu")
     assert row.tolist() == list(range(12))
     assert row_rev.tolist() == list(range(11, -1, -1))
     assert col.tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
@@ -58,8 +65,10 @@ def test_pad_layout():
     grid = torch.zeros(1, 4 * 4, 64)
     padded = model.pad_grid(grid, 4, 4).view(7, 7, 64)
     for k in range(3):
-        assert torch.equal(padded[:4, 4 + k], model.pad_tokens[k].expand(4, 64))   # pad column k of every row
-        assert torch.equal(padded[4 + k, :], model.pad_tokens[k].expand(7, 64))     # pad row k, corners included
+        # pad column k of every row
+        assert torch.equal(padded[:4, 4 + k], model.pad_tokens[k].expand(4, 64))
+        # pad row k, corners included
+        assert torch.equal(padded[4 + k, :], model.pad_tokens[k].expand(7, 64))
     assert torch.equal(padded[:4, :4], torch.zeros(4, 4, 64))
 
 
@@ -112,7 +121,8 @@ def test_param_counts_of_named_configs():
     with torch.device("meta"):
         counts = {name: count_params(fn(input_size=32, in_channels=4, num_classes=1000))
                   for name, fn in dim.DiM_models.items() if name != "DiM-T/2"}
-    # The official DiM-H/2 has 862.4M parameters at 256 px (its README); ours fuses each large-model skip with one
-    # (D, 2D) linear instead of two (D, D) linears, one bias of D fewer per skip: 24 * 1536 = 36,864 parameters.
+    # The official DiM-H/2 has 862.4M parameters at 256 px (its README); ours fuses each large-model
+    # skip with one (D, 2D) linear instead of two (D, D) linears, one bias of D fewer per skip: 24 *
+    # 1536 = 36,864 parameters.
     assert abs(counts["DiM-H/2"] + 24 * 1536 - 862.4e6) < 0.05e6, counts
     assert abs(counts["DiM-L/2"] - 386e6) < 2e6, counts

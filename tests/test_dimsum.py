@@ -1,15 +1,17 @@
-"""DiMSUM tests: the official-output fidelity check, the Haar transform and wavelet token layout, scan orders,
-shapes at several grids, bad input, initialisation, and parameter counts of the named configs."""
+"""DiMSUM tests: the official-output fidelity check, the Haar transform and wavelet token layout,
+scan orders, shapes at several grids, bad input, initialisation, and parameter counts of the named
+configs."""
 import pytest
 import torch
 
 import dimsum
 
-# Agreement with the official recording. The recording is float32 (mamba-ssm's sequential reference scan) and so
-# is our forward pass (chunked scan). Measured on the fidelity inputs: our float64 model (reference scan) vs the
-# recording 6.7e-6 (the recording's own float32 error), our float32 vs our float64 5.3e-6, our float32 vs the
-# recording 7.8e-6. The noise floor is thus ~7e-6; the tolerance is about twice that. A 1% change to any single
-# official tensor moves the output by >= 4e-5 (fidelity/README.md), well above it.
+# Agreement with the official recording. The recording is float32 (mamba-ssm's sequential reference
+# scan) and so is our forward pass (chunked scan). Measured on the fidelity inputs: our float64
+# model (reference scan) vs the recording 6.7e-6 (the recording's own float32 error), our float32 vs
+# our float64 5.3e-6, our float32 vs the recording 7.8e-6. The noise floor is thus ~7e-6; the
+# tolerance is about twice that. A 1% change to any single official tensor moves the output by >=
+# 4e-5 (fidelity/README.md), well above it.
 TOLERANCE = 1.5e-5
 
 
@@ -21,7 +23,8 @@ def small_official(fidelity):
     assert cfg["block_type"] == "combined" and cfg["use_attn_every_k_layers"] == 4 and cfg["rms_norm"]
     assert cfg["learnable_pe"] and not cfg["learn_sigma"] and not cfg["use_final_norm"]
     model = dimsum.DiMSUM(input_size=cfg["img_resolution"], patch_size=cfg["patch_size"],
-                          in_channels=cfg["in_channels"], hidden_size=cfg["hidden_size"], depth=cfg["depth"],
+                          in_channels=cfg["in_channels"], hidden_size=cfg["hidden_size"],
+                          depth=cfg["depth"],
                           num_classes=cfg["num_classes"], drop_path=cfg["drop_path"])
     official = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     return tensors, official, model
@@ -43,14 +46,16 @@ def test_dimsum_matches_official_output(relative_error, small_official):
     model.eval()
     err = relative_error(run(model, tensors), tensors["output"])
     assert err < TOLERANCE, f"relative error {err:.2e} against the official output"
-    # The check can fail: a 1% change to one scan's A matrix in the wavelet branch of block 5 (8e-5).
+    # The check can fail: a 1% change to one scan's A matrix in the wavelet branch of block 5
+    # (8e-5).
     with torch.no_grad():
         model.blocks[5].freq_mamba.mixer.A_log.mul_(1.01)
     assert relative_error(run(model, tensors), tensors["output"]) > 2 * TOLERANCE
 
 
 def test_wavelet_window_order_matters_for_fidelity(relative_error, small_official):
-    # Row-first and column-first window scans swapped (even <-> odd layers): far from the recording (0.6).
+    # Row-first and column-first window scans swapped (even <-> odd layers): far from the recording
+    # (0.6).
     tensors, official, model = small_official
     dimsum.load_official_state_dict(model, official)
     model.eval()
@@ -60,8 +65,8 @@ def test_wavelet_window_order_matters_for_fidelity(relative_error, small_officia
 
 
 def test_float64_noise_floor(relative_error, small_official):
-    # The same weights in float64 with the sequential reference scan: agrees with the recording and with float32
-    # to the noise floor quoted above.
+    # The same weights in float64 with the sequential reference scan: agrees with the recording and
+    # with float32 to the noise floor quoted above.
     tensors, official, model = small_official
     dimsum.load_official_state_dict(model, official)
     model.eval()
@@ -82,10 +87,12 @@ def test_loader_drops_only_the_dead_projection_and_haar_buffers(small_official):
     dropped = sorted(set(official) - set(k.replace(".fusion.", ".proj.") for k in loaded))
     assert all(".cond_proj." in k or ".dwt." in k or ".idwt." in k for k in dropped), dropped
     depth = model.depth
-    assert sum(".cond_proj." in k for k in dropped) == 2 * 2 * depth   # weight and bias, two branches per block
+    # weight and bias, two branches per block
+    assert sum(".cond_proj." in k for k in dropped) == 2 * 2 * depth
     # The official parameter count is ours plus the dead projections (the Haar filters are buffers).
     ours = sum(p.numel() for p in model.parameters())
-    official_params = sum(v.numel() for k, v in official.items() if ".dwt." not in k and ".idwt." not in k)
+    official_params = sum(v.numel() for k,
+                          v in official.items() if ".dwt." not in k and ".idwt." not in k)
     cond = sum(v.numel() for k, v in official.items() if ".cond_proj." in k)
     assert official_params == ours + cond
     # A training checkpoint dict loads its EMA weights; a tensor of the wrong shape is refused.
@@ -131,19 +138,22 @@ def test_wavelet_tokens_invertible(h, w, relative_error):
 
 
 def test_wavelet_token_layout():
-    # A constant map has only the LL-LL subband (subband 0, which is the mean: value v). With C = 16 channels,
-    # channel c' of subband 0 is channel index j = c', stored in token (4i + p1, 4j + p2) with 4 p1 + p2 = c' % 16
-    # at feature c' // 16 = 0. So feature 0 of every token of every 4 x 4 tile carries v, the rest is 0.
+    # A constant map has only the LL-LL subband (subband 0, which is the mean: value v). With C = 16
+    # channels, channel c' of subband 0 is channel index j = c', stored in token (4i + p1, 4j + p2)
+    # with 4 p1 + p2 = c' % 16 at feature c' // 16 = 0. So feature 0 of every token of every 4 x 4
+    # tile carries v, the rest is 0.
     C, h, w = 16, 8, 8
     v = torch.arange(1.0, C + 1)                                      # channel c' has value c' + 1
     x = v.expand(1, h * w, C).clone()
     y = dimsum.wavelet_tokens(x, h, w).view(h // 4, 4, w // 4, 4, C)  # (i, p1, j, p2, feature)
     torch.testing.assert_close(y[..., 0], v.view(4, 4)[None, :, None].expand(2, 4, 2, 4))
     assert y[..., 1:].abs().max() == 0
-    # A detail at one pixel of channel 0 reaches all 16 subbands of its coarse location (each +-1/4 before the
-    # division by 4); channel 0 of subband s is coefficient channel 16 s, i.e. feature s of the tile's first token.
+    # A detail at one pixel of channel 0 reaches all 16 subbands of its coarse location (each +-1/4
+    # before the division by 4); channel 0 of subband s is coefficient channel 16 s, i.e. feature s
+    # of the tile's first token.
     x = torch.zeros(1, h * w, C)
-    x[0, 5 * w + 6, 0] = 1.0                                         # pixel (5, 6): coarse location (1, 1)
+    # pixel (5, 6): coarse location (1, 1)
+    x[0, 5 * w + 6, 0] = 1.0
     y = dimsum.wavelet_tokens(x, h, w).view(h // 4, 4, w // 4, 4, C)
     torch.testing.assert_close(y[1, 0, 1, 0].abs(), torch.full((C,), 1 / 16))
     torch.testing.assert_close(y.abs().sum(), torch.tensor(1.0))
@@ -160,10 +170,13 @@ def test_spatial_orders():
 
 
 def test_window_orders():
-    # 8 x 8 grid: 4 x 4 windows of 2 x 2 tokens (window side = grid side / 4, as official local_scan).
+    # 8 x 8 grid: 4 x 4 windows of 2 x 2 tokens (window side = grid side / 4, as official
+    # local_scan).
     row_first, column_first = dimsum.window_orders(8, 8)
-    assert row_first[:8].tolist() == [0, 1, 8, 9, 2, 3, 10, 11]         # window (0,0) row by row, then (0,1)
-    assert column_first[:8].tolist() == [0, 8, 1, 9, 16, 24, 17, 25]    # window (0,0) column by column, then (1,0)
+    # window (0,0) row by row, then (0,1)
+    assert row_first[:8].tolist() == [0, 1, 8, 9, 2, 3, 10, 11]
+    # window (0,0) column by column, then (1,0)
+    assert column_first[:8].tolist() == [0, 8, 1, 9, 16, 24, 17, 25]
     for perm in (row_first, column_first):
         assert sorted(perm.tolist()) == list(range(64))
 
@@ -201,7 +214,8 @@ def test_bad_input_shape():
     with pytest.raises(ValueError, match="multiples of the patch size 2"):
         model(torch.randn(1, 4, 15, 16), t, None)
     with pytest.raises(ValueError, match="multiples of 4 \\* patch_size = 8"):
-        model(torch.randn(1, 4, 12, 16), t, None)               # 6 x 8 tokens: 6 is not a multiple of 4
+        # 6 x 8 tokens: 6 is not a multiple of 4
+        model(torch.randn(1, 4, 12, 16), t, None)
     with pytest.raises(ValueError, match="expects \\(N, 4, H, W\\)"):
         model(torch.randn(1, 3, 16, 16), t, None)
 
@@ -238,8 +252,10 @@ def test_init_and_gradients(perturb):
     torch.testing.assert_close(model.pos_embed.data, pos)
     assert model.pos_embed.requires_grad
     sin1 = torch.sin(1.0 / 10000 ** (torch.arange(16) / 16.0))
-    torch.testing.assert_close(pos[0, 1, :16], sin1)        # token (0, 1): the first half encodes the column
-    torch.testing.assert_close(pos[0, 8, 32:48], sin1)      # token (1, 0): the second half encodes the row
+    # token (0, 1): the first half encodes the column
+    torch.testing.assert_close(pos[0, 1, :16], sin1)
+    # token (1, 0): the second half encodes the row
+    torch.testing.assert_close(pos[0, 8, 32:48], sin1)
     # every parameter takes part in the output (training mode: drop-path active)
     model = perturb(model, 0.1).train()
     model(x, t, y).square().mean().backward()
@@ -252,17 +268,22 @@ def count_params(model):
 
 
 def test_param_counts_of_named_configs():
-    # The paper sizes (T/2 and S/2 are ours), built on the meta device. The official counts add the dead cond_proj, a
-    # Linear(D, D) with bias in each of the 2 branches of every block: depth * 2 * (D * D + D).
+    # The paper sizes (T/2 and S/2 are ours), built on the meta device. The official counts add the
+    # dead cond_proj, a Linear(D, D) with bias in each of the 2 branches of every block: depth * 2 *
+    # (D * D + D).
     with torch.device("meta"):
         models = {name: fn(input_size=32, in_channels=4, num_classes=1000)
-                  for name, fn in dimsum.DiMSUM_models.items() if name not in ("DiMSUM-T/2", "DiMSUM-S/2")}
+                  for name, fn in dimsum.DiMSUM_models.items()
+                  if name not in ("DiMSUM-T/2", "DiMSUM-S/2")}
     ours = {name: count_params(m) for name, m in models.items()}
     official = {name: n + m.depth * 2 * (m.hidden_size ** 2 + m.hidden_size) for (name, n), m in
                 zip(ours.items(), models.values())}
-    assert ours == {"DiMSUM-B/2": 184_373_008, "DiMSUM-L/2": 426_329_104, "DiMSUM-XL/2": 791_074_960}
+    assert ours == {"DiMSUM-B/2": 184_373_008, "DiMSUM-L/2": 426_329_104,
+                    "DiMSUM-XL/2": 791_074_960}
     assert abs(official["DiMSUM-L/2"] - 460e6) < 0.5e6          # the README's "460M" (459.92M)
-    assert abs(official["DiMSUM-B/2"] - 198.5e6) < 0.1e6 and abs(official["DiMSUM-XL/2"] - 854.8e6) < 0.1e6
+    assert abs(official["DiMSUM-B/2"]
+               - 198.5e6) < 0.1e6 and abs(official["DiMSUM-XL/2"] - 854.8e6) < 0.1e6
     with torch.device("meta"):
         at512 = dimsum.DiMSUM_L_2(input_size=64, num_classes=1000)
-    assert abs(count_params(at512) + 16 * 2 * (1024 ** 2 + 1024) - 461e6) < 0.5e6   # "461M" at 512 px
+    # "461M" at 512 px
+    assert abs(count_params(at512) + 16 * 2 * (1024 ** 2 + 1024) - 461e6) < 0.5e6

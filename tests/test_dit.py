@@ -1,5 +1,5 @@
-"""DiT baseline: parameter counts and GFLOPs against the paper, shapes, positional embedding, bad input, the
-official key mapping."""
+"""DiT baseline: parameter counts and GFLOPs against the paper, shapes, positional embedding, bad
+input, the official key mapping."""
 import pytest
 import torch
 import torch.nn as nn
@@ -18,7 +18,8 @@ def n_params(model):
 
 
 
-@pytest.mark.parametrize("name, millions", [("DiT-XL/2", 675), ("DiT-L/2", 458), ("DiT-B/2", 130), ("DiT-S/2", 33)])
+@pytest.mark.parametrize("name, millions", [("DiT-XL/2", 675), ("DiT-L/2", 458), ("DiT-B/2", 130),
+                                            ("DiT-S/2", 33)])
 def test_param_counts_match_the_paper(name, millions):
     # DiT Table 4 (rounded to 1M): within 0.5% for XL, within rounding for the others
     tolerance = 0.005 if name == "DiT-XL/2" else 0.01
@@ -26,8 +27,8 @@ def test_param_counts_match_the_paper(name, millions):
 
 
 def test_param_count_equals_official_model():
-    # The official DiT-XL/2 has 675,129,632 parameters, 256 x 1152 of them its stored (frozen) positional table,
-    # which this model computes on the fly instead.
+    # The official DiT-XL/2 has 675,129,632 parameters, 256 x 1152 of them its stored (frozen)
+    # positional table, which this model computes on the fly instead.
     assert n_params(build_meta("DiT-XL/2")) + 256 * 1152 == 675_129_632
 
 
@@ -44,27 +45,32 @@ def test_gflops_match_the_paper(name, res, gflops):
 def test_forward_shapes(shape):
     torch.manual_seed(0)
     model = dit.DiT_T_2(input_size=16, num_classes=10)
-    nn.init.normal_(model.final_layer.linear.weight)   # not all zeros, so the output depends on the input
+    # not all zeros, so the output depends on the input
+    nn.init.normal_(model.final_layer.linear.weight)
     N = shape[0]
     out = model(torch.randn(shape), torch.randint(0, 1000, (N,)), torch.randint(0, 10, (N,)))
     assert out.shape == (N, 8, *shape[2:])
     assert torch.isfinite(out).all()
-    assert model(torch.randn(shape), torch.tensor(5), None).shape == out.shape   # scalar t, null class
+    # scalar t, null class
+    assert model(torch.randn(shape), torch.tensor(5), None).shape == out.shape
 
 
 def test_patch_4_and_attributes():
-    model = dit.DiT(input_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    model = dit.DiT(input_size=16, patch_size=4, hidden_size=32, depth=1, num_heads=2,
+                    num_classes=3)
     assert model(torch.randn(2, 4, 16, 8), torch.zeros(2, dtype=torch.long)).shape == (2, 8, 16, 8)
-    assert (model.in_channels, model.out_channels, model.patch_size, model.num_classes, model.input_size) == \
+    assert (model.in_channels, model.out_channels, model.patch_size, model.num_classes,
+            model.input_size) == \
         (4, 8, 4, 3, 16)
     assert (dit.DiT.objective, dit.DiT.schedule, dit.DiT.time_offset) == ("eps", "linear", 0)
-    assert set(dit.DiT.train_defaults) == {"lr", "weight_decay", "betas", "eps", "warmup", "grad_clip",
-                                           "label_dropout", "ema"}
+    assert set(dit.DiT.train_defaults) == {"lr", "weight_decay", "betas", "eps", "warmup",
+                                           "grad_clip", "label_dropout", "ema"}
 
 
 def test_adaln_zero_init_gives_zero_output():
     model = dit.DiT_T_2(input_size=8)
-    assert torch.count_nonzero(model(torch.randn(2, 4, 8, 8), torch.tensor([0, 999]), torch.tensor([1, 2]))) == 0
+    assert torch.count_nonzero(model(torch.randn(2, 4, 8, 8), torch.tensor([0, 999]),
+                                     torch.tensor([1, 2]))) == 0
 
 
 @pytest.mark.parametrize("shape", [(1, 4, 15, 16), (1, 4, 16, 9), (1, 3, 16, 16), (4, 16, 16)])
@@ -75,14 +81,16 @@ def test_bad_shape_raises(shape):
 
 
 def test_pos_embed_layout():
-    # (h*w, D), row-major; channels [sin(col w), cos(col w), sin(row w), cos(row w)], w_k = 10000^(-k / (D/4))
+    # (h*w, D), row-major; channels [sin(col w), cos(col w), sin(row w), cos(row w)], w_k =
+    # 10000^(-k / (D/4))
     D, h, w = 8, 2, 3
     emb = dit.get_2d_sincos_pos_embed(D, h, w)
     assert emb.shape == (h * w, D)
     omega = torch.tensor([1.0, 0.01])
     for i in range(h):
         for j in range(w):
-            expect = torch.cat([torch.sin(j * omega), torch.cos(j * omega), torch.sin(i * omega), torch.cos(i * omega)])
+            expect = torch.cat([torch.sin(j * omega), torch.cos(j * omega), torch.sin(i * omega),
+                                torch.cos(i * omega)])
             torch.testing.assert_close(emb[i * w + j], expect)
 
 
@@ -92,4 +100,5 @@ def test_official_state_dict_loads():
     official["pos_embed"] = torch.zeros(1, 16, 64)
     other = dit.DiT_T_2(input_size=8)
     dit.load_official_state_dict(other, official)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 other.state_dict().values()))

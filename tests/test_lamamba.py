@@ -1,5 +1,5 @@
-"""LaMamba-Diff tests: the official-output fidelity check, snake scans, shifted-window mask, shapes at any grid,
-the GFLOP and parameter counts of the released XL, the official-key loader."""
+"""LaMamba-Diff tests: the official-output fidelity check, snake scans, shifted-window mask, shapes
+at any grid, the GFLOP and parameter counts of the released XL, the official-key loader."""
 import pytest
 import torch
 
@@ -15,13 +15,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 @pytest.fixture
 def official_model(fidelity):
-    """(model, tensors): a LaMambaDiff built with the fidelity vector's config and loaded with its weights."""
+    """(model, tensors): a LaMambaDiff built with the fidelity vector's config and loaded with its
+    weights."""
     tensors, meta = fidelity("lamamba_small")
     cfg, vssm = meta["config"], meta["config"]["vssm"]
     model = lamamba.LaMambaDiff(
-        input_size=cfg["image_size"] // 8, patch_size=vssm["PATCH_SIZE"], in_channels=vssm["IN_CHANS"],
+        input_size=cfg["image_size"] // 8, patch_size=vssm["PATCH_SIZE"],
+        in_channels=vssm["IN_CHANS"],
         hidden_size=vssm["EMBED_DIM"], num_heads=cfg["num_heads"], depths=vssm["DEPTHS"],
-        bottleneck_depth=vssm["BOTTLENECK_DEPTH"], window_size=vssm["WINDOW_SIZE"], num_classes=cfg["num_classes"],
+        bottleneck_depth=vssm["BOTTLENECK_DEPTH"], window_size=vssm["WINDOW_SIZE"],
+        num_classes=cfg["num_classes"],
         d_state=vssm["SSM_D_STATE"], mlp_ratio=vssm["MLP_RATIO"], d_conv=vssm["SSM_CONV"],
         conv_bias=vssm["SSM_CONV_BIAS"])
     official = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -35,23 +38,27 @@ def run(model, tensors):
         return model(tensors["input.x"], tensors["input.t"], tensors["input.y"])
 
 
-# The recording is float32, made on weights rounded to float16 (fidelity/make_lamamba_small.py). Measured: our
-# float32 model is 2.4e-7 (relative) from it, our float64 model 3.7e-7; about five times the larger, rounded up:
+# The recording is float32, made on weights rounded to float16 (fidelity/make_lamamba_small.py).
+# Measured: our float32 model is 2.4e-7 (relative) from it, our float64 model 3.7e-7; about five
+# times the larger, rounded up:
 TOLERANCE = 2e-6
 
 
 def test_lamamba_matches_official_output(relative_error, official_model):
     model, tensors = official_model
     err = relative_error(run(model, tensors), tensors["output"])
-    assert err < TOLERANCE, f"relative error {err:.2e} against the official output"   # measured 2.4e-7
-    # The check can fail: a 1% change to the skip term D of one scan (last decoder block) moves the output 3.6e-5.
+    # measured 2.4e-7
+    assert err < TOLERANCE, f"relative error {err:.2e} against the official output"
+    # The check can fail: a 1% change to the skip term D of one scan (last decoder block) moves the
+    # output 3.6e-5.
     with torch.no_grad():
         model.decoder[3].blocks[2].ss2d.Ds.mul_(1.01)
     assert relative_error(run(model, tensors), tensors["output"]) > 10 * TOLERANCE
 
 
 def test_raster_scans_do_not_match(monkeypatch, relative_error, official_model):
-    # VMamba's raster cross-scan (rows, columns, both reversed) in place of the snakes must miss the recording.
+    # VMamba's raster cross-scan (rows, columns, both reversed) in place of the snakes must miss the
+    # recording.
     model, tensors = official_model
 
     def raster(h, w):
@@ -70,10 +77,14 @@ def test_raster_scans_do_not_match(monkeypatch, relative_error, official_model):
 
 def test_snake_paths_4x4():
     paths = lamamba.snake_paths(4, 4).tolist()
-    assert paths[0] == [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12]     # rows from the top
-    assert paths[1] == paths[0][::-1]                                             # rows from the bottom
-    assert paths[2] == [12, 8, 4, 0, 1, 5, 9, 13, 14, 10, 6, 2, 3, 7, 11, 15]     # columns from the left, up first
-    assert paths[3] == paths[2][::-1]                                             # columns from the right
+    # rows from the top
+    assert paths[0] == [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12]
+    # rows from the bottom
+    assert paths[1] == paths[0][::-1]
+    # columns from the left, up first
+    assert paths[2] == [12, 8, 4, 0, 1, 5, 9, 13, 14, 10, 6, 2, 3, 7, 11, 15]
+    # columns from the right
+    assert paths[3] == paths[2][::-1]
 
 
 @pytest.mark.parametrize("h, w", [(4, 4), (3, 5), (6, 2), (1, 1)])
@@ -81,7 +92,8 @@ def test_snake_paths_are_continuous(h, w):
     for path in lamamba.snake_paths(h, w):
         assert sorted(path.tolist()) == list(range(h * w))
         r, c = path // w, path % w
-        assert ((r[1:] - r[:-1]).abs() + (c[1:] - c[:-1]).abs() == 1).all()   # each step to a 4-neighbour
+        # each step to a 4-neighbour
+        assert ((r[1:] - r[:-1]).abs() + (c[1:] - c[:-1]).abs() == 1).all()
 
 
 @pytest.mark.parametrize("h, w", [(16, 16), (12, 20)])
@@ -89,9 +101,10 @@ def test_shift_mask_blocks_the_seam_and_padding(h, w):
     window, shift = 8, 4
     wh, ww, sh, sw = lamamba.window_layout(h, w, window, shift)
     mask = lamamba.shifted_window_mask(h, w, wh, ww, sh, sw)                     # (nW, N, N)
-    # Independent statement of the rule: in the rolled, padded map, position i holds original i + shift, which
-    # wrapped around the seam iff i + shift >= padded size. Two tokens of one window may attend to each other iff
-    # they wrapped alike on both axes; padded keys are never attended to.
+    # Independent statement of the rule: in the rolled, padded map, position i holds original i +
+    # shift, which wrapped around the seam iff i + shift >= padded size. Two tokens of one window
+    # may attend to each other iff they wrapped alike on both axes; padded keys are never attended
+    # to.
     hp, wp = -(-h // wh) * wh, -(-w // ww) * ww
     i, j = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
     wrapped_h, wrapped_w = i + sh >= hp, j + sw >= wp
@@ -101,8 +114,8 @@ def test_shift_mask_blocks_the_seam_and_padding(h, w):
     blocked = (wh_[:, :, None] != wh_[:, None, :]) | (ww_[:, :, None] != ww_[:, None, :]) | pad[:, None, :]
     assert torch.equal(mask == lamamba.MASKED, blocked)
     assert set(mask.unique().tolist()) <= {0.0, lamamba.MASKED}
-    # softmax weight across the seam or on padding, for every real query: exp(-100) relative, i.e. none
-    # (a padded query sees only masked keys, but its output is cropped away)
+    # softmax weight across the seam or on padding, for every real query: exp(-100) relative, i.e.
+    # none (a padded query sees only masked keys, but its output is cropped away)
     weights = torch.softmax(torch.randn(mask.shape) + mask, dim=-1)
     assert weights[blocked & ~pad[:, :, None]].max() < 1e-30
 
@@ -116,8 +129,9 @@ def test_shifted_attention_never_crosses_the_seam(monkeypatch):
     with torch.no_grad():
         out, out2 = attn(x, shift=2), attn(x2, shift=2)
         changed = (out2 - out).abs().amax(-1)[0]  # (8, 8)
-    # After the roll by -2 the top-left token shares the corner window with the bottom and right edges of the
-    # map; the mask must keep them apart. Its true neighbours (same window, same side of the seam) do change.
+    # After the roll by -2 the top-left token shares the corner window with the bottom and right
+    # edges of the map; the mask must keep them apart. Its true neighbours (same window, same side
+    # of the seam) do change.
     assert changed[6:, :].max() == 0 and changed[:, 6:].max() == 0
     assert changed[:2, :2].min() > 0
     # Without the mask the same experiment leaks across the seam: the test has teeth.
@@ -131,7 +145,8 @@ def test_shifted_attention_never_crosses_the_seam(monkeypatch):
 
 def test_window_layout_clamps_small_maps():
     assert lamamba.window_layout(32, 32, 8, 4) == (8, 8, 4, 4)
-    assert lamamba.window_layout(8, 8, 8, 4) == (8, 8, 0, 0)      # 8x8 stages at 256 px: global, unshifted
+    # 8x8 stages at 256 px: global, unshifted
+    assert lamamba.window_layout(8, 8, 8, 4) == (8, 8, 0, 0)
     assert lamamba.window_layout(6, 12, 8, 4) == (6, 8, 0, 4)
 
 
@@ -141,15 +156,17 @@ def test_window_layout_clamps_small_maps():
 
 def test_contract_attributes():
     model = lamamba.LaMamba_T(input_size=8, num_classes=10)
-    sizes = (model.in_channels, model.out_channels, model.patch_size, model.num_classes, model.input_size)
+    sizes = (model.in_channels, model.out_channels, model.patch_size, model.num_classes,
+             model.input_size)
     assert sizes == (4, 8, 1, 10, 8)
     assert (model.objective, model.schedule, model.time_offset) == ("eps", "linear", 0)
     recipe = {"lr", "weight_decay", "betas", "eps", "warmup", "grad_clip", "label_dropout", "ema"}
     assert recipe <= model.train_defaults.keys()
 
 
-# The latent grids of 256 px and 512 px images. At 64 the CPU scan (4096 steps, 16 states) would dominate the
-# test time, so that size runs with the released yaml's state size 1; the shapes do not depend on it.
+# The latent grids of 256 px and 512 px images. At 64 the CPU scan (4096 steps, 16 states) would
+# dominate the test time, so that size runs with the released yaml's state size 1; the shapes do not
+# depend on it.
 @pytest.mark.parametrize("size, d_state", [(32, 16), (64, 1)])
 def test_forward_shapes(size, d_state):
     torch.manual_seed(0)
@@ -160,7 +177,8 @@ def test_forward_shapes(size, d_state):
     assert out.shape == (1, 8, size, size) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("size", [(24, 24), (12, 20), (4, 4)])  # maps of 12, 20 or 6 tokens are no window multiple
+# maps of 12, 20 or 6 tokens are no window multiple
+@pytest.mark.parametrize("size", [(24, 24), (12, 20), (4, 4)])
 def test_any_grid(size):
     torch.manual_seed(0)
     model = lamamba.LaMamba_T(input_size=32, num_classes=10).eval()
@@ -195,7 +213,8 @@ def test_adaln_zero_init_and_gradients():
     model = lamamba.LaMamba_T(input_size=8, num_classes=10)
     x = torch.randn(2, 4, 8, 8)
     out = model(x, torch.tensor([10, 900]), torch.tensor([1, 2]))
-    # adaLN-Zero: at init every block is the identity and the head unmodulated, so the label has no effect
+    # adaLN-Zero: at init every block is the identity and the head unmodulated, so the label has no
+    # effect
     assert torch.equal(out, model(x, torch.tensor([10, 900]), torch.tensor([5, 6])))
     out.square().mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -204,15 +223,16 @@ def test_adaln_zero_init_and_gradients():
 
 
 def test_loader_centres_a_smaller_bias_table(relative_error):
-    # On a 4x4 latent every map fits one window of 4 or of 8, so a window-8 model holding the window-4 model's
-    # 7x7 bias tables at the centre of its 15x15 ones computes the same function.
+    # On a 4x4 latent every map fits one window of 4 or of 8, so a window-8 model holding the
+    # window-4 model's 7x7 bias tables at the centre of its 15x15 ones computes the same function.
     torch.manual_seed(0)
     small = lamamba.LaMamba_T(input_size=4, num_classes=10, window_size=4, d_state=2).eval()
     for module in small.modules():
         if isinstance(module, lamamba.LaMambaBlock):
             torch.nn.init.normal_(module.adaLN_modulation[-1].weight, std=0.05)
     big = lamamba.LaMamba_T(input_size=4, num_classes=10, window_size=8, d_state=2).eval()
-    loaded, missing, unused = lamamba.load_official_state_dict(big, small.state_dict())  # own names pass through
+    # own names pass through
+    loaded, missing, unused = lamamba.load_official_state_dict(big, small.state_dict())
     assert missing == [] and unused == []
     x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([3, 700]), torch.tensor([1, 9])
     with torch.no_grad():
@@ -224,13 +244,15 @@ def test_loader_centres_a_smaller_bias_table(relative_error):
 # ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("res, d_state, gflops, params", [
-    (256, 16, 50.4, 659.74e6), (512, 16, 200.8, 660.73e6),    # the paper's figures (57.6% / 61.6% below DiT-XL/2)
+    # the paper's figures (57.6% / 61.6% below DiT-XL/2)
+    (256, 16, 50.4, 659.74e6), (512, 16, 200.8, 660.73e6),
     (256, 1, 45.8, 652.48e6), (512, 1, 183.0, 653.47e6),      # the released yaml's state size
 ])
 def test_xl_gflops_and_params(res, d_state, gflops, params):
-    # Official convention (fvcore MACs, VMamba's scan formula), counted on the meta device: nothing is computed.
-    # Reference GFLOPs: the paper's (LaMamba-Diff, Fu et al. 2024), counted on the official model with fvcore. Measured here: 50.47 / 201.21 /
-    # 45.92 / 183.04. Parameters (measured, ~660M for XL as the paper; the 512 px model has a 4x larger pos_embed).
+    # Official convention (fvcore MACs, VMamba's scan formula), counted on the meta device: nothing
+    # is computed. Reference GFLOPs: the paper's (LaMamba-Diff, Fu et al. 2024), counted on the
+    # official model with fvcore. Measured here: 50.47 / 201.21 / 45.92 / 183.04. Parameters
+    # (measured, ~660M for XL as the paper; the 512 px model has a 4x larger pos_embed).
     with torch.device("meta"):
         model = lamamba.LaMamba_XL(input_size=res // 8, num_classes=1000, d_state=d_state)
     assert abs(lamamba.flops(model) / gflops - 1) < 0.02

@@ -1,5 +1,6 @@
-"""End-to-end tests of train.py and sample.py on CPU: learning, exact resume (one process and torchrun), sampling,
-the VAE path and the error messages. A tiny DiM on 8x8 Fashion-MNIST keeps the whole file around two minutes."""
+"""End-to-end tests of train.py and sample.py on CPU: learning, exact resume (one process and
+torchrun), sampling, the VAE path and the error messages. A tiny DiM on 8x8 Fashion-MNIST keeps the
+whole file around two minutes."""
 import json
 import os
 import subprocess
@@ -20,9 +21,10 @@ OTHER_MODEL = "DiM-S/2"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
                                 reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
-# Small and fast: 8x8 images (a 4x4 token grid), no sample grids, a high lr and no warm-up so a few hundred steps learn.
-FAST = ["--model", MODEL, "--res", "8", "--global-batch-size", "16", "--lr", "1e-3", "--warmup", "0",
-        "--log-every", "1", "--sample-every", "0", "--num-workers", "0"]
+# Small and fast: 8x8 images (a 4x4 token grid), no sample grids, a high lr and no warm-up so a few
+# hundred steps learn.
+FAST = ["--model", MODEL, "--res", "8", "--global-batch-size", "16", "--lr", "1e-3", "--warmup",
+        "0", "--log-every", "1", "--sample-every", "0", "--num-workers", "0"]
 
 
 def run_train(*argv):
@@ -43,7 +45,8 @@ def losses(run_dir):
 def trained(tmp_path_factory):
     """One 200-step run shared by the learning, sampling and error tests."""
     results = tmp_path_factory.mktemp("results")
-    return run_train(*FAST, "--steps", 200, "--ckpt-every", 100, "--ema", 0.99, "--results-dir", results)
+    return run_train(*FAST, "--steps", 200, "--ckpt-every", 100, "--ema", 0.99, "--results-dir",
+                     results)
 
 
 def test_loss_decreases(trained):
@@ -62,7 +65,8 @@ def test_resume_is_exact(tmp_path):
     # num_workers 1 also checks that the DataLoader's worker seeding does not touch the training RNG
     fast = [*FAST, "--num-workers", 1]
     full = run_train(*fast, "--steps", 12, "--results-dir", tmp_path / "a")
-    # The interrupted run got to step 9 but its last checkpoint is at 6: resuming must also drop steps 7-9 from the log.
+    # The interrupted run got to step 9 but its last checkpoint is at 6: resuming must also drop
+    # steps 7-9 from the log.
     part = run_train(*fast, "--steps", 9, "--ckpt-every", 6, "--results-dir", tmp_path / "b")
     resumed = run_train("--resume", os.path.join(part, "checkpoints", "0000006.pt"), "--steps", 12)
     assert resumed == part
@@ -72,15 +76,17 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_torchrun_two_processes_resume_exact(tmp_path, image_folder, free_port):
-    # A tiny image folder (3 classes x 8 images, 3 batches per epoch per process) so the runs cross epoch boundaries.
+    # A tiny image folder (3 classes x 8 images, 3 batches per epoch per process) so the runs cross
+    # epoch boundaries.
     image_folder(tmp_path / "data", 8, size=(12, 12), classes=["a", "b", "c"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{free_port}", "train.py",
-           "--model", MODEL, "--data", tmp_path / "data", "--res", 8, "--global-batch-size", 8, "--lr", "1e-3",
-           "--log-every", 1, "--sample-every", 0, "--num-workers", 0]
+           "--model", MODEL, "--data", tmp_path / "data", "--res", 8, "--global-batch-size", 8,
+           "--lr", "1e-3", "--log-every", 1, "--sample-every", 0, "--num-workers", 0]
 
     def torchrun(*argv):
-        out = subprocess.run([str(a) for a in [*cmd, *argv]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        out = subprocess.run([str(a) for a in [*cmd, *argv]], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
 
     torchrun("--steps", 8, "--results-dir", tmp_path / "a")
@@ -90,7 +96,8 @@ def test_torchrun_two_processes_resume_exact(tmp_path, image_folder, free_port):
     full = losses(os.path.join(tmp_path, "a", "000-DiM-T-2"))
     assert len(full) == 8 and losses(run_b) == full
     ckpt = torch.load(os.path.join(run_b, "checkpoints", "latest.pt"), weights_only=True)
-    assert len(ckpt["rng"]) == 2 and ckpt["data"] == (2, 2)  # 8 steps = epochs 0, 1 done + 2 batches of epoch 2
+    # 8 steps = epochs 0, 1 done + 2 batches of epoch 2
+    assert len(ckpt["rng"]) == 2 and ckpt["data"] == (2, 2)
 
 
 def test_sample_grid_and_images(trained, tmp_path):
@@ -100,11 +107,13 @@ def test_sample_grid_and_images(trained, tmp_path):
     files = sorted(os.listdir(tmp_path / "s"))
     assert files == [f"{i:06d}.png" for i in range(6)] + ["grid.png"]
     assert Image.open(tmp_path / "s" / "000000.png").size == (8, 8)
-    # Another resolution than trained, other sampler, one class; the same seed gives the same images in any batching.
+    # Another resolution than trained, other sampler, one class; the same seed gives the same images
+    # in any batching.
     for sampler, batch in [("ddim", 2), ("ddim", 3)]:
-        images = run_sample("--ckpt", os.path.join(trained, "checkpoints", "0000100.pt"), "--res", 12,
-                            "--sampler", sampler, "--steps", 3, "--num-samples", 3, "--class-label", 4,
-                            "--batch-size", batch, "--out", tmp_path / f"r12_{batch}")
+        images = run_sample("--ckpt", os.path.join(trained, "checkpoints", "0000100.pt"), "--res",
+                            12,
+                            "--sampler", sampler, "--steps", 3, "--num-samples", 3, "--class-label",
+                            4, "--batch-size", batch, "--out", tmp_path / f"r12_{batch}")
         assert images.shape == (3, 1, 12, 12)
     a, b = (Image.open(tmp_path / f"r12_{b}" / "000002.png") for b in (2, 3))
     assert a.size == (12, 12) and a.tobytes() == b.tobytes()
@@ -117,11 +126,13 @@ def test_errors(trained, tmp_path, fake_fmnist, image_folder):
     with pytest.raises(DataError, match="resolution 9 is not divisible by 2"):
         run_train(*FAST, "--res", 9, "--steps", 1, "--results-dir", tmp_path)
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
-        run_train(*FAST, "--data-dir", tmp_path / "nowhere", "--steps", 1, "--results-dir", tmp_path)
+        run_train(*FAST, "--data-dir", tmp_path / "nowhere", "--steps", 1, "--results-dir",
+                  tmp_path)
     fake_fmnist(tmp_path / "bad_idx")
     (tmp_path / "bad_idx" / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz is not a readable gzip"):
-        run_train(*FAST, "--data-dir", tmp_path / "bad_idx", "--steps", 1, "--results-dir", tmp_path)
+        run_train(*FAST, "--data-dir", tmp_path / "bad_idx", "--steps", 1, "--results-dir",
+                  tmp_path)
     image_folder(tmp_path / "imgs", 15, size=(8, 8))
     (tmp_path / "imgs" / "7_broken.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="cannot read image .*7_broken.png"):
@@ -143,10 +154,13 @@ def test_errors(trained, tmp_path, fake_fmnist, image_folder):
 
 def test_cli_errors_are_one_line(trained, tmp_path):
     for script, argv, message in [
-            ("train.py", ["--model", "nope", "--results-dir", tmp_path], "error: unknown model 'nope'"),
+            ("train.py", ["--model", "nope", "--results-dir", tmp_path],
+             "error: unknown model 'nope'"),
             ("sample.py", ["--ckpt", tmp_path / "missing.pt"], "error: checkpoint"),
-            ("sample.py", ["--ckpt", trained, "--res", 7], "error: resolution 7 is not divisible by 2")]:
-        out = subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT, capture_output=True, text=True)
+            ("sample.py", ["--ckpt", trained, "--res", 7],
+             "error: resolution 7 is not divisible by 2")]:
+        out = subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT,
+                             capture_output=True, text=True)
         assert out.returncode == 1 and out.stderr.strip().startswith(message), out.stderr
         assert "Traceback" not in out.stderr
 
@@ -154,53 +168,62 @@ def test_cli_errors_are_one_line(trained, tmp_path):
 def test_vae_latents_train_and_sample(tmp_path, image_folder, tiny_vae):
     tiny_vae.save_pretrained(tmp_path / "vae")  # 4 down blocks: 8x smaller, like Stable Diffusion's
     with pytest.raises(DataError, match="resolution 40 is not divisible by 16"):
-        run_train(*FAST, "--vae", tmp_path / "vae", "--res", 40, "--steps", 1, "--results-dir", tmp_path)
+        run_train(*FAST, "--vae", tmp_path / "vae", "--res", 40, "--steps", 1, "--results-dir",
+                  tmp_path)
     image_folder(tmp_path / "data", 4, size=(40, 36))
-    run = run_train(*FAST, "--vae", tmp_path / "vae", "--data", tmp_path / "data", "--res", 32, "--steps", 2,
-                    "--global-batch-size", 2, "--sample-every", 2, "--results-dir", tmp_path / "results")
+    run = run_train(*FAST, "--vae", tmp_path / "vae", "--data", tmp_path / "data", "--res", 32,
+                    "--steps", 2, "--global-batch-size", 2, "--sample-every", 2, "--results-dir",
+                    tmp_path / "results")
     assert len(losses(run)) == 2 and os.path.isfile(os.path.join(run, "samples", "0000002.png"))
     ckpt = torch.load(os.path.join(run, "checkpoints", "latest.pt"), weights_only=True)
     assert ckpt["model_kwargs"] == {"input_size": 4, "in_channels": 4, "num_classes": 0}
-    images = run_sample("--ckpt", run, "--res", 48, "--steps", 2, "--num-samples", 2, "--out", tmp_path / "s")
+    images = run_sample("--ckpt", run, "--res", 48, "--steps", 2, "--num-samples", 2, "--out",
+                        tmp_path / "s")
     assert images.shape == (2, 3, 48, 48)  # decoded by the VAE stored in the checkpoint's args
 
 
 def test_converted_official_dim_weights_sample(tmp_path, tiny_vae, fidelity):
-    """Official weights (here the tiny DiM of the fidelity vectors) enter through tools/convert_official.py and
-    then sample like any train.py checkpoint, with the VAE stored at conversion."""
+    """Official weights (here the tiny DiM of the fidelity vectors) enter through
+    tools/convert_official.py and then sample like any train.py checkpoint, with the VAE stored at
+    conversion."""
     tensors, _ = fidelity("dim_small")
     torch.save({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
                tmp_path / "nnet_ema.pth")
     tiny_vae.save_pretrained(tmp_path / "vae")
     convert_official.main([str(tmp_path / "nnet_ema.pth"), "--vae", str(tmp_path / "vae"), "--out",
                            str(tmp_path / "dim.pt")])
-    images = run_sample("--ckpt", tmp_path / "dim.pt", "--steps", 2, "--num-samples", 2, "--out", tmp_path / "s")
+    images = run_sample("--ckpt", tmp_path / "dim.pt", "--steps", 2, "--num-samples", 2, "--out",
+                        tmp_path / "s")
     assert images.shape == (2, 3, 128, 128)  # the 16 x 16 latent grid of the weights, decoded 8x
 
 
 def test_weak_to_strong_init_from(trained, tmp_path, capsys):
-    # DiM's recipe in miniature: the 8 px run continued at 16 px starts with a lower loss than a fresh 16 px model.
+    # DiM's recipe in miniature: the 8 px run continued at 16 px starts with a lower loss than a
+    # fresh 16 px model.
     at16 = [a if a != "8" else "16" for a in FAST]
     fresh = run_train(*at16, "--steps", 5, "--results-dir", tmp_path / "fresh")
-    continued = run_train(*at16, "--steps", 5, "--results-dir", tmp_path / "cont", "--init-from", trained)
+    continued = run_train(*at16, "--steps", 5, "--results-dir", tmp_path / "cont", "--init-from",
+                          trained)
     assert "resized ['pos_embed']" in capsys.readouterr().out
     first_fresh, first_cont = sum(losses(fresh)) / 5, sum(losses(continued)) / 5
     assert first_cont < 0.7 * first_fresh, (first_cont, first_fresh)
     with pytest.raises(ModelError, match="holds a DiM-T/2 model, not DiM-S/2"):
-        run_train(*[a if a != MODEL else OTHER_MODEL for a in at16], "--steps", 1, "--results-dir", tmp_path / "x",
-                  "--init-from", trained)
+        run_train(*[a if a != MODEL else OTHER_MODEL for a in at16], "--steps", 1, "--results-dir",
+                  tmp_path / "x", "--init-from", trained)
 
 
 def test_training_free_upsampling(trained, tmp_path, capsys):
-    # 2x the trained size: Upsample Guidance (auto); 20 px: the patch route; both give images of the asked size.
+    # 2x the trained size: Upsample Guidance (auto); 20 px: the patch route; both give images of the
+    # asked size.
     for res, mode in [(16, "auto"), (20, "patch"), (16, "none")]:
-        images = run_sample("--ckpt", trained, "--res", res, "--upsample", mode, "--steps", 4, "--num-samples", 2,
-                            "--out", tmp_path / f"{res}{mode}")
+        images = run_sample("--ckpt", trained, "--res", res, "--upsample", mode, "--steps", 4,
+                            "--num-samples", 2, "--out", tmp_path / f"{res}{mode}")
         assert images.shape == (2, 1, res, res) and images.dtype == torch.uint8 and images.float().std() > 0
     out = capsys.readouterr().out
     assert "upsample guidance" in out and "upsample patch" in out
     with pytest.raises(ModelError, match="multiple"):
-        run_sample("--ckpt", trained, "--res", 20, "--upsample", "guidance", "--out", tmp_path / "bad")
+        run_sample("--ckpt", trained, "--res", 20, "--upsample", "guidance", "--out",
+                   tmp_path / "bad")
 
 
 def test_tiled_model_matches_a_local_model():
@@ -216,9 +239,12 @@ def test_tiled_model_matches_a_local_model():
 
 
 def test_video_bidim_trains_and_samples_gifs(tmp_path):
-    # BiDiM on Moving Fashion-MNIST clips: train a few steps, resume-safe checkpoint, GIF and frame-strip samples.
-    run = run_train("--model", "BiDiM-T/2", "--video", "--frames", 4, "--res", 16, "--global-batch-size", 4,
-                    "--steps", 3, "--log-every", 1, "--sample-every", 0, "--num-workers", 0, "--results-dir", tmp_path)
+    # BiDiM on Moving Fashion-MNIST clips: train a few steps, resume-safe checkpoint, GIF and
+    # frame-strip samples.
+    run = run_train("--model", "BiDiM-T/2", "--video", "--frames", 4, "--res", 16,
+                    "--global-batch-size", 4,
+                    "--steps", 3, "--log-every", 1, "--sample-every", 0, "--num-workers", 0,
+                    "--results-dir", tmp_path)
     assert len(losses(run)) == 3
     clips = run_sample("--ckpt", run, "--steps", 2, "--num-samples", 2, "--out", tmp_path / "s")
     assert clips.shape == (2, 1, 4, 16, 16)
@@ -226,15 +252,16 @@ def test_video_bidim_trains_and_samples_gifs(tmp_path):
     assert {"000000.gif", "000000.png", "grid.gif"} <= files
     assert Image.open(tmp_path / "s" / "000000.gif").n_frames >= 2
     with pytest.raises(ModelError, match="image model"):
-        run_train("--model", MODEL, "--video", "--frames", 4, "--res", 16, "--steps", 1, "--results-dir", tmp_path)
+        run_train("--model", MODEL, "--video", "--frames", 4, "--res", 16, "--steps", 1,
+                  "--results-dir", tmp_path)
 
 
 @pytest.mark.parametrize("model,objective,sampler,steps", [("DiMSUM-T/2", "flow", "heun", 80),
                                                             ("LaMamba-T", "eps", "ddpm", 30)])
 def test_other_families_learn_and_sample(model, objective, sampler, steps, tmp_path, one_thread):
-    # DiMSUM trains with flow matching, LaMamba-Diff with the learned-sigma hybrid loss; both learn on real
-    # Fashion-MNIST and sample (LaMamba through DDPM with its learned variance). LaMamba-T is slow on a CPU
-    # (~1 s a step), hence few steps.
+    # DiMSUM trains with flow matching, LaMamba-Diff with the learned-sigma hybrid loss; both learn
+    # on real Fashion-MNIST and sample (LaMamba through DDPM with its learned variance). LaMamba-T
+    # is slow on a CPU (~1 s a step), hence few steps.
     fast = [a if a != MODEL else model for a in FAST]
     run = run_train(*fast, "--steps", steps, "--results-dir", tmp_path)
     curve = losses(run)
@@ -242,27 +269,30 @@ def test_other_families_learn_and_sample(model, objective, sampler, steps, tmp_p
     assert last < 0.75 * first, (first, last)
     ckpt = torch.load(os.path.join(run, "checkpoints", "latest.pt"), weights_only=True)
     assert ckpt["objective"] == objective
-    images = run_sample("--ckpt", run, "--sampler", sampler, "--steps", 5, "--num-samples", 2, "--out", tmp_path / "s")
+    images = run_sample("--ckpt", run, "--sampler", sampler, "--steps", 5, "--num-samples", 2,
+                        "--out", tmp_path / "s")
     assert images.shape == (2, 1, 8, 8) and images.dtype == torch.uint8 and images.float().std() > 0
     if objective == "flow":  # Upsample Guidance through the VP form, with the flow's own sampler
-        images = run_sample("--ckpt", run, "--res", 16, "--upsample", "guidance", "--steps", 4, "--num-samples", 2,
-                            "--out", tmp_path / "ug")
+        images = run_sample("--ckpt", run, "--res", 16, "--upsample", "guidance", "--steps", 4,
+                            "--num-samples", 2, "--out", tmp_path / "ug")
         assert images.shape == (2, 1, 16, 16) and images.dtype == torch.uint8 and images.float().std() > 0
 
 
 def test_upsampling_at_3x_in_both_modes(trained, tmp_path):
     for mode in ("guidance", "patch"):
-        images = run_sample("--ckpt", trained, "--res", 24, "--upsample", mode, "--steps", 4, "--num-samples", 1,
-                            "--out", tmp_path / mode)
+        images = run_sample("--ckpt", trained, "--res", 24, "--upsample", mode, "--steps", 4,
+                            "--num-samples", 1, "--out", tmp_path / mode)
         assert images.shape == (1, 1, 24, 24) and images.dtype == torch.uint8 and images.float().std() > 0
 
 
 def test_tile_weights_sum_to_one():
-    # Every pixel's prediction is an average: the tile counts cover the map and the weights 1/count sum to one.
+    # Every pixel's prediction is an average: the tile counts cover the map and the weights 1/count
+    # sum to one.
     class Ones(torch.nn.Module):
         patch_size, num_classes = 1, 0
         def forward(self, x, t, y=None):
             return torch.ones_like(x)
     for size, overlap in [(20, 0.5), (24, 0.25), (8, 0.5), (17, 0.75)]:
-        out = sample.TiledModel(Ones(), tile=8, overlap=overlap)(torch.zeros(1, 1, size, size), torch.zeros(1))
+        out = sample.TiledModel(Ones(), tile=8,
+                                overlap=overlap)(torch.zeros(1, 1, size, size), torch.zeros(1))
         assert torch.equal(out, torch.ones_like(out))

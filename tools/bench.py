@@ -4,9 +4,9 @@ Speed, memory and compute of the Diffusion Mamba models against DiT, across reso
     python -m tools.bench --models dim,dit --size L --res 256,512,1024,1536,2048 --batch 4,4,2,1,1 --mode train
     python -m tools.bench --models DiM-H/2,DiT-XL/2 --mode sample --out sample.json --plot sample.png
 
---models takes families (dim, bidim, dimsum, lamamba, dit: the config of size --size) or exact config names
-(DiT-XL/2) of the registry in models.py. Inputs are SD-VAE latents: 4 channels, a res/8 grid, 1000 classes.
-Per model and resolution:
+--models takes families (dim, bidim, dimsum, lamamba, dit: the config of size --size) or exact
+config names (DiT-XL/2) of the registry in models.py. Inputs are SD-VAE latents: 4 channels, a res/8
+grid, 1000 classes. Per model and resolution:
 
   params     parameter count (model built on the meta device)
   GFLOPs     multiply-accumulates of one forward pass of one image (DiT's "GFLOPs" convention), counted with
@@ -16,14 +16,15 @@ Per model and resolution:
   ms/img     step time / B (in sample mode: per image and sampling step); img/s = B / step time
   peak GiB   torch.cuda.max_memory_allocated during the steps: weights, gradients, optimiser state, activations
 
-Timing: --warmup untimed steps, then the median of --repeats steps, each timed with CUDA events (perf_counter on the
-CPU); bf16 autocast and TF32 on GPUs, fp32 on the CPU. Out of memory gives an "OOM" row and the run goes on; a load
-(batch x pixels) at least as large as one that ran out of memory is not tried ("OOM*"). JSON and plot are rewritten
-after every row, so an interrupted run keeps what it measured.
+Timing: --warmup untimed steps, then the median of --repeats steps, each timed with CUDA events
+(perf_counter on the CPU); bf16 autocast and TF32 on GPUs, fp32 on the CPU. Out of memory gives an
+"OOM" row and the run goes on; a load (batch x pixels) at least as large as one that ran out of
+memory is not tried ("OOM*"). JSON and plot are rewritten after every row, so an interrupted run
+keeps what it measured.
 
-Scan cost: FlopCounterMode sees no matmul inside the selective scan (the CUDA kernel is opaque, the PyTorch scan
-is elementwise), so counting runs inside ssm.count_scan_flops(), where each scan records its shapes and adds
-b*d*L*(9N + 1) MACs (+ b*d*L when gated by z) instead of running.
+Scan cost: FlopCounterMode sees no matmul inside the selective scan (the CUDA kernel is opaque, the
+PyTorch scan is elementwise), so counting runs inside ssm.count_scan_flops(), where each scan
+records its shapes and adds b*d*L*(9N + 1) MACs (+ b*d*L when gated by z) instead of running.
 """
 import argparse
 import gc
@@ -43,14 +44,15 @@ from models import MODELS
 
 # family -> (config name for a size letter, size aliases)
 FAMILIES = {
-    "dim": ("DiM-{}/2", {"XL": "H"}),
-    "bidim": ("BiDiM-{}/2", {"H": "XL"}),
-    "dimsum": ("DiMSUM-{}/2", {"H": "XL"}),
-    "lamamba": ("LaMamba-{}", {"H": "XL"}),
+    "dim": ("DiM-{}/2", {"XL": "H"}), "bidim": ("BiDiM-{}/2", {"H": "XL"}),
+    "dimsum": ("DiMSUM-{}/2", {"H": "XL"}), "lamamba": ("LaMamba-{}", {"H": "XL"}),
     "dit": ("DiT-{}/2", {"H": "XL"}),
 }
-COLUMNS = ["model", "family", "mode", "res", "tokens", "batch", "params_M", "gflops", "scan_gflops", "step_ms",
-           "ms_per_image", "images_per_s", "peak_mem_gib", "status", "device", "torch", "scan"]
+COLUMNS = ["model", "family", "mode", "res", "tokens", "batch", "params_M", "gflops", "scan_gflops",
+           "step_ms", "ms_per_image", "images_per_s", "mfu", "peak_mem_gib", "compiled", "status",
+           "device", "torch", "scan"]
+# dense bf16 peak of the GPU for MFU (H100/H200 SXM datasheet); None elsewhere
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR = 4, 1000, 8
 
 
@@ -58,7 +60,8 @@ def resolve(spec, size):
     """A family or a config name -> (config name, family, factory)."""
     family = spec.lower() if spec.lower() in FAMILIES else spec.split("-")[0].lower()
     if family not in FAMILIES:
-        raise SystemExit(f"unknown model {spec!r}: use a family ({', '.join(FAMILIES)}) or a config name")
+        raise SystemExit(f"unknown model {spec!r}: use a family ({', '.join(FAMILIES)}) or a "
+                         "config name")
     template, aliases = FAMILIES[family]
     name = template.format(aliases.get(size, size)) if spec.lower() == family else spec
     if name not in MODELS:
@@ -71,14 +74,17 @@ def resolve(spec, size):
 #################################################################################
 
 def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query, key, value)   # torch counts the GPU attention kernels, not this CPU one
+    # torch counts the GPU attention kernels, not this CPU one
+    return sdpa_flop_count(query, key, value)
 
 
 def count_gmacs(model, grid):
-    """(total, scan) GMACs of one forward of one image on a grid x grid input, on the model's device."""
+    """(total, scan) GMACs of one forward of one image on a grid x grid input, on the model's
+    device."""
     device = next(model.parameters()).device
     x = torch.randn(1, getattr(model, "in_channels", LATENT_CHANNELS), grid, grid, device=device)
-    t, y = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    t, y = torch.zeros(1, dtype=torch.long,
+                       device=device), torch.zeros(1, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
     with torch.no_grad(), counter, ssm.count_scan_flops() as scans:
@@ -118,17 +124,20 @@ def median_time(step, warmup, repeats, cuda):
     return statistics.median(times)
 
 
-def run_steps(factory, grid, batch, mode, device, warmup, repeats, row):
-    """Build the model on `device`, time its train or sample step; fills the row's measured columns."""
+def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=False):
+    """Build the model on `device`, time its train or sample step; fills the row's measured
+    columns. compile: torch.compile the model (its compilation happens in the warm-up steps)."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     with torch.device(device):
         model = factory(input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
     model.to(device)   # in case a constructor made some tensor on the CPU
+    row["compiled"] = bool(compile)
     if row["gflops"] is None:   # the model did not run on the meta device: count on the real one
         row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
         row["gflops"], row["scan_gflops"] = count_gmacs(model, grid)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    net = torch.compile(model) if compile else model
     x = torch.randn(batch, LATENT_CHANNELS, grid, grid, device=device)
     t = timesteps(model, batch, device)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
@@ -139,24 +148,31 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row):
 
         def step():
             with autocast:
-                out = model(x, t, y)
+                out = net(x, t, y)
             out.float().square().mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
         model.eval()
-        x, t = torch.cat([x, x]), torch.cat([t, t])   # conditional and unconditional halves in one batch
+        # conditional and unconditional halves in one batch
+        x, t = torch.cat([x, x]), torch.cat([t, t])
         y = torch.cat([y, torch.full_like(y, getattr(model, "num_classes", NUM_CLASSES))])
 
         def step():
             with torch.no_grad(), autocast:
-                model(x, t, y)
+                net(x, t, y)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     seconds = median_time(step, warmup, repeats, cuda)
-    row.update(step_ms=1e3 * seconds, ms_per_image=1e3 * seconds / batch, images_per_s=batch / seconds,
-               peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None, status="ok")
+    # model FLOPs per image and step: forward 2 x MACs, training ~3 forwards, a guided sampling step 2
+    flops = 2e9 * (row["gflops"] or 0) * (3 if mode == "train" else 2)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
+    row.update(step_ms=1e3 * seconds, ms_per_image=1e3 * seconds / batch,
+               images_per_s=batch / seconds,
+               mfu=flops * batch / seconds / (peak * 1e12) if peak and row["gflops"] else None,
+               peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None,
+               status="ok")
 
 
 def measure(name, family, factory, res, batch, args, device, info):
@@ -171,9 +187,11 @@ def measure(name, family, factory, res, batch, args, device, info):
         row["tokens"] = (grid // getattr(meta, "patch_size", 1)) ** 2
         row["gflops"], row["scan_gflops"] = count_gmacs(meta, grid)
     except Exception as e:
-        print(f"[bench] {name} @ {res}: no count on the meta device ({type(e).__name__}: {e})", file=sys.stderr)
+        print(f"[bench] {name} @ {res}: no count on the meta device ({type(e).__name__}: {e})",
+              file=sys.stderr)
     try:
-        run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row)
+        compile = args.compile == "all" or (args.compile == "dit" and family == "dit")
+        run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row, compile)
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:
@@ -200,12 +218,15 @@ def fmt(v, digits=1):
 
 
 def print_table(rows):
-    print("| model | res | tokens | batch | params (M) | GFLOPs | step ms | ms/img | img/s | peak GiB | status |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | res | tokens | batch | params (M) | GFLOPs | step ms | ms/img | img/s | MFU | peak "
+          "GiB | compiled | status |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         cells = [r["model"], fmt(r["res"]), fmt(r["tokens"]), fmt(r["batch"]), fmt(r["params_M"]),
-                 fmt(r["gflops"], 1 if (r["gflops"] or 0) >= 10 else 3), fmt(r["step_ms"]), fmt(r["ms_per_image"], 2),
-                 fmt(r["images_per_s"], 2), fmt(r["peak_mem_gib"], 2), r["status"]]
+                 fmt(r["gflops"], 1 if (r["gflops"] or 0) >= 10 else 3), fmt(r["step_ms"]),
+                 fmt(r["ms_per_image"], 2), fmt(r["images_per_s"], 2), mfu,
+                 fmt(r["peak_mem_gib"], 2), "yes" if r.get("compiled") else "no", r["status"]]
         print("| " + " | ".join(cells) + " |")
     if any(r["status"] == "OOM*" for r in rows):
         print("\nOOM*: not run, a load (batch x pixels) no larger ran out of memory.")
@@ -222,7 +243,8 @@ def scaling_exponent(points):
 
 
 def crossover(rows, mamba, dit, key):
-    """Smallest resolution from which `mamba` beats `dit` on `key` at every larger resolution (OOM = infinite)."""
+    """Smallest resolution from which `mamba` beats `dit` on `key` at every larger resolution (OOM =
+    infinite)."""
     def values(model):
         return {r["res"]: (r[key] if r["status"] == "ok" else math.inf) for r in rows
                 if r["model"] == model and r["status"] in ("ok", "OOM", "OOM*")}
@@ -250,7 +272,8 @@ def print_summary(rows):
     dits = [m for m in models if any(r["model"] == m and r["family"] == "dit" for r in rows)]
     pairs = [(m, d) for m in models if m not in dits for d in dits]
     if pairs:
-        print("Resolution from which the Mamba model stays ahead of DiT (time per image / peak memory):")
+        print("Resolution from which the Mamba model stays ahead of DiT (time per image / peak "
+              "memory):")
         for m, d in pairs:
             print(f"  {m} vs {d}: time {crossover(rows, m, d, 'ms_per_image')}, "
                   f"memory {crossover(rows, m, d, 'peak_mem_gib')}")
@@ -299,8 +322,8 @@ def draw_plot(rows, path, title):
     d.rectangle([left, top, W - right, H - bottom], outline="black")
     text(((left + W - right) / 2, H - 25), "resolution (px, log scale)", ax=0.5)
     text((10, top - 25), "ms per image (log)")
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-              (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+              (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
     for i, (name, pts) in enumerate(lines.items()):
         c, pts = colors[i % len(colors)], sorted(pts)
         if len(pts) > 1:
@@ -342,16 +365,24 @@ def environment(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", default="dim,bidim,dimsum,lamamba,dit", help="families or config names")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default="dim,bidim,dimsum,lamamba,dit",
+                   help="families or config names")
     p.add_argument("--size", default="L", help="size letter for families: T, S, B, L, XL, H")
-    p.add_argument("--res", default="256,512,1024,1536,2048", help="image sides in pixels (latent = res/8)")
+    p.add_argument("--res", default="256,512,1024,1536,2048",
+                   help="image sides in pixels (latent = res/8)")
     p.add_argument("--batch", default="1", help="images per step: one number, or one per --res")
     p.add_argument("--mode", choices=["train", "sample"], default="train")
-    p.add_argument("--scan", choices=["cuda", "triton", "torch"], default=None, help="force a selective-scan backend")
+    p.add_argument("--scan", choices=["cuda", "triton", "torch"], default=None,
+                   help="force a selective-scan backend")
+    p.add_argument("--compile", choices=["none", "dit", "all"], default="dit",
+                   help="torch.compile the models: none, DiT only (the baseline at its fastest; "
+                        "default), or all")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--budget", type=float, default=0, help="seconds; later configs are skipped (0 = no limit)")
+    p.add_argument("--budget", type=float, default=0,
+                   help="seconds; later configs are skipped (0 = no limit)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--plot", default="bench.png")
@@ -363,7 +394,8 @@ def main(argv=None):
     if len(batches) == 1:
         batches *= len(resolutions)
     if len(batches) != len(resolutions) or any(r % VAE_FACTOR for r in resolutions):
-        raise SystemExit("--batch needs one value or one per --res; every --res must be a multiple of 8")
+        raise SystemExit("--batch needs one value or one per --res; every --res must be a multiple "
+                         "of 8")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     info = environment(device)
@@ -374,11 +406,13 @@ def main(argv=None):
     models = [resolve(s.strip(), args.size.upper()) for s in args.models.split(",") if s.strip()]
     rows = []
     start, oom_load = time.time(), {}
-    for res, batch in zip(resolutions, batches):   # resolution outermost: a budget cut keeps every model's small ones
+    # resolution outermost: a budget cut keeps every model's small ones
+    for res, batch in zip(resolutions, batches):
         for name, family, factory in models:
             if batch * res * res >= oom_load.get(name, math.inf):
                 row = dict.fromkeys(COLUMNS)
-                row.update(model=name, family=family, mode=args.mode, res=res, batch=batch, status="OOM*", **info)
+                row.update(model=name, family=family, mode=args.mode, res=res, batch=batch,
+                           status="OOM*", **info)
             elif args.budget and time.time() - start > args.budget:
                 row = dict.fromkeys(COLUMNS)
                 row.update(model=name, family=family, mode=args.mode, res=res, batch=batch,
@@ -388,7 +422,8 @@ def main(argv=None):
                 if row["status"] == "OOM":
                     oom_load[name] = min(oom_load.get(name, math.inf), batch * res * res)
             print(f"[bench] {name} @ {res} x{batch} {args.mode}: {fmt(row['step_ms'])} ms/step, "
-                  f"{fmt(row['peak_mem_gib'], 2)} GiB, {row['status']} ({time.time() - start:.0f} s)", file=sys.stderr)
+                  f"{fmt(row['peak_mem_gib'], 2)} GiB, {row['status']} ({time.time() - start:.0f} "
+                  "s)", file=sys.stderr)
             rows.append(row)
             save(rows, args, title)
 

@@ -1,20 +1,23 @@
 """
-Speed, memory and accuracy of the selective scan backends of ssm.py (ssm.SCANS): mamba-ssm's CUDA kernel, the
-Triton kernels (ssm_triton.py) and the chunked pure-PyTorch scan; and parity of ssm.Mamba with mamba-ssm's module.
+Speed, memory and accuracy of the selective scan backends of ssm.py (ssm.SCANS): mamba-ssm's CUDA
+kernel, the Triton kernels (ssm_triton.py) and the chunked pure-PyTorch scan; and parity of
+ssm.Mamba with mamba-ssm's module.
 
     python -m tools.scan_bench            # GPU: accuracy tables, then timings at batch 8, 1536 channels, N 16, bf16
     python -m tools.scan_bench --sweep    # GPU: also time launch configurations of the Triton kernels first
     python -m tools.scan_bench --smoke    # tiny shapes; on a CPU it runs the Triton kernels in Triton's interpreter
 
-Accuracy: every backend against an fp64 run of the sequential reference (outputs and all gradients); the Mamba
-mixer with each backend against the cuda one (fp32 and bf16 autocast); mamba_ssm.modules.mamba_simple.Mamba's
-state dict loaded strictly into ssm.Mamba, outputs compared.
+Accuracy: every backend against an fp64 run of the sequential reference (outputs and all gradients);
+the Mamba mixer with each backend against the cuda one (fp32 and bf16 autocast);
+mamba_ssm.modules.mamba_simple.Mamba's state dict loaded strictly into ssm.Mamba, outputs compared.
 
-Timing: median of CUDA-event timings after warm-up, with the L2 cache flushed before every repetition.
-"fwd+bwd" is one forward and torch.autograd.grad for all inputs. "extra GB" is the peak allocation above what was
-allocated before the call (inputs), i.e. outputs, saved states, gradients and workspace.
-Errors are relative: max|a - b| / max|b| against an fp64 run of the sequential reference on the same inputs.
-Prints markdown tables; writes scan_bench.json into $OUT when that variable is set.
+Timing: median of CUDA-event timings after warm-up, with the L2 cache flushed before every
+repetition.
+"fwd+bwd" is one forward and torch.autograd.grad for all inputs. "extra GB" is the peak allocation
+above what was allocated before the call (inputs), i.e. outputs, saved states, gradients and
+workspace. Errors are relative: max|a - b| / max|b| against an fp64 run of the sequential reference
+on the same inputs. Prints markdown tables; writes scan_bench.json into $OUT when that variable is
+set.
 """
 
 import argparse
@@ -28,13 +31,17 @@ import time
 import torch
 
 p = argparse.ArgumentParser()
-p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script itself (runs on a CPU)")
-p.add_argument("--sweep", action="store_true", help="time launch configurations of the Triton kernels")
+p.add_argument("--smoke", action="store_true",
+               help="tiny shapes, to check the script itself (runs on a CPU)")
+p.add_argument("--sweep", action="store_true",
+               help="time launch configurations of the Triton kernels")
 p.add_argument("--lengths", default="256,1024,4096,16384")
 p.add_argument("--no-torch", action="store_true", help="skip the pure-PyTorch rows")
 p.add_argument("--no-accuracy", action="store_true")
-p.add_argument("--fwd-config", default=None, help="JSON overriding ssm_triton.TRITON_CONFIG['fwd'][2]")
-p.add_argument("--bwd-config", default=None, help="JSON overriding ssm_triton.TRITON_CONFIG['bwd'][2]")
+p.add_argument("--fwd-config", default=None,
+               help="JSON overriding ssm_triton.TRITON_CONFIG['fwd'][2]")
+p.add_argument("--bwd-config", default=None,
+               help="JSON overriding ssm_triton.TRITON_CONFIG['bwd'][2]")
 args = p.parse_args()
 
 if not torch.cuda.is_available():
@@ -53,7 +60,8 @@ if args.fwd_config:
 if args.bwd_config:
     ssm_triton.TRITON_CONFIG["bwd"][2].update(json.loads(args.bwd_config))
 
-results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+           "torch": torch.__version__,
            "triton": getattr(ssm_triton.triton, "__version__", None), "has_cuda_scan": has_cuda,
            "triton_config": ssm_triton.TRITON_CONFIG}
 try:
@@ -65,8 +73,10 @@ print(f"device {results['device']}, torch {torch.__version__}, triton {results['
       f"mamba-ssm {results['mamba_ssm']} (kernel usable: {has_cuda})")
 print(f"triton config: {json.dumps(ssm_triton.TRITON_CONFIG)}")
 
-IMPLS = {name: (lambda name: lambda **kw: ssm.selective_scan(**kw, backend=name))(name) for name in ssm.SCANS}
-available = [k for k, ok in (("cuda", has_cuda), ("triton", has_triton), ("torch", not args.no_torch)) if ok]
+IMPLS = {name: (lambda name: lambda **kw: ssm.selective_scan(**kw, backend=name))(name)
+         for name in ssm.SCANS}
+available = [k for k, ok in (("cuda", has_cuda), ("triton", has_triton),
+                             ("torch", not args.no_torch)) if ok]
 
 
 def rel(a, b):
@@ -74,27 +84,34 @@ def rel(a, b):
 
 
 def scan_inputs(b, dim, L, N, dtype, seed=0, G=None, big_delta=False, with_z=True, with_D=True):
-    """Inputs as in a Mamba block: dt bias from Mamba's init, S4D-real A; u/delta/B/C/z in dtype, rest fp32."""
+    """Inputs as in a Mamba block: dt bias from Mamba's init, S4D-real A; u/delta/B/C/z in dtype,
+    rest fp32."""
     g = torch.Generator(device=dev).manual_seed(seed)
     rn = lambda *s: torch.randn(*s, device=dev, generator=g)
-    dt0 = torch.exp(torch.empty(dim, device=dev).uniform_(math.log(1e-3), math.log(0.1), generator=g))
+    dt0 = torch.exp(torch.empty(dim, device=dev).uniform_(math.log(1e-3), math.log(0.1),
+                                                          generator=g))
     bc = (b, N, L) if G is None else (b, G, N, L)
-    delta = 5 + 15 * torch.rand(b, dim, L, device=dev, generator=g) if big_delta else 0.5 * rn(b, dim, L)
-    x = dict(u=rn(b, dim, L), delta=delta, A=-torch.arange(1, N + 1, device=dev, dtype=torch.float32).repeat(dim, 1),
-             B=rn(*bc), C=rn(*bc), D=rn(dim) if with_D else None, z=rn(b, dim, L) if with_z else None,
-             delta_bias=dt0 + torch.log(-torch.expm1(-dt0)))
-    return {k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z") and v is not None else v) for k, v in x.items()}
+    delta = 5 + 15 * torch.rand(b, dim, L, device=dev,
+                                generator=g) if big_delta else 0.5 * rn(b, dim, L)
+    x = dict(u=rn(b, dim, L), delta=delta, A=-torch.arange(1, N + 1, device=dev,
+                                                           dtype=torch.float32).repeat(dim, 1),
+             B=rn(*bc), C=rn(*bc), D=rn(dim) if with_D else None,
+             z=rn(b, dim, L) if with_z else None, delta_bias=dt0 + torch.log(-torch.expm1(-dt0)))
+    return {k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z") and v is not None else v) for k,
+            v in x.items()}
 
 
 def leaves_of(inputs, dtype=None, grad=True):
-    return {k: (v.detach().to(dtype or v.dtype).clone().requires_grad_(grad) if v is not None else None)
+    return {k: (v.detach().to(dtype or v.dtype).clone().requires_grad_(grad) if v is not None
+                else None)
             for k, v in inputs.items()}
 
 
 def fwd_bwd(impl, inputs, dtype=None):
     leaves = leaves_of(inputs, dtype)
     y = IMPLS[impl](**leaves, delta_softplus=True)
-    dy = torch.randn(y.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(y.dtype)
+    dy = torch.randn(y.shape, device=dev,
+                     generator=torch.Generator(device=dev).manual_seed(1)).to(y.dtype)
     names = [k for k, v in leaves.items() if v is not None]
     grads = torch.autograd.grad(y, [leaves[k] for k in names], dy)
     return y.detach(), dict(zip(names, grads))
@@ -104,7 +121,8 @@ _flush = torch.empty(256 * 2 ** 20 if dev == "cuda" else 1, dtype=torch.int8, de
 
 
 def time_ms(fn, budget_ms=300.0, max_reps=50):
-    """Median ms of fn() over repetitions, L2 flushed before each, after warm-up (first call = compile)."""
+    """Median ms of fn() over repetitions, L2 flushed before each, after warm-up (first call =
+    compile)."""
     fn()
     if dev == "cpu":
         t0 = time.perf_counter()
@@ -156,7 +174,8 @@ if not args.no_accuracy:
     cases = [
         ("fp32, z, D, softplus", dict(dtype=torch.float32)),
         ("fp32, large delta (dt 5-20)", dict(dtype=torch.float32, big_delta=True)),
-        (f"fp32, grouped B/C G=4, no z/D, L {L_ - 24}", dict(dtype=torch.float32, G=4, with_z=False, with_D=False,
+        (f"fp32, grouped B/C G=4, no z/D, L {L_ - 24}",
+         dict(dtype=torch.float32, G=4, with_z=False, with_D=False,
                                                              L=L_ - 24)),
         ("bf16, z, D, softplus", dict(dtype=torch.bfloat16)),
         ("bf16, large delta", dict(dtype=torch.bfloat16, big_delta=True)),
@@ -178,9 +197,11 @@ if not args.no_accuracy:
             except Exception as e:  # e.g. an implementation that does not support a case
                 print(f"| {label} | {impl} | failed: {type(e).__name__}: {str(e)[:80]} |")
                 continue
-            row = {"case": label, "impl": impl, "out": rel(y, y_ref), **{k: rel(g[k], g_ref[k]) for k in g}}
+            row = {"case": label, "impl": impl, "out": rel(y, y_ref),
+                   **{k: rel(g[k], g_ref[k]) for k in g}}
             results["accuracy"].append(row)
-            print(f"| {label} | {impl} | " + " | ".join(fmt(row.get(k), ".1e") for k in ["out"] + names) + " |")
+            print(f"| {label} | {impl} | " + " | ".join(fmt(row.get(k),
+                                                            ".1e") for k in ["out"] + names) + " |")
 
     # the Mamba mixer end to end: every other backend against the cuda backend, same weights
     if has_cuda:
@@ -208,9 +229,11 @@ if not args.no_accuracy:
                 row = {"backend": backend, "precision": "bf16 autocast" if amp else "fp32",
                        "out": rel(outs[backend], outs["cuda"]), **errs}
                 results["mixer"].append(row)
-                print(f"| {backend} | {row['precision']} | {row['out']:.1e} | {errs[worst]:.1e} ({worst}) |")
+                print(f"| {backend} | {row['precision']} | {row['out']:.1e} | {errs[worst]:.1e} "
+                      f"({worst}) |")
 
-        # mamba_ssm's own module: its state dict loads strictly into ours (slow path: no causal-conv1d)
+        # mamba_ssm's own module: its state dict loads strictly into ours (slow path: no
+        # causal-conv1d)
         from mamba_ssm.modules.mamba_simple import Mamba as RefMamba
         print("\n| mamba_ssm.Mamba -> ssm.Mamba (strict load) | keys in same order | d_conv | "
               + " | ".join(f"ours {b} vs theirs" for b in available) + " |")
@@ -221,7 +244,8 @@ if not args.no_accuracy:
             theirs = RefMamba(d_model, d_conv=d_conv, use_fast_path=False).to(dev)
             ours = ssm.Mamba(d_model, d_conv=d_conv).to(dev)
             ours.load_state_dict(theirs.state_dict(), strict=True)
-            row = {"d_conv": d_conv, "same_key_order": list(ours.state_dict()) == list(theirs.state_dict())}
+            row = {"d_conv": d_conv,
+                   "same_key_order": list(ours.state_dict()) == list(theirs.state_dict())}
             with torch.no_grad():
                 y_theirs = theirs(xm)
                 for backend in available:
@@ -242,11 +266,13 @@ if args.sweep and has_triton:
     A, Bg, Cg = x["A"], ssm_triton._as_groups(x["B"]), ssm_triton._as_groups(x["C"])
     fargs = (x["u"], x["delta"], A, Bg, Cg, x["D"], x["z"], x["delta_bias"], True)
     ref_out = IMPLS["cuda" if has_cuda else "triton"](**inputs, delta_softplus=True)
-    dout = torch.randn(ref_out.shape, device=dev, generator=torch.Generator(device=dev).manual_seed(1)).to(
+    dout = torch.randn(ref_out.shape, device=dev,
+                       generator=torch.Generator(device=dev).manual_seed(1)).to(
         ref_out.dtype)  # the same as fwd_bwd's
     default = {k: dict(v[2]) for k, v in ssm_triton.TRITON_CONFIG.items()}
     print(f"\n## Triton launch sweep at {MAIN} bf16 (fwd: forward kernel; bwd: backward kernel + dB/dC reduction)\n")
-    print("| kernel | config | ms | extra GB | err vs " + ("cuda" if has_cuda else "default") + " |")
+    print("| kernel | config | ms | extra GB | err vs " + ("cuda" if has_cuda else "default")
+          + " |")
     print("|---|---|---|---|---|")
     results["sweep"] = []
     fwd_space = [dict(BD=bd, T=t, num_warps=w, CHUNK=64) for bd, t, w in (
@@ -263,16 +289,18 @@ if args.sweep and has_triton:
         except Exception as e:
             row = dict(kernel="fwd", config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}")
         results["sweep"].append(row)
-        print(f"| fwd | {json.dumps(cfg)} | {fmt(row.get('ms'))} | – | {fmt(row.get('err'), '.1e')} "
+        print(f"| fwd | {json.dumps(cfg)} | {fmt(row.get('ms'))} | – | "
+              f"{fmt(row.get('err'), '.1e')} "
               f"{row.get('error', '')}|")
     ok = [r for r in results["sweep"] if "ms" in r and r["err"] < 2e-2]
     ssm_triton.TRITON_CONFIG["fwd"][2] = min(ok, key=lambda r: r["ms"])["config"] if ok else default["fwd"]
 
     _, g_def = fwd_bwd("cuda" if has_cuda else "triton", inputs)
-    # warps and channels per program (8 to 32 state updates per thread and tile), atomics, chunk of saved states
+    # warps and channels per program (8 to 32 state updates per thread and tile), atomics, chunk of
+    # saved states
     bwd_space = [dict(BD=bd, T=8, num_warps=w, ATOMIC=at, CHUNK=ch) for bd, w, at, ch in (
-        (2, 1, True, 64), (4, 1, True, 64), (8, 1, True, 64), (4, 2, True, 64), (8, 2, True, 64), (16, 4, True, 64),
-        (4, 1, False, 64), (4, 1, True, 128), (4, 1, True, 32))]
+        (2, 1, True, 64), (4, 1, True, 64), (8, 1, True, 64), (4, 2, True, 64), (8, 2, True, 64),
+        (16, 4, True, 64), (4, 1, False, 64), (4, 1, True, 128), (4, 1, True, 32))]
     if args.smoke:
         bwd_space = bwd_space[:2]
     for cfg in bwd_space:
@@ -291,10 +319,12 @@ if args.sweep and has_triton:
             gb = extra_gb(lambda: ssm_triton._triton_scan_bwd(*bargs))
             row = dict(kernel="bwd", config=dict(cfg, CHUNK=chunk), ms=ms, gb=gb, err=err)
         except Exception as e:
-            row = dict(kernel="bwd", config=dict(cfg, CHUNK=chunk), error=f"{type(e).__name__}: {str(e)[:100]}")
+            row = dict(kernel="bwd", config=dict(cfg, CHUNK=chunk),
+                       error=f"{type(e).__name__}: {str(e)[:100]}")
         ssm_triton.TRITON_CONFIG["fwd"][2] = fcfg
         results["sweep"].append(row)
-        print(f"| bwd | {json.dumps(row['config'])} | {fmt(row.get('ms'))} | {fmt(row.get('gb'))} | "
+        print(f"| bwd | {json.dumps(row['config'])} | {fmt(row.get('ms'))} | {fmt(row.get('gb'))} "
+              "| "
               f"{fmt(row.get('err'), '.1e')} {row.get('error', '')}|")
     ok = [r for r in results["sweep"] if r["kernel"] == "bwd" and "ms" in r and r["err"] < 5e-2]
     if ok:
@@ -332,7 +362,8 @@ for L in lengths:
                 names = [k for k, v in leaves.items() if v is not None]
 
                 def step():
-                    return torch.autograd.grad(f(**leaves, delta_softplus=True), [leaves[k] for k in names], dy)
+                    return torch.autograd.grad(f(**leaves, delta_softplus=True),
+                                               [leaves[k] for k in names], dy)
 
                 row["fb_ms"] = time_ms(step)
                 row["fb_gb"] = extra_gb(step)
@@ -351,7 +382,8 @@ for row in rows:
     row["ratio_fwd"], row["ratio_fb"] = ratio("fwd_ms"), ratio("fb_ms")
     gb = f"{fmt(row.get('fwd_gb'), '.2f')} / {fmt(row.get('fb_gb'), '.2f')}"
     note = f" ({row['note']})" if "note" in row else ""
-    print(f"| {row['impl']} | {row['shape']} | {fmt(row.get('fwd_ms'))} | {fmt(row.get('fb_ms'))}{note} | {gb} | "
+    print(f"| {row['impl']} | {row['shape']} | {fmt(row.get('fwd_ms'))} | "
+          f"{fmt(row.get('fb_ms'))}{note} | {gb} | "
           f"{fmt(row['ratio_fwd'], '.2f')}x / {fmt(row['ratio_fb'], '.2f')}x |")
 
 if os.environ.get("OUT"):
