@@ -1,26 +1,33 @@
 """
-Speed, memory and accuracy of the selective scan backends of ssm.py (ssm.SCANS): mamba-ssm's CUDA
-kernel, the Triton kernels (ssm_triton.py) and the chunked pure-PyTorch scan; and parity of
-ssm.Mamba with mamba-ssm's module.
+Speed, memory and accuracy of the selective scan backends of ssm.py (ssm.SCANS): the Triton kernels
+(ssm_triton.py), mamba-ssm's CUDA kernel (the optional reference) and the chunked pure-PyTorch scan;
+and parity of ssm.Mamba with mamba-ssm's module.
 
-    python -m tools.scan_bench            # GPU: accuracy tables, then timings at batch 8, 1536 channels, N 16, bf16
-    python -m tools.scan_bench --sweep    # GPU: also time launch configurations of the Triton kernels first
-    python -m tools.scan_bench --smoke    # tiny shapes; on a CPU it runs the Triton kernels in Triton's interpreter
+    python -m tools.scan_bench            # GPU: accuracy, the models' shapes, then lengths at (8, 1536)
+    python -m tools.scan_bench --sweep    # GPU: also time launch configurations of the Triton kernels
+    python -m tools.scan_bench --smoke    # tiny shapes; on a CPU the Triton kernels run interpreted
 
-Accuracy: every backend against an fp64 run of the sequential reference (outputs and all gradients);
-the Mamba mixer with each backend against the cuda one (fp32 and bf16 autocast);
-mamba_ssm.modules.mamba_simple.Mamba's state dict loaded strictly into ssm.Mamba, outputs compared.
+1. Accuracy: every backend against an fp64 run of the sequential reference (outputs and all
+   gradients); the Mamba mixer with each backend against the cuda one (fp32 and bf16 autocast);
+   mamba_ssm.modules.mamba_simple.Mamba's state dict loaded strictly into ssm.Mamba.
+2. --sweep: launch configurations of the token-layout kernels at DiM-L/2's 1024 px shape.
+3. The models' shapes (DiM-L/2 at 1024 and 2048 px, DiM-S/2 at 32 px, scan.md's B8 D1536 L4096):
+   the whole job as the models run it. Ours: ssm.mamba_scan on the (b, L, dim) views that the linear
+   layers produce, in DiM's column order. mamba-ssm: gather into scan order, (b, dim, L) and (b, N, L)
+   contiguous copies, its kernel, transpose and scatter back; and its kernel alone. With the fraction
+   of the exponential-bound floor (one exp per state update forward, three forward + backward).
+4. Speed and memory of every backend across lengths in selective_scan's (b, dim, L) layout.
 
 Timing: median of CUDA-event timings after warm-up, with the L2 cache flushed before every
-repetition.
-"fwd+bwd" is one forward and torch.autograd.grad for all inputs. "extra GB" is the peak allocation
-above what was allocated before the call (inputs), i.e. outputs, saved states, gradients and
-workspace. Errors are relative: max|a - b| / max|b| against an fp64 run of the sequential reference
-on the same inputs. Prints markdown tables; writes scan_bench.json into $OUT when that variable is
-set.
+repetition. "fwd+bwd" is one forward and torch.autograd.grad for all inputs. "extra GB" is the peak
+allocation above what was allocated before the call (inputs), i.e. outputs, saved states, gradients
+and workspace. Errors are relative: max|a - b| / max|b| against an fp64 run of the sequential
+reference on the same inputs. Prints markdown tables; writes scan_bench.json into $OUT when that
+variable is set.
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -256,88 +263,148 @@ if not args.no_accuracy:
                   + " | ".join(f"{row[b]:.1e}" for b in available) + " |")
 
 # -----------------------------------------------------------------------------
-# 2. launch-configuration sweep of the Triton kernels (main shape)
+# 2. launch-configuration sweep of the Triton kernels (token layout, DiM-L/2 at 1024 px)
 # -----------------------------------------------------------------------------
 
-MAIN = (1, 16, 32, 4) if args.smoke else (8, 1536, 4096, 16)
+def token_inputs(b, dim, L, N=16, dtype=torch.bfloat16, seed=0):
+    """A Mamba block's scan inputs as the linear layers leave them: x and z halves of in_proj's
+    (b, L, 2 dim) output, dt from dt_proj, B and C views of x_proj's output; DiM's column order."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, device=dev, generator=g)
+    R = math.ceil(dim / 32)
+    xz, xdbl = rn(b, L, 2 * dim).to(dtype), rn(b, L, R + 2 * N).to(dtype)
+    dt0 = torch.exp(torch.empty(dim, device=dev).uniform_(math.log(1e-3), math.log(0.1), generator=g))
+    side = math.isqrt(L)
+    order = torch.arange(L, device=dev)
+    if side * side == L:
+        order = order.view(side, side).t().reshape(-1)
+    return dict(u=xz[..., :dim], delta=(0.5 * rn(b, L, dim)).to(dtype), z=xz[..., dim:],
+                B=xdbl[..., R:R + N], C=xdbl[..., R + N:],
+                A=-torch.arange(1, N + 1, device=dev, dtype=torch.float32).repeat(dim, 1),
+                D=rn(dim), dt_bias=dt0 + torch.log(-torch.expm1(-dt0)), order=order)
+
+
+def ours_job(x, grad):
+    """Our path: one kernel reads the token layout in the scan order; returns a callable."""
+    leaves = {k: (v.detach().requires_grad_(grad) if v.is_floating_point() else v) for k, v in x.items()}
+    kw = dict(D=leaves["D"], z=leaves["z"], dt_bias=leaves["dt_bias"], order=leaves["order"])
+    if not grad:
+        return lambda: ssm.mamba_scan(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
+                                      **kw, backend="triton")
+    names = ["u", "delta", "z", "B", "C", "A", "D", "dt_bias"]
+    dy = torch.randn_like(x["u"])
+    return lambda: torch.autograd.grad(
+        ssm.mamba_scan(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], **kw,
+                       backend="triton"), [leaves[k] for k in names], dy)
+
+
+def mamba_ssm_job(x, grad, kernel_only=False):
+    """mamba-ssm's path as the models used it: gather the tokens into scan order, make (b, dim, L) and
+    (b, N, L) contiguous copies, its kernel, transpose back and scatter (kernel_only: inputs already
+    contiguous (b, dim, L), the kernel alone)."""
+    fn = ssm.SCANS["cuda"]
+    order, inverse = x["order"], torch.argsort(x["order"])
+    prep = lambda t: t[:, order].transpose(1, 2).contiguous()
+    if kernel_only:
+        x = {k: (prep(v) if k in ("u", "delta", "z", "B", "C") else v) for k, v in x.items()}
+    leaves = {k: (v.detach().requires_grad_(grad) if v.is_floating_point() else v) for k, v in x.items()}
+
+    def job():
+        lay = (lambda t: t) if kernel_only else prep
+        y = fn(lay(leaves["u"]), lay(leaves["delta"]), leaves["A"], lay(leaves["B"]), lay(leaves["C"]),
+               leaves["D"], lay(leaves["z"]), leaves["dt_bias"], True)
+        return y if kernel_only else y.transpose(1, 2)[:, inverse]
+
+    if not grad:
+        return job
+    names = ["u", "delta", "z", "B", "C", "A", "D", "dt_bias"]
+    dy = torch.randn_like(job())
+    return lambda: torch.autograd.grad(job(), [leaves[k] for k in names], dy)
+
+
 if args.sweep and has_triton:
-    inputs = scan_inputs(*MAIN, torch.bfloat16)
-    x = dict(inputs)
-    A, Bg, Cg = x["A"], ssm_triton._as_groups(x["B"]), ssm_triton._as_groups(x["C"])
-    fargs = (x["u"], x["delta"], A, Bg, Cg, x["D"], x["z"], x["delta_bias"], True)
-    ref_out = IMPLS["cuda" if has_cuda else "triton"](**inputs, delta_softplus=True)
-    dout = torch.randn(ref_out.shape, device=dev,
-                       generator=torch.Generator(device=dev).manual_seed(1)).to(
-        ref_out.dtype)  # the same as fwd_bwd's
-    default = {k: dict(v[2]) for k, v in ssm_triton.TRITON_CONFIG.items()}
-    print(f"\n## Triton launch sweep at {MAIN} bf16 (fwd: forward kernel; bwd: backward kernel + dB/dC reduction)\n")
-    print("| kernel | config | ms | extra GB | err vs " + ("cuda" if has_cuda else "default")
-          + " |")
+    b_, d_, L_ = (1, 16, 64) if args.smoke else (2, 2048, 4489)
+    x = token_inputs(b_, d_, L_)
+    default = (copy.deepcopy(ssm_triton.TRITON_CONFIG), ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET)
+    print(f"\n## Triton launch sweep, token layout, (b, dim, L) = {(b_, d_, L_)} bf16\n")
+    print("| kernel | config (BD, T, warps) | chunk | segment target | ms |")
     print("|---|---|---|---|---|")
     results["sweep"] = []
-    fwd_space = [dict(BD=bd, T=t, num_warps=w, CHUNK=64) for bd, t, w in (
-        (4, 8, 1), (8, 8, 1), (16, 8, 1), (8, 8, 2), (16, 8, 2))]
-    if args.smoke:
-        fwd_space = fwd_space[:2]
-    for cfg in fwd_space:
-        ssm_triton.TRITON_CONFIG["fwd"][2] = cfg
-        try:
-            out = ssm_triton._triton_scan_fwd(*fargs)[0]
-            err = rel(out, ref_out)
-            ms = time_ms(lambda: ssm_triton._triton_scan_fwd(*fargs), budget_ms=100)
-            row = dict(kernel="fwd", config=cfg, ms=ms, err=err)
-        except Exception as e:
-            row = dict(kernel="fwd", config=cfg, error=f"{type(e).__name__}: {str(e)[:100]}")
-        results["sweep"].append(row)
-        print(f"| fwd | {json.dumps(cfg)} | {fmt(row.get('ms'))} | – | "
-              f"{fmt(row.get('err'), '.1e')} "
-              f"{row.get('error', '')}|")
-    ok = [r for r in results["sweep"] if "ms" in r and r["err"] < 2e-2]
-    ssm_triton.TRITON_CONFIG["fwd"][2] = min(ok, key=lambda r: r["ms"])["config"] if ok else default["fwd"]
-
-    _, g_def = fwd_bwd("cuda" if has_cuda else "triton", inputs)
-    # warps and channels per program (8 to 32 state updates per thread and tile), atomics, chunk of
-    # saved states
-    bwd_space = [dict(BD=bd, T=8, num_warps=w, ATOMIC=at, CHUNK=ch) for bd, w, at, ch in (
-        (2, 1, True, 64), (4, 1, True, 64), (8, 1, True, 64), (4, 2, True, 64), (8, 2, True, 64),
-        (16, 4, True, 64), (4, 1, False, 64), (4, 1, True, 128), (4, 1, True, 32))]
-    if args.smoke:
-        bwd_space = bwd_space[:2]
-    for cfg in bwd_space:
-        cfg = dict(cfg)
-        chunk = cfg.pop("CHUNK")
-        ssm_triton.TRITON_CONFIG["bwd"][2] = cfg
-        fcfg = dict(ssm_triton.TRITON_CONFIG["fwd"][2])
-        ssm_triton.TRITON_CONFIG["fwd"][2] = dict(fcfg, CHUNK=chunk)
-        try:
-            out, states, ch = ssm_triton._triton_scan_fwd(*fargs)
-            bargs = (dout, *fargs[:-1], True, states, ch)
-            grads = ssm_triton._triton_scan_bwd(*bargs)
-            gr = dict(u=grads[0], delta=grads[1], B=grads[3][:, 0], C=grads[4][:, 0])
-            err = max(rel(gr[k], g_def[k]) for k in gr)
-            ms = time_ms(lambda: ssm_triton._triton_scan_bwd(*bargs), budget_ms=100)
-            gb = extra_gb(lambda: ssm_triton._triton_scan_bwd(*bargs))
-            row = dict(kernel="bwd", config=dict(cfg, CHUNK=chunk), ms=ms, gb=gb, err=err)
-        except Exception as e:
-            row = dict(kernel="bwd", config=dict(cfg, CHUNK=chunk),
-                       error=f"{type(e).__name__}: {str(e)[:100]}")
-        ssm_triton.TRITON_CONFIG["fwd"][2] = fcfg
-        results["sweep"].append(row)
-        print(f"| bwd | {json.dumps(row['config'])} | {fmt(row.get('ms'))} | {fmt(row.get('gb'))} "
-              "| "
-              f"{fmt(row.get('err'), '.1e')} {row.get('error', '')}|")
-    ok = [r for r in results["sweep"] if r["kernel"] == "bwd" and "ms" in r and r["err"] < 5e-2]
-    if ok:
-        best = dict(min(ok, key=lambda r: r["ms"])["config"])
-        ssm_triton.TRITON_CONFIG["fwd"][2]["CHUNK"] = best.pop("CHUNK")
-        ssm_triton.TRITON_CONFIG["bwd"][2] = best
-    else:
-        ssm_triton.TRITON_CONFIG["bwd"][2] = default["bwd"]
-    print(f"\nchosen: {json.dumps(ssm_triton.TRITON_CONFIG)}")
-    results["triton_config_chosen"] = json.loads(json.dumps(ssm_triton.TRITON_CONFIG))
+    space = [(bd, t, w) for bd, t, w in ((8, 8, 1), (16, 8, 1), (4, 8, 1), (16, 8, 2), (8, 4, 1))]
+    for which in ("fwd", "bwd"):
+        for (bd, t, w), chunk, target in [(c, 64, 32) for c in space] + [(space[0], 32, 32), (space[0], 64, 16)]:
+            ssm_triton.TRITON_CONFIG[which][2] = dict(BD=bd, T=t, num_warps=w)
+            ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET = chunk, target
+            try:
+                u4 = {k: (v.unsqueeze(2) if v.dim() == 3 else v[None]) for k, v in x.items() if k != "order"}
+                fargs = (u4["u"], u4["delta"], u4["z"], u4["B"], u4["C"], u4["A"], u4["D"], u4["dt_bias"],
+                         x["order"].int()[None].contiguous())
+                if which == "fwd":
+                    ms = time_ms(lambda: ssm_triton.scan_fwd(*fargs), budget_ms=100)
+                else:
+                    _, states, ch = ssm_triton.scan_fwd(*fargs)
+                    dout = torch.randn_like(u4["u"])
+                    ms = time_ms(lambda: ssm_triton.scan_bwd(dout, *fargs, states, ch), budget_ms=100)
+                row = dict(kernel=which, config=[bd, t, w], chunk=chunk, target=target, ms=ms)
+            except Exception as e:
+                row = dict(kernel=which, config=[bd, t, w], chunk=chunk, target=target,
+                           error=f"{type(e).__name__}: {str(e)[:80]}")
+            ssm_triton.TRITON_CONFIG = copy.deepcopy(default[0])
+            ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET = default[1], default[2]
+            results["sweep"].append(row)
+            print(f"| {which} | {row['config']} | {chunk} | {target} | {fmt(row.get('ms'))} "
+                  f"{row.get('error', '')}|")
 
 # -----------------------------------------------------------------------------
-# 3. speed and memory
+# 3. the models' shapes: the whole job against mamba-ssm's
+# -----------------------------------------------------------------------------
+
+SHAPES = [("DiM-L/2, 1024 px", 2, 2048, 4489), ("DiM-L/2, 2048 px", 1, 2048, 16900),
+          ("DiM-S/2, 32 px", 128, 1024, 361), ("scan.md main", 8, 1536, 4096)]
+if args.smoke:
+    SHAPES = [("smoke", 1, 16, 36)]
+# the exponential-bound floor (one MUFU ex2 per state update forward, at least two backward): 16 ex2 per
+# clock per SM at the boost clock (Hopper: 1.98 GHz)
+ex2_per_s = 16 * 1.98e9 * (torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1)
+results["shapes"] = []
+if has_triton:
+    print(f"\n## The models' shapes: scan of bf16 token-layout inputs in DiM's column order ({results['device']})\n")
+    print("ours: one kernel reading the (b, L, dim) views in scan order. mamba-ssm job: gather into scan order, "
+          "contiguous (b, dim, L) copies, its kernel, transpose back, scatter (how the models ran it); "
+          "kernel: its kernel alone on ready (b, dim, L) inputs. floor: one exp per state update forward, "
+          "three forward+backward.\n")
+    print("| shape (b, dim, L) | ours fwd / fwd+bwd ms | mamba-ssm job | mamba-ssm kernel | ours / job | "
+          "ours / kernel | extra GB ours / job (fwd+bwd) | floor reached fwd / fwd+bwd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, b, d, L in SHAPES:
+        x = token_inputs(b, d, L)
+        row = dict(shape=label, b=b, dim=d, L=L)
+        try:
+            row["ours_fwd"] = time_ms(ours_job(x, False))
+            row["ours_fb"] = time_ms(ours_job(x, True))
+            row["ours_gb"] = extra_gb(ours_job(x, True))
+            if has_cuda:
+                for key, kernel_only in (("job", False), ("kernel", True)):
+                    row[f"{key}_fwd"] = time_ms(mamba_ssm_job(x, False, kernel_only))
+                    row[f"{key}_fb"] = time_ms(mamba_ssm_job(x, True, kernel_only))
+                row["job_gb"] = extra_gb(mamba_ssm_job(x, True))
+        except torch.OutOfMemoryError:
+            row["note"] = "out of memory"
+        floor = b * d * L * 16 / ex2_per_s * 1e3
+        row["floor_fwd"], row["floor_fb"] = floor, 3 * floor
+        ratio = lambda a, c: (row[a] / row[c]) if a in row and c in row else None
+        results["shapes"].append(row)
+        print(f"| {label} ({b}, {d}, {L}) | {fmt(row.get('ours_fwd'))} / {fmt(row.get('ours_fb'))} "
+              f"| {fmt(row.get('job_fwd'))} / {fmt(row.get('job_fb'))} "
+              f"| {fmt(row.get('kernel_fwd'))} / {fmt(row.get('kernel_fb'))} "
+              f"| {fmt(ratio('ours_fwd', 'job_fwd'), '.2f')}x / {fmt(ratio('ours_fb', 'job_fb'), '.2f')}x "
+              f"| {fmt(ratio('ours_fwd', 'kernel_fwd'), '.2f')}x / {fmt(ratio('ours_fb', 'kernel_fb'), '.2f')}x "
+              f"| {fmt(row.get('ours_gb'), '.2f')} / {fmt(row.get('job_gb'), '.2f')} "
+              f"| {fmt(ratio('floor_fwd', 'ours_fwd'), '.0%')} / {fmt(ratio('floor_fb', 'ours_fb'), '.0%')} |")
+        torch.cuda.empty_cache() if dev == "cuda" else None
+
+# -----------------------------------------------------------------------------
+# 4. speed and memory across lengths, (b, dim, L) layout
 # -----------------------------------------------------------------------------
 
 lengths = [32] if args.smoke else [int(v) for v in args.lengths.split(",")]
