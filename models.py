@@ -2,9 +2,11 @@
 Model registry (every model file's config dict in one place) and checkpoint loading for train.py and
 sample.py.
 """
+import functools
 import os
 
 import torch
+import torch.utils.checkpoint
 
 from bidim import BiDiM_models
 from dim import DiM_models
@@ -35,6 +37,26 @@ def build_model(name, **kwargs):
     """name: a config ('DiM-S/2') or a family ('dim'); kwargs: input_size, in_channels,
     num_classes."""
     return MODELS[resolve_model_name(name)](**kwargs)
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing per block (train.py --grad-checkpoint): each outermost module whose
+    class name ends in "Block" (DiMBlock, BiDiMBlock, DiMSUMBlock, LaMambaBlock, DiTBlock) keeps only
+    its inputs and recomputes its activations in the backward: less memory for one more forward of
+    every block. Apply it to the trained model only (a deepcopy would call the original's forward)."""
+    wrapped = []
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Block") and not any(name.startswith(w + ".")
+                                                               for w in wrapped):
+            module.forward = functools.partial(_checkpointed, module.forward)
+            wrapped.append(name)
+    return len(wrapped)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def takes_clips(name):

@@ -10,7 +10,7 @@ import torch
 
 import ssm
 from diffusion import create_diffusion
-from models import MODELS, load_model, takes_clips
+from models import MODELS, checkpoint_blocks, load_model, takes_clips
 
 # Parameters at input_size 32, 4 channels, 1000 classes. A change here is a change of architecture:
 # the model files' own tests check the papers' counts.
@@ -144,3 +144,19 @@ def test_video_is_declared_by_the_model():
         out = model(torch.empty(2, 4, 3, 8, 8, device="meta"),
                     torch.zeros(2, dtype=torch.long, device="meta"))
     assert out.shape == (2, model.out_channels, 3, 8, 8)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_grad_checkpoint_gives_the_same_gradients(name, one_thread, perturb):
+    # --grad-checkpoint recomputes every block in the backward: same loss and gradients, less memory
+    grads = []
+    for checkpointed in (False, True):
+        model = perturb(build(name), 0.02, seed=2)
+        if checkpointed:
+            assert checkpoint_blocks(model) > 0
+        x, t, y = inputs(model)
+        model(x, t, y).square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)

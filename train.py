@@ -32,7 +32,8 @@ from tqdm import tqdm
 from data import (DataError, build_dataset, build_video_dataset, check_resolution, load_vae,
                   save_frame_strip, save_gif, save_grid, vae_decode, vae_encode, vae_factor)
 from diffusion import create_diffusion
-from models import (ModelError, build_model, find_checkpoint, init_from_checkpoint, load_checkpoint,
+from models import (ModelError, build_model, checkpoint_blocks, find_checkpoint, init_from_checkpoint,
+                    load_checkpoint,
                     resolve_model_name, takes_clips)
 
 HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout", "ema")
@@ -40,7 +41,7 @@ HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout",
 # ones. All other settings come from the checkpoint, so the continued run trains exactly as the
 # first one did.
 RUN_CONTROL = dict(steps=100_000, ckpt_every=10_000, sample_every=5_000, log_every=100,
-                   num_workers=4, compile=False, data_dir=None)
+                   num_workers=4, compile=False, grad_checkpoint=False, data_dir=None)
 
 
 #################################################################################
@@ -267,6 +268,8 @@ def main(args):
         np.random.seed(seed)
 
     raw_model = model
+    if args.grad_checkpoint:
+        checkpoint_blocks(model)
     if args.compile:
         model = torch.compile(model)
     if world > 1:
@@ -425,6 +428,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=None, help="default 4")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the model")
+    parser.add_argument("--grad-checkpoint", action="store_true", default=None,
+                        help="recompute each block's activations in the backward (less memory, about "
+                             "one more forward of time); for the large configs at high resolution")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
     return parser.parse_args(argv)

@@ -40,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import ssm
-from models import MODELS
+from models import MODELS, checkpoint_blocks
 
 # family -> (config name for a size letter, size aliases)
 FAMILIES = {
@@ -124,15 +124,19 @@ def median_time(step, warmup, repeats, cuda):
     return statistics.median(times)
 
 
-def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=False):
+def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=False,
+              grad_checkpoint=False):
     """Build the model on `device`, time its train or sample step; fills the row's measured
-    columns. compile: torch.compile the model (its compilation happens in the warm-up steps)."""
+    columns. compile: torch.compile the model (its compilation happens in the warm-up steps);
+    grad_checkpoint: recompute every block in the backward (models.checkpoint_blocks)."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     with torch.device(device):
         model = factory(input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
     model.to(device)   # in case a constructor made some tensor on the CPU
     row["compiled"] = bool(compile)
+    if grad_checkpoint:
+        checkpoint_blocks(model)
     if row["gflops"] is None:   # the model did not run on the meta device: count on the real one
         row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
         row["gflops"], row["scan_gflops"] = count_gmacs(model, grid)
@@ -191,7 +195,8 @@ def measure(name, family, factory, res, batch, args, device, info):
               file=sys.stderr)
     try:
         compile = args.compile == "all" or (args.compile == "dit" and family == "dit")
-        run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row, compile)
+        run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row, compile,
+                  args.grad_checkpoint)
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:
@@ -379,6 +384,8 @@ def main(argv=None):
     p.add_argument("--compile", choices=["none", "dit", "all"], default="dit",
                    help="torch.compile the models: none, DiT only (the baseline at its fastest; "
                         "default), or all")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing per block (train mode)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=0,
