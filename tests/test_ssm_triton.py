@@ -150,6 +150,23 @@ def _ops_case():
                                      delta_bias=bias.float(), delta_softplus=True)
     grads = torch.autograd.grad(out, leaves, dout.float())
     errs = {"opcheck": 0.0, "grouped out": _err(out, ref)}
+    # torch.compile traces a block through both ops as single nodes: fullgraph (no graph break),
+    # forward and backward equal to eager
+    import ssm
+
+    def block(x, z, w, dt, bc, A, D, bias, order):
+        u = ssm.causal_conv_silu(x, w, None, order, backend="triton")
+        return ssm.mamba_scan(u, dt, A, bc[..., :N], bc[..., N:], D, z, bias, order, backend="triton")
+
+    bargs = [r(1, L, dim), r(1, L, dim), r(dim, 3), r(1, L, dim), r(1, L, 2 * N),
+             -torch.rand(dim, N, generator=g) - 0.5, r(dim), r(dim)]
+    order = torch.randperm(L, generator=g)
+    results = []
+    for fn in (block, torch.compile(block, backend="aot_eager", fullgraph=True)):
+        leaves = [a.clone().requires_grad_(True) for a in bargs]
+        y = fn(*leaves, order)
+        results.append([y, *torch.autograd.grad(y.square().sum(), leaves)])
+    errs["compiled"] = max(_err(a, b.double()) for a, b in zip(results[1], results[0]))
     errs.update({f"grouped d{i}": _err(a, b) for i, (a, b) in enumerate(zip(grads, ref_grads))})
     return errs
 
@@ -188,4 +205,4 @@ def test_conv_kernel_matches_float64_reference(interpreted, name):
 
 def test_ops_pass_opcheck_and_grouped_interface_matches(interpreted):
     errs = interpreted["ops"]
-    assert errs["opcheck"] == 0.0 and len(errs) == 7 and max(errs.values()) < TOL, errs
+    assert errs["opcheck"] == 0.0 and len(errs) == 8 and max(errs.values()) < TOL, errs
