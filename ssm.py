@@ -432,12 +432,13 @@ def check_conv_kernel(x):
     order = torch.randperm(70, generator=g).to(x.device, torch.int32)
     dy = torch.randn(1, 70, 8, generator=g).to(x.device, x.dtype)
     results = []
-    for fn in (ssm_triton.conv_op, conv_reference):
-        leaves = [t.to(x.device, x.dtype if i == 0 else torch.float32).requires_grad_() for i, t in
+    # the kernel gets x in the call's dtype and fp32 weights, as in the mixer; the reference all fp32
+    for fn, dtype in ((ssm_triton.conv_op, x.dtype), (conv_reference, torch.float32)):
+        leaves = [t.to(x.device, dtype if i == 0 else torch.float32).requires_grad_() for i, t in
                   enumerate(inputs)]
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             y = fn(*leaves, order)
-            results.append([y, *torch.autograd.grad(y, leaves, dy)])
+            results.append([y, *torch.autograd.grad(y, leaves, dy.to(dtype))])
     tol = 1e-3 if x.dtype == torch.float32 else 5e-2
     for a, b in zip(*results):
         err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
