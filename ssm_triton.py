@@ -109,11 +109,29 @@ if triton is not None:
         return pos.to(tl.int64)
 
     @triton.jit
+    def _load_tile(idx_base, pos, L, u_base, su_l, dl_base, sd_l, B_base, sB_l, bias, dmask, nmask,
+                   HAS_IDX: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+        """The tile of scan steps pos (T,): memory rows (T, 1), masks (T, BD) and (T, NP), u and dt
+        (T, BD) in fp32 (dt = softplus(delta + bias), 0 outside the sequence), d dt / d delta, B (T, NP)."""
+        tmask = pos < L
+        rows = _rows(idx_base, pos, tmask, HAS_IDX)[:, None]
+        m2 = tmask[:, None] & dmask[None, :]
+        m3 = tmask[:, None] & nmask[None, :]
+        u = tl.load(u_base[None, :] + rows * su_l, mask=m2, other=0.0).to(tl.float32)
+        dl = tl.load(dl_base[None, :] + rows * sd_l, mask=m2, other=0.0).to(tl.float32) + bias[None, :]
+        if SOFTPLUS:
+            dt, sig = _softplus(dl, FAST)
+        else:
+            dt, sig = dl, tl.full(dl.shape, 1.0, tl.float32)
+        Bt = tl.load(B_base[None, :] + rows * sB_l, mask=m3, other=0.0).to(tl.float32)
+        return rows, m2, m3, u, tl.where(m2, dt, 0.0), sig, Bt
+
+    @triton.jit
     def _row(x3, t, j):
         """x3[j] of a (T, NP, BD) tile, j a scalar (an in-thread select: T sits in one thread)."""
         return tl.sum(tl.where(t[:, None, None] == j, x3, 0.0), 0)
 else:
-    _pair = _pair_prev = _handoff = _softplus = _rows = _row = None
+    _pair = _pair_prev = _handoff = _softplus = _rows = _row = _load_tile = None
 
 
 # -----------------------------------------------------------------------------
@@ -172,20 +190,8 @@ def _scan_fwd_kernel(
         if MODE != 1:
             tl.store(st + c * NP, h, mask=dmask[None, :])  # the state entering chunk c
         for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), T):
-            pos = t0 + t
-            tmask = pos < L
-            rows = _rows(idx_base, pos, tmask, HAS_IDX)[:, None]  # (T, 1)
-            m2 = tmask[:, None] & dmask[None, :]  # (T, BD)
-            u = tl.load(u_base[None, :] + rows * su_l, mask=m2, other=0.0).to(tl.float32)
-            dl = tl.load(dl_base[None, :] + rows * sd_l, mask=m2, other=0.0).to(tl.float32)
-            dl += bias[None, :]
-            if SOFTPLUS:
-                dt, _ = _softplus(dl, FAST)
-            else:
-                dt = dl
-            dt = tl.where(m2, dt, 0.0)
-            m3 = tmask[:, None] & nmask[None, :]  # (T, NP)
-            Bt = tl.load(B_base[None, :] + rows * sB_l, mask=m3, other=0.0).to(tl.float32)
+            rows, m2, m3, u, dt, _, Bt = _load_tile(idx_base, t0 + t, L, u_base, su_l, dl_base, sd_l,
+                                                    B_base, sB_l, bias, dmask, nmask, HAS_IDX, SOFTPLUS, FAST)
             a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
             aa, hh = tl.associative_scan((a, (dt * u)[:, None, :] * Bt[:, :, None]), 0, _pair)
             hs = hh + aa * h[None, :, :]
@@ -286,20 +292,9 @@ def _scan_bwd_kernel(
         for i in range(0, nt if MODE != 1 else 0):
             tl.store(scr + i * (NP * BD), h)
             if i < nt - 1:
-                pos = c0 + i * T + t
-                tmask = pos < L
-                rows = _rows(idx_base, pos, tmask, HAS_IDX)[:, None]
-                m2 = tmask[:, None] & dmask[None, :]
-                u = tl.load(u_base[None, :] + rows * su_l, mask=m2, other=0.0).to(tl.float32)
-                dl = tl.load(dl_base[None, :] + rows * sd_l, mask=m2, other=0.0).to(tl.float32)
-                dl += bias[None, :]
-                if SOFTPLUS:
-                    dt, _ = _softplus(dl, FAST)
-                else:
-                    dt = dl
-                dt = tl.where(m2, dt, 0.0)
-                m3 = tmask[:, None] & nmask[None, :]
-                Bt = tl.load(B_base[None, :] + rows * sB_l, mask=m3, other=0.0).to(tl.float32)
+                rows, m2, m3, u, dt, _, Bt = _load_tile(idx_base, c0 + i * T + t, L, u_base, su_l, dl_base,
+                                                        sd_l, B_base, sB_l, bias, dmask, nmask, HAS_IDX,
+                                                        SOFTPLUS, FAST)
                 a = tl.exp2(dt[:, None, :] * A2[None, :, :])
                 aa, hh = tl.associative_scan((a, (dt * u)[:, None, :] * Bt[:, :, None]), 0, _pair)
                 h = _row(hh + aa * h[None, :, :], t, T - 1)
@@ -307,20 +302,9 @@ def _scan_bwd_kernel(
 
         for kk in range(0, nt):
             i = nt - 1 - kk
-            pos = c0 + i * T + t
-            tmask = pos < L
-            rows = _rows(idx_base, pos, tmask, HAS_IDX)[:, None]
-            m2 = tmask[:, None] & dmask[None, :]
-            u = tl.load(u_base[None, :] + rows * su_l, mask=m2, other=0.0).to(tl.float32)
-            dl = tl.load(dl_base[None, :] + rows * sd_l, mask=m2, other=0.0).to(tl.float32)
-            dl += bias[None, :]
-            if SOFTPLUS:
-                dt, sig = _softplus(dl, FAST)
-            else:
-                dt, sig = dl, tl.full(dl.shape, 1.0, tl.float32)
-            dt = tl.where(m2, dt, 0.0)
-            m3 = tmask[:, None] & nmask[None, :]
-            Bt = tl.load(B_base[None, :] + rows * sB_l, mask=m3, other=0.0).to(tl.float32)
+            rows, m2, m3, u, dt, sig, Bt = _load_tile(idx_base, c0 + i * T + t, L, u_base, su_l, dl_base,
+                                                      sd_l, B_base, sB_l, bias, dmask, nmask, HAS_IDX,
+                                                      SOFTPLUS, FAST)
             Ct = tl.load(C_base[None, :] + rows * sC_l, mask=m3, other=0.0).to(tl.float32)
             dout = tl.load(do_base[None, :] + rows * so_l, mask=m2, other=0.0).to(tl.float32)
             a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
