@@ -82,7 +82,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit import (FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
-                 get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, modulate)
+                 adaln_zero, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed)
 from ssm import Mamba, causal_conv_silu, count_scan_flops, mamba_scan
 
 
@@ -140,10 +140,7 @@ class BiDiMBlock(nn.Module):
 
     def forward(self, x, c):
         """x: (N, L, D) tokens, c: (N, D) condition."""
-        shift_s, scale_s, gate_s, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_s[:, None] * self.mixer(modulate(self.norm1(x), shift_s, scale_s))
-        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
-        return x
+        return adaln_zero(x, c, self.adaLN_modulation, self.norm1, self.mixer, self.norm2, self.mlp)
 
 
 #################################################################################

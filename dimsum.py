@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit import LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate
+from dit import LabelEmbedder, PatchEmbed, TimestepEmbedder, adaln_zero, modulate
 from ssm import Mamba
 
 
@@ -288,9 +288,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return adaln_zero(x, c, self.adaLN_modulation, self.norm1, self.attn, self.norm2, self.mlp)
 
 
 class FinalLayer(nn.Module):

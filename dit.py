@@ -27,6 +27,15 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def adaln_zero(x, c, modulation, norm1, mixer, norm2, mlp):
+    """DiT's adaLN-Zero pair of residual branches (Peebles & Xie 2023, Sec. 3.2): the condition c
+    (N, D) gives shift, scale and gate for a token mixer and for the MLP. BiDiM and DiMSUM swap in
+    their own mixer or MLP. x: (N, T, D)."""
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation(c).chunk(6, dim=1)
+    x = x + gate_a[:, None] * mixer(modulate(norm1(x), shift_a, scale_a))
+    return x + gate_m[:, None] * mlp(modulate(norm2(x), shift_m, scale_m))
+
+
 #################################################################################
 #               Embedding layers for timesteps, class labels, patches           #
 #################################################################################
@@ -128,10 +137,7 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         """x: (N, T, D) tokens, c: (N, D) condition."""
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a))
-        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
-        return x
+        return adaln_zero(x, c, self.adaLN_modulation, self.norm1, self.attn, self.norm2, self.mlp)
 
 
 class FinalLayer(nn.Module):
