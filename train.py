@@ -36,6 +36,10 @@ from models import (ModelError, build_model, checkpoint_blocks, find_checkpoint,
                     load_checkpoint,
                     resolve_model_name, takes_clips)
 
+class DivergedError(RuntimeError):
+    """The loss became non-finite: training stops before any checkpoint holds the broken weights."""
+
+
 HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout", "ema")
 # Flags that only steer the run; on --resume, the ones given on the command line replace the stored
 # ones. All other settings come from the checkpoint, so the continued run trains exactly as the
@@ -181,6 +185,17 @@ def save_samples(ema, diffusion, vae, shape, num_classes, path, device, seed, au
 #                                  Training Loop                                #
 #################################################################################
 
+def check_finite(bad_step, world, lr):
+    """Stop with one line if any rank's loss went non-finite (collective; a sync, so not every
+    step): nothing has been written since the last check, so the last checkpoint stays good."""
+    if world > 1:
+        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+    if bad_step.item() >= 0:
+        raise DivergedError(f"the loss became NaN or infinite at step {bad_step.item()}; training "
+                            f"stopped before writing a checkpoint with broken weights (the last one "
+                            f"is intact). Lower --lr (now {lr:g}) or raise --warmup, then --resume")
+
+
 def main(args):
     rank, world, device = setup_distributed()
     master = rank == 0
@@ -311,6 +326,8 @@ def main(args):
     model.train()
     data = batches(loader, sampler, epoch, batch_in_epoch)
     running_loss, log_steps, t0 = torch.zeros((), device=device), 0, time.time()
+    # the first step whose loss was not finite (-1: none), kept on the device: no sync per step
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
     # as a context manager the bar ends its line before an error message is printed
     with tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True) as pbar:
         while step < args.steps:
@@ -341,9 +358,14 @@ def main(args):
             update_ema(ema, raw_model, args.ema)
             step += 1
             running_loss += loss.detach().float()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             log_steps += 1
             pbar.update(1)
 
+            writes = ((args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.steps
+                      or (args.sample_every > 0 and step % args.sample_every == 0))
+            if writes or step % args.log_every == 0:
+                check_finite(bad_step, world, args.lr)
             if step % args.log_every == 0 or step == args.steps:
                 if world > 1:
                     dist.all_reduce(running_loss)
@@ -439,7 +461,7 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (DataError, ModelError) as e:
+    except (DataError, ModelError, DivergedError) as e:
         # One clear line instead of a traceback. An error raised in a DataLoader worker arrives
         # wrapped in the worker's traceback text; its last line is the original message.
         message = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")

@@ -1,6 +1,7 @@
 """End-to-end tests of train.py and sample.py on CPU: learning, exact resume (one process and
 torchrun), sampling, the VAE path and the error messages. A tiny DiM on 8x8 Fashion-MNIST keeps the
 whole file around two minutes."""
+import glob
 import json
 import os
 import subprocess
@@ -296,3 +297,21 @@ def test_tile_weights_sum_to_one():
         out = sample.TiledModel(Ones(), tile=8,
                                 overlap=overlap)(torch.zeros(1, 1, size, size), torch.zeros(1))
         assert torch.equal(out, torch.ones_like(out))
+
+
+def test_divergence_stops_the_run_before_a_broken_checkpoint(tmp_path):
+    # An absurd learning rate: the loss goes non-finite within a few steps. The run must stop with
+    # one line naming the step, and every checkpoint on disk must hold finite weights.
+    argv = [*FAST, "--lr", "1e12", "--steps", 40, "--ckpt-every", 1, "--log-every", 10,
+            "--results-dir", tmp_path]
+    out = subprocess.run([sys.executable, "train.py", *map(str, argv)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: the loss became NaN or infinite at "
+                                                          "step"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    ckpts = glob.glob(os.path.join(tmp_path, "*", "checkpoints", "0*.pt"))
+    for path in ckpts:
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["model"].values()), path
+        assert all(torch.isfinite(v).all() for v in state["ema"].values()), path
