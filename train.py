@@ -140,8 +140,18 @@ def new_run_dir(results_dir, model_name, world, master):
     name = [None]
     if master:
         os.makedirs(results_dir, exist_ok=True)
-        name[0] = os.path.join(results_dir,
-                               f"{len(os.listdir(results_dir)):03d}-{model_name.replace('/', '-')}")
+        # the next index after every existing one, created atomically: a deleted older run or a
+        # second run starting at the same time never makes two runs share a folder
+        taken = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()]
+        index = max(taken, default=-1) + 1
+        while True:
+            path = os.path.join(results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
+            try:
+                os.makedirs(path)
+                break
+            except FileExistsError:
+                index += 1
+        name[0] = path
     if world > 1:
         dist.broadcast_object_list(name)
     return name[0]
@@ -315,7 +325,15 @@ def main(args):
         # drop lines a crashed run logged after its last checkpoint
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
-                lines = [line for line in f if json.loads(line)["step"] <= step]
+                lines = [line for line in f if line.strip()]
+            # a kill during an append leaves a torn last line: drop it (the steps after the
+            # checkpoint are dropped anyway)
+            try:
+                json.loads(lines[-1]) if lines else None
+            except json.JSONDecodeError:
+                print(f"note: dropped a torn last line of {metrics_path}")
+                lines = lines[:-1]
+            lines = [line for line in lines if json.loads(line)["step"] <= step]
             with open(metrics_path, "w") as f:
                 f.writelines(lines)
         n_params = sum(p.numel() for p in raw_model.parameters())

@@ -4,6 +4,7 @@ whole file around two minutes."""
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -315,3 +316,18 @@ def test_divergence_stops_the_run_before_a_broken_checkpoint(tmp_path):
         state = torch.load(path, weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values()), path
         assert all(torch.isfinite(v).all() for v in state["ema"].values()), path
+
+
+def test_run_folders_never_collide_and_a_torn_metrics_line_is_dropped(tmp_path):
+    fast = [*FAST, "--steps", 2, "--results-dir", tmp_path]
+    first, second = run_train(*fast), run_train(*fast)
+    shutil.rmtree(first)  # the next run must not take the name of the existing 001 run
+    third = run_train(*fast)
+    assert os.path.basename(second).startswith("001-") and os.path.basename(third).startswith("002-")
+    assert len(losses(second)) == 2
+    # a kill during the append to metrics.jsonl: --resume drops the torn line instead of crashing
+    with open(os.path.join(third, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "lo')
+    resumed = run_train("--resume", third, "--steps", 4)
+    assert resumed == third and [json.loads(line)["step"] for line in open(
+        os.path.join(third, "metrics.jsonl"))] == [1, 2, 3, 4]
