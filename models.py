@@ -3,6 +3,7 @@ Model registry (every model file's config dict in one place) and checkpoint load
 sample.py.
 """
 import functools
+import glob
 import os
 
 import torch
@@ -71,6 +72,27 @@ def find_checkpoint(path):
     return os.path.join(path, "checkpoints", "latest.pt") if os.path.isdir(path) else path
 
 
+def load_newest_checkpoint(path):
+    """(checkpoint dict, its file) for a checkpoint file or a run folder. In a folder: latest.pt, or,
+    when it is missing or unreadable, the newest readable numbered checkpoint (saying so)."""
+    if not os.path.isdir(path):
+        return load_checkpoint(path), path
+    folder = os.path.join(path, "checkpoints")
+    numbered = sorted(glob.glob(os.path.join(folder, "[0-9]*.pt")), reverse=True)
+    problems = []
+    for candidate in [os.path.join(folder, "latest.pt"), *numbered]:
+        try:
+            ckpt = load_checkpoint(candidate)
+        except ModelError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            print(f"note: {problems[0]}; using {candidate} instead")
+        return ckpt, candidate
+    raise ModelError(f"no readable checkpoint in {folder}"
+                     + (f" ({problems[0]})" if problems else "; the run has not written one yet"))
+
+
 def load_checkpoint(path):
     """A train.py checkpoint as a dict; clear errors for a missing file or a file of another
     kind."""
@@ -80,8 +102,11 @@ def load_checkpoint(path):
         # weights_only: never run pickled code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0]})")
+        # torch's first line (not its advice to load with weights_only=False: never do that here)
+        first = (str(e).strip().splitlines() or [""])[0]
+        detail = "" if (not first or "weights_only" in first) else f": {first}"
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}{detail}); "
+                         "it is damaged or truncated, or not a file train.py wrote")
     if not (isinstance(ckpt, dict) and {"model", "ema", "args", "model_name",
                                         "model_kwargs"} <= ckpt.keys()):
         raise ModelError(f"{path} is not a checkpoint of this project (expected one written by "

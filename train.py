@@ -33,7 +33,7 @@ from data import (DataError, build_dataset, build_video_dataset, check_resolutio
                   save_frame_strip, save_gif, save_grid, vae_decode, vae_encode, vae_factor)
 from diffusion import create_diffusion
 from models import (ModelError, build_model, checkpoint_blocks, find_checkpoint, init_from_checkpoint,
-                    load_checkpoint,
+                    load_checkpoint, load_newest_checkpoint,
                     resolve_model_name, takes_clips)
 
 class DivergedError(RuntimeError):
@@ -215,8 +215,11 @@ def main(args):
 
     ckpt, run_dir = None, None
     if args.resume:
-        ckpt_path = find_checkpoint(args.resume)
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt, ckpt_path = load_newest_checkpoint(args.resume)
+        missing = {"opt", "rng", "step", "data"} - ckpt.keys()
+        if missing:
+            raise ModelError(f"cannot resume from {ckpt_path}: it has no {', '.join(sorted(missing))} "
+                             "(weights only); start a new run from it with --init-from instead")
         if args.model and resolve_model_name(args.model) != ckpt["model_name"]:
             raise ModelError(f"cannot resume: {ckpt_path} holds a {ckpt['model_name']} model, "
                              f"not {resolve_model_name(args.model)}")

@@ -331,3 +331,24 @@ def test_run_folders_never_collide_and_a_torn_metrics_line_is_dropped(tmp_path):
     resumed = run_train("--resume", third, "--steps", 4)
     assert resumed == third and [json.loads(line)["step"] for line in open(
         os.path.join(third, "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
+def test_resume_survives_a_damaged_latest_and_refuses_weights_only_files(tmp_path):
+    run = run_train(*FAST, "--steps", 4, "--ckpt-every", 2, "--results-dir", tmp_path)
+    folder = os.path.join(run, "checkpoints")
+    # latest.pt is a hard link of 0000004.pt: damaging it damages both. --resume of the folder falls
+    # back to the newest readable numbered checkpoint and continues from step 2.
+    with open(os.path.join(folder, "latest.pt"), "wb"):
+        pass  # zero bytes
+    assert run_train("--resume", run, "--steps", 6) == run
+    assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == list(range(1, 7))
+    # a zero-byte file and a checkpoint without optimizer state: one clear error each
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match="not a readable PyTorch checkpoint"):
+        run_train("--resume", empty)
+    state = torch.load(os.path.join(folder, "0000006.pt"), weights_only=True)
+    del state["opt"], state["rng"]
+    torch.save(state, tmp_path / "weights.pt")
+    with pytest.raises(ModelError, match="no opt, rng .*--init-from"):
+        run_train("--resume", tmp_path / "weights.pt")
