@@ -81,7 +81,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit import (FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
+from dit import (DiT, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
                  adaln_zero, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed)
 from ssm import Mamba, causal_conv_silu, count_scan_flops, mamba_scan
 
@@ -181,28 +181,9 @@ class BiDiM(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # DiT's init outside the mixers: xavier-uniform linears, zero biases. The mixers keep
-        # Mamba's init (dt_proj's weight range and inverse-softplus bias set the scan's time
-        # scales).
-        mixer_linears = {id(m) for block in self.blocks for m in block.mixer.modules()}
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and id(module) not in mixer_linears:
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        # a linear map of the flattened patch: initialise it as one
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, and the output starts at zero
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        # DiT's init (the same embedders, adaLN-Zero blocks and final layer) outside the mixers, which
+        # keep Mamba's init (dt_proj's weight range and inverse-softplus bias set the scan's time scales)
+        DiT.initialize_weights(self, keep=[block.mixer for block in self.blocks])
 
     def pos_embed(self, frames, h, w, device):
         """Frozen (1, L, D) sin-cos embedding in token order: the 2-D one of the h x w grid, plus

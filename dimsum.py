@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit import LabelEmbedder, PatchEmbed, TimestepEmbedder, adaln_zero, modulate
+from dit import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate
 from ssm import Mamba
 
 
@@ -276,34 +276,6 @@ class DiMSUMBlock(nn.Module):
         return out, residual
 
 
-class DiTBlock(nn.Module):
-    """DiT block with adaLN (6-way modulation): self-attention and gated MLP. DiMSUM shares one
-    instance."""
-    def __init__(self, dim, num_heads=16, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = GatedMLP(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(self, x, c):
-        return adaln_zero(x, c, self.adaLN_modulation, self.norm1, self.attn, self.norm2, self.mlp)
-
-
-class FinalLayer(nn.Module):
-    """DiT's final layer: LayerNorm (no affine), adaLN shift/scale, linear to p*p*C."""
-    def __init__(self, hidden_size, patch_size, out_channels):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
 #################################################################################
 #                                 DiMSUM network                                #
 #################################################################################
@@ -345,8 +317,9 @@ class DiMSUM(nn.Module):
         self.blocks = nn.ModuleList([DiMSUMBlock(hidden_size, d_state, d_conv, fusion_heads,
                                                  mlp_ratio, rates[i])
                                      for i in range(depth)])
-        # one instance, reused after every 4th
-        self.attn_block = DiTBlock(hidden_size, attn_heads, mlp_ratio)
+        # DiT's block with DiMSUM's attention and gated MLP: one instance, reused after every 4th
+        self.attn_block = DiTBlock(hidden_size, attn_heads, mlp_ratio, attention=Attention,
+                                   mlp=GatedMLP)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._order_cache = {}
         self.initialize_weights()

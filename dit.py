@@ -127,12 +127,14 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning: modulated norms, gated attention and MLP
     residuals."""
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attention=None, mlp=None):
+        """attention, mlp: other classes with Attention's and Mlp's signatures (DiMSUM's shared
+        block has its own)."""
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = (attention or Attention)(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.mlp = (mlp or Mlp)(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c):
@@ -184,10 +186,12 @@ class DiT(nn.Module):
         self._pos_cache = {}
         self.initialize_weights()
 
-    def initialize_weights(self):
+    def initialize_weights(self, keep=()):
+        """DiT's init; `keep`: modules whose Linears keep their own init (BiDiM's Mamba mixers)."""
         # xavier-uniform for every linear, zero biases
+        kept = {id(m) for k in keep for m in k.modules()}
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and id(module) not in kept:
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         # the patch projection is a linear map of the flattened patch: initialise it as one
