@@ -79,7 +79,6 @@ test.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dit import (DiT, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
                  adaln_zero, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed)

@@ -33,7 +33,7 @@ from data import (DataError, build_dataset, build_video_dataset, check_resolutio
                   save_frame_strip, save_gif, save_grid, vae_decode, vae_encode, vae_factor)
 from diffusion import create_diffusion
 from models import (ModelError, build_model, checkpoint_blocks, find_checkpoint, init_from_checkpoint,
-                    load_checkpoint, load_newest_checkpoint,
+                    load_newest_checkpoint,
                     resolve_model_name, takes_clips)
 
 class DivergedError(RuntimeError):
