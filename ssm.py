@@ -343,8 +343,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def token_backend(x, d_state, backend=None):
     """The backend of a token-layout call on x: checked_backend's choice (the kernels checked at their first
     call, the Triton one together with the conv kernel; under torch.compile the choice of the eager run)."""
-    if torch.compiler.is_compiling():
-        return scan_backend(x, backend)
+    which = scan_backend(x, backend)
+    if torch.compiler.is_compiling() or which not in AUTO_GPU or (which, x.device, x.dtype) in _checked:
+        return which  # the hot path: checked already, forced, or no GPU kernel
     return checked_backend(x, torch.empty(1, d_state), torch.empty(1, d_state, 1), backend)
 
 
