@@ -83,7 +83,7 @@ def haar_filters(dtype, device):
 
 def haar_dwt(x):
     """One level of the 2-D Haar transform. (N, C, H, W) -> (N, 4C, H/2, W/2), bands [LL, LH, HL,
-    HH] band-major."""
+    HH] band-major: the stride-2 correlation with haar_filters() (the official DWT_2D)."""
     N, C, H, W = x.shape
     # (N*C, 4, H/2, W/2)
     out = F.conv2d(x.reshape(N * C, 1, H, W), haar_filters(x.dtype, x.device), stride=2)
@@ -100,6 +100,17 @@ def haar_idwt(x):
     return out.view(N, C4 // 4, 2 * h, 2 * w)
 
 
+def haar_block_matrix(dtype, device):
+    """(16, 16): two levels of haar_dwt on one 4 x 4 block, divided by 4. Column p = 4 row + col
+    (pixel), row q = 4 b1 + b2 (level-1 band b1, level-2 band b2, each b = r + 2 c where r / c say
+    whether the row / column filter is the high-pass one). haar_dwt twice, as a product per block:
+    what wavelet_tokens computes, without 1-channel convolutions over N*C maps (slow on GPUs)."""
+    f = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2)  # [lo, hi] taps
+    # indices: r1 c1 (level-1 band), r2 c2 (level-2 band), i j (2x2 cell of the block), dr dc (pixel)
+    m = torch.einsum("ad,be,ci,gj->bagcidje", f, f, f, f) / 4
+    return m.reshape(16, 16).to(dtype=dtype, device=device)
+
+
 def wavelet_tokens(x, h, w):
     """Tokens (N, h*w, C) of an h x w grid -> 2-level Haar coefficients in the official token layout
     (N, h*w, C).
@@ -112,23 +123,22 @@ def wavelet_tokens(x, h, w):
     subbands (not one subband per window as the paper's figure shows).
     """
     N, L, C = x.shape
-    # (N, 16C, h/4, w/4)
-    y = haar_dwt(haar_dwt(x.transpose(1, 2).reshape(N, C, h, w))) / 4
-    # (N, level-1 band, level-2 band, C, h/4, w/4)
-    y = y.view(N, 4, 4, C, h // 4, w // 4).transpose(1, 2)
-    # the same 16C channels read as (c, p1, p2)
-    y = y.reshape(N, C, 4, 4, h // 4, w // 4)
-    # token (i, p1, j, p2) holds its C channels
-    return y.permute(0, 4, 2, 5, 3, 1).reshape(N, L, C)
+    # the 16 pixels of each 4 x 4 block: (N, h/4, w/4, 16, C)
+    blocks = x.view(N, h // 4, 4, w // 4, 4, C).permute(0, 1, 3, 2, 4, 5).reshape(N, h // 4, w // 4,
+                                                                                  16, C)
+    y = haar_block_matrix(x.dtype, x.device) @ blocks  # (N, h/4, w/4, 16 subbands, C)
+    # the same 16C numbers of a coarse location read as (c, p1, p2); token (i, p1, j, p2) holds C
+    return y.view(N, h // 4, w // 4, C, 4, 4).permute(0, 1, 4, 2, 5, 3).reshape(N, L, C)
 
 
 def wavelet_tokens_inverse(x, h, w):
-    """Inverse of wavelet_tokens: (N, h*w, C) coefficients -> (N, h*w, C) tokens."""
+    """Inverse of wavelet_tokens: (N, h*w, C) coefficients -> (N, h*w, C) tokens (the block matrix
+    is 1/4 of an orthonormal one, so its inverse is 16 times its transpose)."""
     N, L, C = x.shape
-    # (N, C, p1, p2, i, j)
-    y = x.reshape(N, h // 4, 4, w // 4, 4, C).permute(0, 5, 2, 4, 1, 3)
-    y = y.reshape(N, 4, 4, C, h // 4, w // 4).transpose(1, 2).reshape(N, 16 * C, h // 4, w // 4)
-    return haar_idwt(haar_idwt(y * 4)).flatten(2).transpose(1, 2)
+    # (N, h/4, w/4, 16 subbands, C)
+    y = x.view(N, h // 4, 4, w // 4, 4, C).permute(0, 1, 3, 5, 2, 4).reshape(N, h // 4, w // 4, 16, C)
+    blocks = (16 * haar_block_matrix(x.dtype, x.device).t()) @ y  # (N, h/4, w/4, 16 pixels, C)
+    return blocks.view(N, h // 4, w // 4, 4, 4, C).permute(0, 1, 3, 2, 4, 5).reshape(N, L, C)
 
 
 #################################################################################

@@ -137,6 +137,19 @@ def test_wavelet_tokens_invertible(h, w, relative_error):
     assert abs(y.pow(2).sum().item() * 16 / x.pow(2).sum().item() - 1) < 1e-12
 
 
+@pytest.mark.parametrize("h,w", [(8, 8), (16, 12)])
+def test_wavelet_tokens_are_two_haar_levels(h, w):
+    # wavelet_tokens works per 4 x 4 block with one 16 x 16 matrix; the reference is the definition:
+    # haar_dwt (the official stride-2 convolution) twice on the (N, C, h, w) map, /4, in the layout
+    N, C = 2, 6
+    x = torch.randn(N, h * w, C, dtype=torch.float64)
+    y = dimsum.haar_dwt(dimsum.haar_dwt(x.transpose(1, 2).reshape(N, C, h, w))) / 4
+    # (N, level-1 band, level-2 band, C, h/4, w/4) -> 16C read as (c, p1, p2) -> token (i, p1, j, p2)
+    y = y.view(N, 4, 4, C, h // 4, w // 4).transpose(1, 2).reshape(N, C, 4, 4, h // 4, w // 4)
+    expected = y.permute(0, 4, 2, 5, 3, 1).reshape(N, h * w, C)
+    torch.testing.assert_close(dimsum.wavelet_tokens(x, h, w), expected, rtol=0, atol=1e-14)
+
+
 def test_wavelet_token_layout():
     # A constant map has only the LL-LL subband (subband 0, which is the mean: value v). With C = 16
     # channels, channel c' of subband 0 is channel index j = c', stored in token (4i + p1, 4j + p2)
