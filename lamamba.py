@@ -188,11 +188,17 @@ class SS2D(nn.Module):
         # rows
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, L, D)
         # per-direction x_proj and dt_proj act per token: computed in token order, no gathered
-        # copies
-        # (B, L, K, R+2N)
-        x_dbl = torch.einsum("bld,kcd->blkc", x, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
-        dts = torch.einsum("blkr,kdr->blkd", dts, self.dt_projs_weight)               # (B, L, K, D)
+        # copies. The dt rows are zero-padded to a multiple of 8 (dt_rank is 5 for S, 20 for XL):
+        # matrices with a row length that is not a multiple of 16 bytes send cuBLAS to its slow
+        # unaligned kernels. The padded rows and columns are exact zeros, so the result is the same.
+        Rp = -(-R // 8) * 8
+        x_proj = torch.cat([self.x_proj_weight[:, :R], self.x_proj_weight.new_zeros(K, Rp - R, D),
+                            self.x_proj_weight[:, R:]], 1) if Rp > R else self.x_proj_weight
+        # (B, L, K, Rp+2N)
+        x_dbl = torch.einsum("bld,kcd->blkc", x, x_proj)
+        dts, Bs, Cs = torch.split(x_dbl, [Rp, N, N], dim=-1)
+        dt_proj = F.pad(self.dt_projs_weight, (0, Rp - R))
+        dts = torch.einsum("blkr,kdr->blkd", dts, dt_proj)                             # (B, L, K, D)
         # the four snake scans in one call, each reading the tokens through its path and writing
         # every output back to the pixel it was read from; in fp32 (as the official code forces) or
         # higher, so a float64 model stays float64
