@@ -116,7 +116,8 @@ def _conv_case(W, with_bias, kind):
     f = lambda t: None if t is None else t.detach().float()
     x32 = f(xz)[..., :dim]
     o32 = None if order is None else order.int().contiguous()
-    kern.CONV_CONFIG.update(TL=8, BD=16)
+    for cfg in kern.CONV_CONFIG.values():  # small tiles: several programs per axis, masked edges
+        cfg.update(TL=8, BD=16)
     out = kern.conv_fwd(x32, f(w).contiguous(), f(b), o32)
     dx, dw, db = kern.conv_bwd(f(dout), x32, f(w).contiguous(), f(b), o32)
     errs = {"out": _err(out, ref), "dx": _err(dx, ref_grads[0][..., :dim]), "dw": _err(dw, ref_grads[1])}
