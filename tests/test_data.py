@@ -3,15 +3,16 @@ VAE helpers."""
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from data import (FASHION_MNIST_DIR, DataError, FashionMNIST, ImageFolder, build_dataset,
-                  center_crop_arr,
-                  check_resolution, read_idx, save_grid, vae_decode, vae_encode, vae_factor)
+from data import (FASHION_MNIST_DIR, DataError, FashionMNIST, ImageFolder, VideoFolder,
+                  build_dataset, center_crop_arr, check_resolution, read_idx, read_rgb, save_grid,
+                  vae_decode, vae_encode, vae_factor)
 
 HAVE_FMNIST = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
 needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
@@ -123,3 +124,77 @@ def test_load_vae_errors(tmp_path):
     from data import load_vae
     with pytest.raises(DataError, match="could not load the VAE"):
         load_vae(str(tmp_path / "no_such_vae"))
+
+
+def test_corrupt_deflate_stream_and_decompression_bomb_are_one_line(tmp_path):
+    # a gzip file whose deflate data is damaged: zlib.error inside gzip, not an OSError
+    good = gzip.compress(struct.pack(">IIII", 0x00000803, 2, 28, 28) + bytes(range(256)) * 6)
+    (tmp_path / "bad.gz").write_bytes(good[:10] + b"\xff" * 8 + good[18:])
+    with pytest.raises(DataError, match="bad.gz is not a readable gzip IDX file"):
+        read_idx(tmp_path / "bad.gz", 0x00000803)
+    # a PNG header claiming 20000 x 20000 pixels (Pillow's DecompressionBombError)
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                        + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match="cannot read image .*bomb.png: Image size .*Remove it"):
+        read_rgb(tmp_path / "bomb.png")
+
+
+def test_deep_and_float_images_are_scaled_not_clipped(tmp_path):
+    # the same ramp at 16-bit (PNG: I;16, PGM: I), as 32-bit integers and as floats in [0, 1]
+    ramp = np.linspace(0, 1, 64)[None].repeat(4, 0)
+    expected = np.round(ramp * 255).astype(np.uint8)
+    files = {"r16.png": np.round(ramp * 65535).astype(np.uint16),
+             "r16.pgm": np.round(ramp * 65535).astype(np.uint16),
+             "r32.tif": np.round(ramp * (2 ** 31 - 1)).astype(np.int32),
+             "rf.tif": ramp.astype(np.float32)}
+    for name, arr in files.items():
+        Image.fromarray(arr).save(tmp_path / name)
+        rgb = np.asarray(read_rgb(tmp_path / name))
+        assert rgb.shape == (4, 64, 3), name
+        assert np.abs(rgb[..., 0].astype(int) - expected).max() <= 1, name
+        assert (rgb[..., 0] == rgb[..., 2]).all()
+    # floats are read as [0, 1]: others cannot be scaled without guessing
+    Image.fromarray((ramp * 255).astype(np.float32)).save(tmp_path / "f255.tif")
+    with pytest.raises(DataError, match="f255.tif: a float image with values in \\[0, 255\\]"):
+        read_rgb(tmp_path / "f255.tif")
+
+
+def test_transparency_is_composited_on_black(tmp_path, image_folder):
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., :3] = 200  # grey everywhere, opaque / half / transparent / transparent
+    rgba[..., 3] = [[255, 128], [0, 0]]
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    Image.fromarray(rgba[..., [0, 3]], "LA").save(tmp_path / "la.png")
+    for name in ("a.png", "la.png"):
+        rgb = np.asarray(read_rgb(tmp_path / name))[..., 0]
+        assert rgb.tolist() == [[200, 100], [0, 0]], name
+    # and so the dataset sees black where the image is transparent
+    (tmp_path / "folder").mkdir()
+    Image.fromarray(rgba).resize((8, 8), Image.NEAREST).save(tmp_path / "folder" / "a.png")
+    x, _ = ImageFolder(str(tmp_path / "folder"), 8)[0]
+    assert x[:, 4:, :].eq(-1).all() and x[:, :4, :4].gt(0.5).all()
+
+
+def test_empty_class_folders_and_loose_images_are_refused(tmp_path, image_folder):
+    image_folder(tmp_path / "d", 2, classes=["cats", "dogs"])
+    (tmp_path / "d" / "empty").mkdir()
+    with pytest.raises(DataError, match="class folders of .* without images: empty"):
+        ImageFolder(str(tmp_path / "d"), 8)
+    (tmp_path / "d" / "empty").rmdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "loose.png")
+    with pytest.raises(DataError, match="images beside its class folders \\(1, e.g. loose.png"):
+        ImageFolder(str(tmp_path / "d"), 8)
+    os.remove(tmp_path / "d" / "loose.png")
+    assert len(ImageFolder(str(tmp_path / "d"), 8)) == 4
+
+
+def test_short_videos_are_listed(tmp_path, image_folder):
+    image_folder(tmp_path / "v" / "long", 4, size=(8, 8))
+    image_folder(tmp_path / "v" / "short", 2, size=(8, 8))
+    ds = VideoFolder(str(tmp_path / "v"), num_frames=3, size=8)
+    assert len(ds) == 1 and ds.skipped == 1
+    assert ds.short_videos == [str(tmp_path / "v" / "short")]
