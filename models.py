@@ -5,6 +5,7 @@ sample.py.
 import functools
 import glob
 import os
+import re
 
 import torch
 import torch.utils.checkpoint
@@ -67,27 +68,49 @@ def takes_clips(name):
         return getattr(MODELS[resolve_model_name(name)](input_size=8), "video", False)
 
 
-def find_checkpoint(path):
-    """A checkpoint file, or a run folder of train.py (then its checkpoints/latest.pt)."""
-    return os.path.join(path, "checkpoints", "latest.pt") if os.path.isdir(path) else path
+# checkpoints/latest of a run folder: one line naming its newest checkpoint file (a pointer, not a
+# link or a copy, so damage to that file leaves it intact and a resume can fall back)
+LATEST = "latest"
+
+
+def checkpoint_folder(path):
+    """The checkpoints/ folder that `path` means (a run folder, its checkpoints/ folder or the
+    latest pointer), or None when path is meant as one checkpoint file."""
+    if os.path.basename(os.path.normpath(path)) == LATEST and os.path.isfile(path):
+        return os.path.dirname(path)
+    if not os.path.isdir(path):
+        return None
+    inner = os.path.join(path, "checkpoints")
+    return inner if os.path.isdir(inner) else path
 
 
 def load_newest_checkpoint(path):
-    """(checkpoint dict, its file) for a checkpoint file or a run folder. In a folder: latest.pt, or,
-    when it is missing or unreadable, the newest readable numbered checkpoint (saying so)."""
-    if not os.path.isdir(path):
+    """(checkpoint dict, its file) for a checkpoint file or a run folder. For a folder: the file
+    that checkpoints/latest names or, when the pointer or that file is missing or damaged, the
+    newest readable numbered checkpoint, saying so."""
+    folder = checkpoint_folder(path)
+    if folder is None:
         return load_checkpoint(path), path
-    folder = os.path.join(path, "checkpoints")
     numbered = sorted(glob.glob(os.path.join(folder, "[0-9]*.pt")), reverse=True)
-    problems = []
-    for candidate in [os.path.join(folder, "latest.pt"), *numbered]:
+    candidates, problems = [], []
+    pointer = os.path.join(folder, LATEST)
+    try:
+        with open(pointer) as f:
+            name = os.path.basename(f.read().strip())  # a file of this folder, nothing else
+        if not name.endswith(".pt"):
+            raise ValueError
+        candidates.append(os.path.join(folder, name))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        if numbered:
+            problems.append(f"{pointer} is missing or damaged")
+    for candidate in candidates + [p for p in numbered if p not in candidates]:
         try:
             ckpt = load_checkpoint(candidate)
         except ModelError as e:
             problems.append(str(e))
             continue
         if problems:
-            print(f"note: {problems[0]}; using {candidate} instead")
+            print(f"note: {problems[0]}; using {candidate}, the newest readable checkpoint")
         return ckpt, candidate
     raise ModelError(f"no readable checkpoint in {folder}"
                      + (f" ({problems[0]})" if problems else "; the run has not written one yet"))
@@ -98,15 +121,15 @@ def load_checkpoint(path):
     kind."""
     if not os.path.isfile(path):
         raise ModelError(f"checkpoint {path} not found")
+    if os.path.getsize(path) == 0:
+        raise ModelError(f"{path} is empty (0 bytes), the trace of a write that never finished; "
+                         "use an earlier checkpoint of the run")
     try:
         # weights_only: never run pickled code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        # torch's first line (not its advice to load with weights_only=False: never do that here)
-        first = (str(e).strip().splitlines() or [""])[0]
-        detail = "" if (not first or "weights_only" in first) else f": {first}"
-        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}{detail}); "
-                         "it is damaged or truncated, or not a file train.py wrote")
+        raise ModelError(f"{path} is not a readable PyTorch checkpoint ({load_failure(e)}); it is "
+                         "damaged or truncated, or not a file train.py wrote") from None
     if not (isinstance(ckpt, dict) and {"model", "ema", "args", "model_name",
                                         "model_kwargs"} <= ckpt.keys()):
         raise ModelError(f"{path} is not a checkpoint of this project (expected one written by "
@@ -115,17 +138,47 @@ def load_checkpoint(path):
     return ckpt
 
 
-def load_model(path, name=None):
-    """Rebuild a checkpoint's model from its stored config and load its EMA weights. Returns (model,
-    ckpt). name: if given, the checkpoint must hold that model."""
-    ckpt = load_checkpoint(path)
+def load_failure(e):
+    """Why torch.load(weights_only=True) failed, in a few words. Never torch's own advice to load
+    with weights_only=False: that would run whatever code the file holds."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" such as {found.group(1)}" if found else ""
+        return (f"it holds Python objects{what} besides tensors and plain data, left unloaded "
+                "because loading them can run code")
+    first = (text.strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def check_finite_weights(ckpt, path, parts=("model", "ema")):
+    """Refuse a checkpoint whose weights hold NaN or inf (written by a diverged run before train.py
+    checked for it): training on from it or sampling from it only spreads the NaNs."""
+    for part in parts:
+        for key, value in ckpt[part].items():
+            if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all():
+                raise ModelError(f"{path} holds NaN or infinite weights ({part}: {key}), the state "
+                                 "of a diverged run; use an earlier checkpoint of the run")
+
+
+def model_from_checkpoint(ckpt, path, name=None):
+    """Rebuild a loaded checkpoint's model from its stored config, with its EMA weights. name: if
+    given, the checkpoint must hold that model."""
     if name is not None and resolve_model_name(name) != ckpt["model_name"]:
         raise ModelError(f"{path} holds a {ckpt['model_name']} model, not "
                          f"{resolve_model_name(name)}; "
                          f"drop --model or pass --model {ckpt['model_name']}")
+    check_finite_weights(ckpt, path, parts=("ema",))
     model = build_model(ckpt["model_name"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["ema"])
-    return model, ckpt
+    return model
+
+
+def load_model(path, name=None):
+    """The model of a checkpoint file or run folder (its newest readable checkpoint), with its EMA
+    weights. Returns (model, ckpt)."""
+    ckpt, path = load_newest_checkpoint(path)
+    return model_from_checkpoint(ckpt, path, name), ckpt
 
 
 def resize_grid_tensor(value, new_shape, old_grid, new_grid):
@@ -153,7 +206,8 @@ def init_from_checkpoint(model, path, model_name):
     resolution into `model`, resizing the tensors that depend on the token grid. Uses the
     checkpoint's EMA weights, as DiM's 512 fine-tune starts from the 256 nnet_ema. Returns (copied,
     resized, skipped) key lists."""
-    ckpt = load_checkpoint(path)
+    ckpt, path = load_newest_checkpoint(path)
+    check_finite_weights(ckpt, path, parts=("ema",))
     if ckpt["model_name"] != model_name:
         raise ModelError(f"--init-from {path} holds a {ckpt['model_name']} model, not "
                          f"{model_name}: "

@@ -2,7 +2,7 @@
 Sample images from a checkpoint written by train.py (official weights: convert them first with
 tools/convert_official.py, which writes the same kind of checkpoint).
 
-    python sample.py --ckpt results/000-DiM-S-2/checkpoints/latest.pt --num-samples 64
+    python sample.py --ckpt results/000-DiM-S-2/checkpoints/0100000.pt --num-samples 64
     python sample.py --ckpt results/000-DiM-S-2 --res 48 --class-label 3       # another resolution, one class
 
 Many samples for FID, in batches, on one GPU or several (each process generates every world-th
@@ -25,6 +25,7 @@ deterministic from there; ddpm also draws noise at every step, per batch, so its
 on the batching.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -36,8 +37,8 @@ from tqdm import tqdm
 
 from data import DataError, check_resolution, load_vae, save_frame_strip, save_gif, save_grid, vae_decode, vae_factor
 from diffusion import SAMPLERS, UpsampleGuidance, create_diffusion
-from models import ModelError, find_checkpoint, load_model
-from train import setup_distributed
+from models import ModelError, load_newest_checkpoint, model_from_checkpoint
+from train import FlagError, RunError, check_writable, setup_distributed, writing_to
 
 
 class TiledModel(torch.nn.Module):
@@ -139,12 +140,34 @@ def gather(images, indices, num_samples, out_dir, rank, world):
     return torch.from_numpy(merged)
 
 
+# flag: (test, what the value must be); None (the checkpoint's or the model's default) passes
+FLAG_RULES = {
+    "num_samples": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "res": (lambda v: v >= 1, "a positive number of pixels"),
+    "frames": (lambda v: v >= 1, ">= 1"),
+    "cfg": (math.isfinite, "a finite guidance scale (1 = none)"),
+    "ug_scale": (math.isfinite, "a finite number"),
+    "tile_overlap": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "renoise": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def check_flags(args):
+    """Refuse values that cannot work before anything is loaded or sampled, one line each."""
+    for name, (ok, what) in FLAG_RULES.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            raise FlagError(f"--{name.replace('_', '-')} {value} cannot work: it must be {what}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FlagError(f"--out {args.out} is a file; samples go into a folder: pass another --out")
+
+
 def main(args):
     """Generate args.num_samples samples and write them; returns them as a uint8 tensor (N, C, [T,]
     H, W) (on rank 0 under torchrun; None on the other ranks)."""
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise ModelError(f"--num-samples and --batch-size must be >= 1 (got {args.num_samples}, "
-                         f"{args.batch_size})")
+    check_flags(args)
     rank, world, device = setup_distributed()
     try:
         return generate(args, rank, world, device)
@@ -156,13 +179,15 @@ def main(args):
 def generate(args, rank, world, device):
     torch.backends.cuda.matmul.allow_tf32 = True
     master = rank == 0
-    ckpt_path = find_checkpoint(args.ckpt)
+    if master:  # a full or read-only disk shows now, not after all the sampling
+        check_writable(args.out)
 
     # the checkpoint knows its model, resolution and VAE
-    model, ckpt = load_model(ckpt_path, name=args.model)
+    ckpt, ckpt_path = load_newest_checkpoint(args.ckpt)
+    model = model_from_checkpoint(ckpt, ckpt_path, name=args.model)
     train_args = ckpt["args"]
     vae_name = args.vae or train_args.get("vae")
-    res = args.res or train_args["res"]
+    res = args.res if args.res is not None else train_args["res"]
 
     vae = load_vae(vae_name, device) if vae_name else None
     factor = vae_factor(vae) if vae else 1
@@ -174,12 +199,19 @@ def generate(args, rank, world, device):
         raise ModelError(f"--sampler {sampler} does not fit a {diffusion.objective} model; choose "
                          "one of "
                          f"{', '.join(diffusion.samplers)}")
+    # a discrete-time model has num_steps noise levels: more sampling steps than that cannot be
+    if args.steps > getattr(diffusion, "num_steps", args.steps):
+        raise FlagError(f"--steps {args.steps} cannot work: the model has {diffusion.num_steps} "
+                        f"noise levels, so at most --steps {diffusion.num_steps}")
     trained_res = train_args.get("res") or model.input_size * factor
     upsample = upsample_plan(args, res, trained_res, diffusion)
     num_classes = model.num_classes
     if args.class_label is not None and not 0 <= args.class_label < num_classes:
         raise ModelError(f"--class-label {args.class_label} is out of range: the model has "
                          f"{num_classes} classes")
+    if args.frames is not None and not getattr(model, "num_frames", None):
+        raise FlagError(f"--frames is for video models; {ckpt_path} holds an image model "
+                        f"({ckpt['model_name']}): drop --frames")
     frames = args.frames or getattr(model, "num_frames", None)
     if frames and upsample != "none":
         raise ModelError("training-free upsampling is for images; sample clips at --res up to the "
@@ -236,12 +268,17 @@ def generate(args, rank, world, device):
                 x = diffusion.sample(model, noise, y, **common)
         if vae is not None:
             x = vae_decode(vae, x.float())
+        if not torch.isfinite(x).all():  # NaN would be written as black images, silently
+            raise ModelError(f"sampling gave NaN or infinite values (samples {idx[0]}-{idx[-1]}); "
+                             f"nothing was written. Try another --sampler or a lower --cfg (now "
+                             f"{cfg:g}), or an earlier checkpoint than {ckpt_path}")
         images.append(to_uint8(x))
-    os.makedirs(args.out, exist_ok=True)
-    images = gather(torch.cat(images) if images else torch.zeros(0, dtype=torch.uint8), mine,
-                    args.num_samples, args.out, rank, world)
-    if master:
-        write_samples(images, args, cycling_classes=num_classes if args.class_label is None else 0)
+    with writing_to(args.out):
+        images = gather(torch.cat(images) if images else torch.zeros(0, dtype=torch.uint8), mine,
+                        args.num_samples, args.out, rank, world)
+        if master:
+            write_samples(images, args,
+                          cycling_classes=num_classes if args.class_label is None else 0)
     return images
 
 
@@ -331,5 +368,5 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (DataError, ModelError) as e:
+    except (DataError, ModelError, FlagError, RunError) as e:
         sys.exit(f"error: {e}")

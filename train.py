@@ -12,14 +12,19 @@ The training recipe (optimiser settings, warm-up, EMA, label dropout) defaults t
 trains every model family.
 """
 import argparse
+import errno
+import fcntl
 import itertools
 import json
+import math
 import os
 import random
-import shutil
+import re
+import socket
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from copy import deepcopy
 
 import numpy as np
@@ -32,12 +37,22 @@ from tqdm import tqdm
 from data import (DataError, build_dataset, build_video_dataset, check_resolution, load_vae,
                   save_frame_strip, save_gif, save_grid, vae_decode, vae_encode, vae_factor)
 from diffusion import create_diffusion
-from models import (ModelError, build_model, checkpoint_blocks, find_checkpoint, init_from_checkpoint,
-                    load_newest_checkpoint,
+from models import (LATEST, ModelError, build_model, check_finite_weights, checkpoint_blocks,
+                    checkpoint_folder, init_from_checkpoint, load_newest_checkpoint,
                     resolve_model_name, takes_clips)
+
 
 class DivergedError(RuntimeError):
     """The loss became non-finite: training stops before any checkpoint holds the broken weights."""
+
+
+class FlagError(ValueError):
+    """A command-line value that cannot work; the message names the flag and what it must be."""
+
+
+class RunError(RuntimeError):
+    """The run cannot go on where it is: its folder is in use by another run, full or read-only,
+    or its torchrun launcher is gone. The message says what to do."""
 
 
 HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout", "ema")
@@ -45,7 +60,7 @@ HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout",
 # ones. All other settings come from the checkpoint, so the continued run trains exactly as the
 # first one did.
 RUN_CONTROL = dict(steps=100_000, ckpt_every=10_000, sample_every=5_000, log_every=100,
-                   num_workers=4, compile=False, grad_checkpoint=False, data_dir=None)
+                   keep_last=0, num_workers=4, compile=False, grad_checkpoint=False, data_dir=None)
 
 
 #################################################################################
@@ -106,31 +121,155 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def save_checkpoint(state, ckpt_dir, world, master):
+#################################################################################
+#                      Flags, run folders, locks and writes                     #
+#################################################################################
+
+def positive(v):
+    return v >= 1
+
+
+def at_least_zero(v):
+    return v >= 0
+
+
+def finite_at_least_zero(v):
+    return math.isfinite(v) and v >= 0
+
+
+# flag: (test, what the value must be); None (the model's default) always passes
+FLAG_RULES = {
+    "res": (positive, "a positive number of pixels"),
+    "steps": (positive, ">= 1"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (finite_at_least_zero, "a finite number >= 0"),
+    "warmup": (at_least_zero, ">= 0"),
+    "grad_clip": (finite_at_least_zero, "a finite number >= 0 (0 = off)"),
+    "label_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),  # NaN fails every comparison
+    "ema": (lambda v: 0 <= v <= 1, "an EMA decay per step in [0, 1]"),
+    "ckpt_every": (at_least_zero, ">= 0 (0 = only at the end)"),
+    "sample_every": (at_least_zero, ">= 0 (0 = never)"),
+    "log_every": (positive, ">= 1"),
+    "keep_last": (at_least_zero, ">= 0 (0 = keep all)"),
+    "num_workers": (at_least_zero, ">= 0"),
+}
+
+
+def check_flags(args, world):
+    """Refuse values that cannot work before any data or model is built, one line each."""
+    rules = {**FLAG_RULES, "global_batch_size": (lambda v: v >= 1 and v % world == 0,
+                                                 f"a positive multiple of the {world} processes")}
+    if args.video:
+        rules["frames"] = (positive, ">= 1")
+    for name, (ok, what) in rules.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            raise FlagError(f"--{name.replace('_', '-')} {value} cannot work: it must be {what}")
+
+
+def cannot_write(folder, e):
+    """A RunError naming the folder a write failed in and why, in words, with the fix."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why, fix = "its disk is full", "free space there or choose a folder on another disk"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why, fix = "it is read-only", "make it writable or choose a writable folder"
+    else:
+        why, fix = "the write failed", "check the folder and the disk"
+    return RunError(f"cannot write to {folder}: {why} ({e.strerror or e}); {fix} (--results-dir; "
+                    "a resumed run continues from its last checkpoint, which is intact)")
+
+
+@contextmanager
+def writing_to(folder):
+    """Turn a failed write (full disk, read-only folder...) into one line naming the folder."""
+    try:
+        yield
+    except OSError as e:
+        raise cannot_write(folder, e) from None
+
+
+def check_writable(folder):
+    """Fail now, not after building the data and the model, when the run could not write here."""
+    with writing_to(folder):
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_atomically(path, write):
+    """write(file) into a temporary file, synced, then renamed over path: a crash leaves the old
+    file or the new one, never half of one."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(path + ".tmp"):  # no half-written file left to fill the disk
+            os.remove(path + ".tmp")
+        raise
+    os.replace(path + ".tmp", path)
+
+
+def lock_run_dir(run_dir):
+    """Hold run_dir/lock while this process trains there, so a second --resume of the run (a
+    relaunch while the first still lives) stops instead of writing into the same files. An flock:
+    the kernel drops it when its process dies, however it dies, so a killed run never blocks the
+    next --resume. The file names the holder, for the message. Returns the release function."""
+    path = os.path.join(run_dir, "lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunError(f"{run_dir} is in use: {holder} is training it; stop that process first (or "
+                       "let it finish) rather than resume the run twice") from None
+    except OSError as e:  # a file system without locks (some network mounts)
+        print(f"warning: cannot lock {path} ({e.strerror}); make sure no other process trains in "
+              f"{run_dir}")
+    f.seek(0)
+    previous = f.read().strip()
+    if previous:  # a clean exit empties the file: this holder was killed or crashed
+        print(f"note: took over {path} from {previous}, which is no longer running")
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+
+    def release():
+        f.truncate(0)
+        f.close()
+    return release
+
+
+def save_checkpoint(state, ckpt_dir, world, master, keep_last):
     """Collective: every rank's RNG states go into the checkpoint, rank 0 writes it, then all ranks
     wait. Written to a temporary file, synced and renamed, so a crash never leaves a half-written
-    checkpoint; latest.pt is a hard link to the newest numbered one (no second copy of a multi-GB
-    file)."""
+    checkpoint; then checkpoints/latest (a one-line file, replaced the same way) names it, and
+    older checkpoints beyond the keep_last newest are deleted (0: keep all)."""
     rng = [None] * world
     if world > 1:
         dist.all_gather_object(rng, get_rng_state())
     else:
         rng[0] = get_rng_state()
     if master:
-        path, latest = os.path.join(ckpt_dir, f"{state['step']:07d}.pt"), os.path.join(ckpt_dir, "latest.pt")
-        with open(path + ".tmp", "wb") as f:
-            torch.save({**state, "rng": rng}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-        if os.path.exists(latest + ".tmp"):
-            os.remove(latest + ".tmp")
-        try:
-            os.link(path, latest + ".tmp")
-        except OSError:  # file systems without hard links
-            shutil.copyfile(path, latest + ".tmp")
-        os.replace(latest + ".tmp", latest)
-        tqdm.write(f"saved checkpoint {path}")
+        name = f"{state['step']:07d}.pt"
+        with writing_to(ckpt_dir):
+            write_atomically(os.path.join(ckpt_dir, name),
+                             lambda f: torch.save({**state, "rng": rng}, f))
+            write_atomically(os.path.join(ckpt_dir, LATEST),
+                             lambda f: f.write(f"{name}\n".encode()))
+        if keep_last:
+            # only older steps: checkpoints past this one (a run resumed from an earlier
+            # checkpoint) are another branch of the run, not this one's to delete
+            older = sorted(n for n in os.listdir(ckpt_dir)
+                           if re.fullmatch(r"\d{7}\.pt", n) and n < name)
+            for old in older[:max(0, len(older) - (keep_last - 1))]:
+                os.remove(os.path.join(ckpt_dir, old))
+        tqdm.write(f"saved checkpoint {os.path.join(ckpt_dir, name)}")
     if world > 1:
         dist.barrier()
 
@@ -139,22 +278,33 @@ def new_run_dir(results_dir, model_name, world, master):
     """DiT's results/<index>-<model> folder; rank 0 picks the index and tells the others."""
     name = [None]
     if master:
-        os.makedirs(results_dir, exist_ok=True)
-        # the next index after every existing one, created atomically: a deleted older run or a
-        # second run starting at the same time never makes two runs share a folder
-        taken = [int(d.split("-")[0]) for d in os.listdir(results_dir) if d.split("-")[0].isdigit()]
-        index = max(taken, default=-1) + 1
-        while True:
-            path = os.path.join(results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
-            try:
-                os.makedirs(path)
-                break
-            except FileExistsError:
-                index += 1
+        with writing_to(results_dir):
+            os.makedirs(results_dir, exist_ok=True)
+            # the next index after every existing one, created atomically: a deleted older run or
+            # a second run starting at the same time never makes two runs share a folder
+            taken = [int(d.split("-")[0]) for d in os.listdir(results_dir)
+                     if d.split("-")[0].isdigit()]
+            index = max(taken, default=-1) + 1
+            while True:
+                path = os.path.join(results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
+                try:
+                    os.makedirs(path)
+                    break
+                except FileExistsError:
+                    index += 1
         name[0] = path
     if world > 1:
         dist.broadcast_object_list(name)
     return name[0]
+
+
+def resumed_run_dir(path):
+    """The run folder a --resume of `path` continues in: the folder itself, or the run folder of a
+    checkpoint inside its checkpoints/; None for a checkpoint elsewhere (a new run folder then)."""
+    folder = checkpoint_folder(path) or os.path.dirname(os.path.abspath(path))
+    if os.path.basename(os.path.normpath(folder)) == "checkpoints":
+        return os.path.dirname(os.path.abspath(folder))
+    return None
 
 
 def batches(loader, sampler, epoch, batch_in_epoch):
@@ -195,26 +345,76 @@ def save_samples(ema, diffusion, vae, shape, num_classes, path, device, seed, au
 #                                  Training Loop                                #
 #################################################################################
 
-def check_finite(bad_step, world, lr):
-    """Stop with one line if any rank's loss went non-finite (collective; a sync, so not every
-    step): nothing has been written since the last check, so the last checkpoint stays good."""
+def prepare_run_dir(run_dir, args, metrics_path, step):
+    """Folders, args.json for humans, and metrics.jsonl cut back to the resumed step."""
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        lines = [line for line in f if line.strip()]
+    # a kill during an append leaves a torn last line: drop it (the steps after the checkpoint
+    # are dropped anyway)
+    try:
+        json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        print(f"note: dropped a torn last line of {metrics_path}")
+        lines = lines[:-1]
+    # drop lines a crashed run logged after its last checkpoint
+    lines = [line for line in lines if json.loads(line)["step"] <= step]
+    with open(metrics_path, "w") as f:
+        f.writelines(lines)
+
+
+def check_health(bad_step, launcher, world, lr):
+    """Collective (a sync, so not every step): stop every rank together if any rank's loss went
+    non-finite or lost its torchrun launcher. Nothing has been written since the last check, so
+    the last checkpoint stays good."""
+    # the launcher is each worker's parent: when it dies (SIGKILL gives it no chance to stop
+    # the workers), the workers are re-parented, and nothing would ever stop them
+    orphaned = launcher is not None and os.getppid() != launcher
+    flags = torch.stack([bad_step, torch.tensor(int(orphaned), device=bad_step.device)])
     if world > 1:
-        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-    if bad_step.item() >= 0:
-        raise DivergedError(f"the loss became NaN or infinite at step {bad_step.item()}; training "
-                            f"stopped before writing a checkpoint with broken weights (the last one "
-                            f"is intact). Lower --lr (now {lr:g}) or raise --warmup, then --resume")
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, orphaned = flags.tolist()
+    if orphaned:
+        raise RunError("the torchrun launcher of this run is gone, so these workers stop here (the "
+                       "last checkpoint is intact); relaunch torchrun with --resume")
+    if bad >= 0:
+        raise DivergedError(f"the loss became NaN or infinite at step {bad}; training stopped "
+                            "before writing a checkpoint with broken weights (the last one is "
+                            f"intact). Lower --lr (now {lr:g}) or raise --warmup, then --resume")
 
 
 def main(args):
     rank, world, device = setup_distributed()
+    with ExitStack() as cleanup:  # releases the run folder's lock however training ends
+        run_dir = train(args, rank, world, device, cleanup)
+    if world > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+
+def train(args, rank, world, device, cleanup):
     master = rank == 0
+    # torchrun sets TORCHELASTIC_RUN_ID; its launcher is then this worker's parent
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
     # TF32 on Ampere+: ~free speed, no visible effect on training
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
+    check_flags(args, world)  # as given (on --resume, checked again once merged with the stored)
     ckpt, run_dir = None, None
     if args.resume:
+        # A resume continues in the checkpoint's own run folder, locked against a second
+        # --resume of it; a checkpoint outside a run folder starts a new one under --results-dir.
+        run_dir = resumed_run_dir(args.resume)
+        if run_dir and master:
+            check_writable(run_dir)
+            with writing_to(run_dir):
+                cleanup.callback(lock_run_dir(run_dir))
         ckpt, ckpt_path = load_newest_checkpoint(args.resume)
         missing = {"opt", "rng", "step", "data"} - ckpt.keys()
         if missing:
@@ -223,49 +423,54 @@ def main(args):
         if args.model and resolve_model_name(args.model) != ckpt["model_name"]:
             raise ModelError(f"cannot resume: {ckpt_path} holds a {ckpt['model_name']} model, "
                              f"not {resolve_model_name(args.model)}")
+        check_finite_weights(ckpt, ckpt_path)
         given = {k: v for k, v in vars(args).items() if k in RUN_CONTROL and v is not None}
-        args = argparse.Namespace(**{**ckpt["args"], **given, "resume": args.resume})
-        if os.path.basename(os.path.dirname(os.path.abspath(ckpt_path))) == "checkpoints":
-            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path)))
-    for k, default in RUN_CONTROL.items():
-        if getattr(args, k) is None:
+        # where the run writes comes from this command line, never from a path stored in the
+        # checkpoint (perhaps on another machine)
+        stored = {k: v for k, v in ckpt["args"].items() if k != "results_dir"}
+        args = argparse.Namespace(**{**stored, **given, "resume": args.resume,
+                                     "results_dir": args.results_dir})
+    # (getattr: checkpoints of older versions lack the newer flags)
+    for k, default in {**RUN_CONTROL, "results_dir": "results", "global_batch_size": 128,
+                       "frames": 16}.items():
+        if getattr(args, k, None) is None:
             setattr(args, k, default)
     args.model = resolve_model_name(args.model or "dim")
+    check_flags(args, world)
     args.res = args.res or (256 if args.vae else 32)
-    if args.global_batch_size % world:
-        raise DataError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
-                        f"{world} processes")
     local_batch = args.global_batch_size // world
+    if master and run_dir is None:
+        check_writable(args.results_dir)
+    if args.video and not takes_clips(args.model):
+        raise ModelError(f"{args.model} is an image model; --video needs one that takes clips "
+                         "(BiDiM)")
 
-    # Data, then the model sized for it. A VAE turns 3-channel images into latent images vae_factor
-    # times smaller.
+    # A VAE turns 3-channel images into latent images vae_factor times smaller.
     vae = load_vae(args.vae, device) if args.vae else None
     factor = vae_factor(vae) if vae else 1
-    # clips (C, T, H, W): Moving Fashion-MNIST or a folder of videos; the model takes num_frames
+    with torch.device("meta"):  # no memory, no init: only the config's patch size is read
+        check_resolution(args.res, build_model(args.model, input_size=8).patch_size, factor)
+    # Data, then the model sized for it. Clips (C, T, H, W): Moving Fashion-MNIST or a folder of
+    # videos; the model takes num_frames.
     if args.video:
         data_name = "moving-fashion-mnist" if args.data == "fashion-mnist" else args.data
         dataset, num_classes, channels = build_video_dataset(data_name, args.res, args.frames, args.data_dir)
     else:
         dataset, num_classes, channels = build_dataset(args.data, args.res, args.data_dir,
                                                        3 if vae else args.channels)
-    if args.video and not takes_clips(args.model):
-        raise ModelError(f"{args.model} is an image model; --video needs one that takes clips "
-                         "(BiDiM)")
     model_kwargs = dict(input_size=args.res // factor,
                         in_channels=vae.config.latent_channels if vae else channels,
                         num_classes=num_classes,
                         **({"num_frames": args.frames} if args.video else {}))
     torch.manual_seed(args.seed)  # same initial weights on every rank and for every world size
     model = build_model(args.model, **model_kwargs).to(device)
-    check_resolution(args.res, model.patch_size, factor)
     # None means "the model's own recipe"; the checkpoint stores the resolved values
     for k in HYPERPARAMETERS:
         if getattr(args, k) is None:
             setattr(args, k, model.train_defaults[k])
     # weak-to-strong: start from weights trained at a lower resolution
     if args.init_from and ckpt is None:
-        copied, resized, skipped = init_from_checkpoint(model, find_checkpoint(args.init_from),
-                                                        args.model)
+        copied, resized, skipped = init_from_checkpoint(model, args.init_from, args.model)
         if master:
             print(f"--init-from {args.init_from}: copied {len(copied)} tensors, resized "
                   f"{resized or 'none'} to the "
@@ -318,27 +523,19 @@ def main(args):
                         generator=torch.Generator())
 
     # Run folder (rank 0 names it, everyone learns the name), metrics log, args for humans.
-    run_dir = run_dir or new_run_dir(args.results_dir, args.model, world, master)
+    if run_dir is None:
+        run_dir = new_run_dir(args.results_dir, args.model, world, master)
+        if master:
+            with writing_to(run_dir):
+                cleanup.callback(lock_run_dir(run_dir))
     ckpt_dir, metrics_path = os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "metrics.jsonl")
     if master:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        # drop lines a crashed run logged after its last checkpoint
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                lines = [line for line in f if line.strip()]
-            # a kill during an append leaves a torn last line: drop it (the steps after the
-            # checkpoint are dropped anyway)
-            try:
-                json.loads(lines[-1]) if lines else None
-            except json.JSONDecodeError:
-                print(f"note: dropped a torn last line of {metrics_path}")
-                lines = lines[:-1]
-            lines = [line for line in lines if json.loads(line)["step"] <= step]
-            with open(metrics_path, "w") as f:
-                f.writelines(lines)
+        with writing_to(run_dir):
+            prepare_run_dir(run_dir, args, metrics_path, step)
+        if getattr(dataset, "short_videos", None):
+            short = dataset.short_videos
+            print(f"note: skipped {len(short)} videos shorter than --frames {args.frames}: "
+                  f"{', '.join(short[:3])}{' ...' if len(short) > 3 else ''}")
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{args.model}: {n_params / 1e6:.2f}M parameters; {len(dataset)} images, "
               f"{num_classes} classes; "
@@ -386,7 +583,7 @@ def main(args):
             writes = ((args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.steps
                       or (args.sample_every > 0 and step % args.sample_every == 0))
             if writes or step % args.log_every == 0:
-                check_finite(bad_step, world, args.lr)
+                check_health(bad_step, launcher, world, args.lr)
             if step % args.log_every == 0 or step == args.steps:
                 if world > 1:
                     dist.all_reduce(running_loss)
@@ -394,7 +591,7 @@ def main(args):
                 img_s = log_steps * args.global_batch_size / (time.time() - t0)
                 if master:
                     pbar.set_postfix(loss=f"{avg_loss:.4f}", img_s=f"{img_s:.0f}")
-                    with open(metrics_path, "a") as f:
+                    with writing_to(run_dir), open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": step, "loss": avg_loss, "lr": lr,
                                             "img_per_s": img_s}) + "\n")
                 running_loss.zero_()
@@ -407,17 +604,16 @@ def main(args):
                          "args": vars(args), "model_name": args.model, "model_kwargs": model_kwargs,
                          "objective": diffusion.objective,
                          "step": step, "data": (epoch, batch_in_epoch)}
-                save_checkpoint(state, ckpt_dir, world, master)
+                save_checkpoint(state, ckpt_dir, world, master, args.keep_last)
             if master and args.sample_every > 0 and step % args.sample_every == 0:
                 frames = (args.frames,) if args.video else ()
                 shape = (raw_model.in_channels, *frames, args.res // factor, args.res // factor)
-                save_samples(ema, diffusion, vae, shape, num_classes,
-                             os.path.join(run_dir, "samples", f"{step:07d}.png"), device, args.seed,
-                             autocast)
+                with writing_to(os.path.join(run_dir, "samples")):
+                    save_samples(ema, diffusion, vae, shape, num_classes,
+                                 os.path.join(run_dir, "samples", f"{step:07d}.png"), device,
+                                 args.seed, autocast)
             # images/s counts training time, not checkpoints and sample grids
             t0 += time.time() - t_pause
-    if world > 1:
-        dist.destroy_process_group()
     return run_dir
 
 
@@ -438,11 +634,12 @@ def parse_args(argv=None):
                         help="train on clips (BiDiM); --data fashion-mnist then "
                         "means Moving Fashion-MNIST, else a folder of videos (frame folders or "
                         "GIFs)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per clip with --video")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames per clip with --video (default 16)")
     parser.add_argument("--vae", default=None,
                         help="train on the latents of this diffusers AutoencoderKL "
                         "(a local folder or a hub id such as stabilityai/sd-vae-ft-ema)")
-    parser.add_argument("--global-batch-size", type=int, default=128)
+    parser.add_argument("--global-batch-size", type=int, default=None, help="default 128")
     parser.add_argument("--steps", type=int, default=None,
                         help="total optimisation steps (default 100000)")
     parser.add_argument("--lr", type=float, default=None,
@@ -454,11 +651,16 @@ def parse_args(argv=None):
     parser.add_argument("--label-dropout", type=float, default=None,
                         help="probability of the null label")
     parser.add_argument("--ema", type=float, default=None, help="EMA decay per step")
-    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--results-dir", default=None,
+                        help="where new run folders go (default results); a --resume of a run "
+                        "folder continues in it")
     parser.add_argument("--ckpt-every", type=int, default=None,
                         help="default 10000; 0 = only at the end")
     parser.add_argument("--sample-every", type=int, default=None, help="default 5000; 0 = never")
     parser.add_argument("--log-every", type=int, default=None, help="default 100")
+    parser.add_argument("--keep-last", type=int, default=None,
+                        help="keep only the newest K numbered checkpoints (default 0 = keep all; "
+                        "2 or more leaves one to fall back on if the newest is damaged)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", default=None,
                         help="start from this checkpoint's EMA weights, trained at "
@@ -482,7 +684,7 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (DataError, ModelError, DivergedError) as e:
+    except (DataError, ModelError, DivergedError, FlagError, RunError) as e:
         # One clear line instead of a traceback. An error raised in a DataLoader worker arrives
         # wrapped in the worker's traceback text; its last line is the original message.
         message = str(e).strip().splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")

@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
+from models import load_newest_checkpoint
 from tools import compare
 
 TINY = ["--models", "DiT-T/2,BiDiM-T/2", "--batch-size", "2", "--ckpt-every", "2", "--num-samples",
@@ -31,8 +31,7 @@ def test_stages_train_and_sample(done):
     for name in ("DiT-T/2", "BiDiM-T/2"):
         run = compare.run_folder(str(done), name)
         assert compare.checkpoint_step(run) == 4
-        ckpt = torch.load(os.path.join(run, "checkpoints", "latest.pt"), map_location="cpu",
-                          weights_only=True)
+        ckpt, _ = load_newest_checkpoint(run)
         # the shared recipe, not the model's
         assert ckpt["args"]["lr"] == 2e-4 and ckpt["args"]["ema"] == 0.99
         images = np.load(done / "samples" / compare.tag(name) / "samples.npz")["arr_0"]

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from diffusion import create_diffusion
-from models import ModelError, build_model, resolve_model_name
+from models import LATEST, ModelError, build_model, load_newest_checkpoint, resolve_model_name
 from tools.bench import count_gmacs, median_time
 
 # the repository: train.py, sample.py
@@ -45,13 +45,12 @@ def run_folder(out, name):
     root = os.path.join(out, "runs", tag(name))
     runs = sorted(d for d in os.listdir(root)) if os.path.isdir(root) else []
     runs = [os.path.join(root, d) for d in runs
-            if os.path.isfile(os.path.join(root, d, "checkpoints", "latest.pt"))]
+            if os.path.isfile(os.path.join(root, d, "checkpoints", LATEST))]
     return runs[-1] if runs else None
 
 
 def checkpoint_step(run):
-    return torch.load(os.path.join(run, "checkpoints", "latest.pt"), map_location="cpu",
-                      weights_only=True)["step"]
+    return load_newest_checkpoint(run)[0]["step"]
 
 
 def run_all(commands, logs):
