@@ -55,6 +55,22 @@ def checkpoint_blocks(model):
     return len(wrapped)
 
 
+def compile_blocks(model, **options):
+    """torch.compile each outermost block (the modules checkpoint_blocks wraps), in place: "regional
+    compilation". Identical blocks share one compiled graph, so compiling costs about one block per
+    distinct shape (15-20 s on an H200 for DiM-S/2 against ~110 s for the whole model), and the
+    elementwise work inside each block is fused. Measured (README, Speed): within 3% of compiling a
+    Mamba model whole; DiT gains more from whole-model compilation (23 against 37 ms per step).
+    options go to torch.compile."""
+    compiled = []
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Block") and not any(name.startswith(c + ".")
+                                                               for c in compiled):
+            module.compile(**options)
+            compiled.append(name)
+    return len(compiled)
+
+
 def _checkpointed(forward, *args, **kwargs):
     if torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)

@@ -67,3 +67,24 @@ def test_scaling_exponent_and_crossover():
 def test_unknown_model_is_one_line():
     with pytest.raises(SystemExit, match="unknown model 'DiM-Q/2'"):
         bench.resolve("DiM-Q/2", "L")
+
+
+def test_compile_blocks_matches_eager(name="DiM-T/2"):
+    # regional compilation (bench.py --compile blocks) wraps every outermost block once and leaves
+    # outputs and gradients unchanged (dynamo's graphs, fullgraph: no break; no C++ compiler needed)
+    torch.manual_seed(0)
+    model = models.build_model(name, input_size=8, in_channels=1, num_classes=10)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            n = models.compile_blocks(model, backend="eager", fullgraph=True)
+            blocks = [m for m in model.modules() if type(m).__name__.endswith("Block")]
+            assert n == len(blocks) > 0
+        model.zero_grad()
+        out = model(x, t, y)
+        out.square().mean().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in model.parameters()
+                                         if p.grad is not None])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

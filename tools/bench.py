@@ -40,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import ssm
-from models import MODELS, checkpoint_blocks
+from models import MODELS, checkpoint_blocks, compile_blocks
 
 # family -> (config name for a size letter, size aliases)
 FAMILIES = {
@@ -127,21 +127,24 @@ def median_time(step, warmup, repeats, cuda):
 def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=False,
               grad_checkpoint=False):
     """Build the model on `device`, time its train or sample step; fills the row's measured
-    columns. compile: torch.compile the model (its compilation happens in the warm-up steps);
+    columns. compile: None, "model" (torch.compile the whole model) or "blocks" (each block,
+    models.compile_blocks); compilation happens in the warm-up steps;
     grad_checkpoint: recompute every block in the backward (models.checkpoint_blocks)."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     with torch.device(device):
         model = factory(input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
     model.to(device)   # in case a constructor made some tensor on the CPU
-    row["compiled"] = bool(compile)
+    row["compiled"] = compile or "no"
     if grad_checkpoint:
         checkpoint_blocks(model)
     if row["gflops"] is None:   # the model did not run on the meta device: count on the real one
         row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
         row["gflops"], row["scan_gflops"] = count_gmacs(model, grid)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model) if compile == "model" else model
+    if compile == "blocks":
+        compile_blocks(model)
     x = torch.randn(batch, LATENT_CHANNELS, grid, grid, device=device)
     t = timesteps(model, batch, device)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
@@ -194,7 +197,12 @@ def measure(name, family, factory, res, batch, args, device, info):
         print(f"[bench] {name} @ {res}: no count on the meta device ({type(e).__name__}: {e})",
               file=sys.stderr)
     try:
-        compile = args.compile == "all" or (args.compile == "dit" and family == "dit")
+        if args.compile == "none" or (args.compile == "dit" and family != "dit"):
+            compile = None
+        elif family == "dit" or args.compile == "all":  # DiT always whole: its fastest
+            compile = "model"
+        else:
+            compile = "blocks"
         run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row, compile,
                   args.grad_checkpoint)
     except torch.OutOfMemoryError:
@@ -231,7 +239,7 @@ def print_table(rows):
         cells = [r["model"], fmt(r["res"]), fmt(r["tokens"]), fmt(r["batch"]), fmt(r["params_M"]),
                  fmt(r["gflops"], 1 if (r["gflops"] or 0) >= 10 else 3), fmt(r["step_ms"]),
                  fmt(r["ms_per_image"], 2), fmt(r["images_per_s"], 2), mfu,
-                 fmt(r["peak_mem_gib"], 2), "yes" if r.get("compiled") else "no", r["status"]]
+                 fmt(r["peak_mem_gib"], 2), str(r.get("compiled") or "no"), r["status"]]
         print("| " + " | ".join(cells) + " |")
     if any(r["status"] == "OOM*" for r in rows):
         print("\nOOM*: not run, a load (batch x pixels) no larger ran out of memory.")
@@ -381,9 +389,10 @@ def main(argv=None):
     p.add_argument("--mode", choices=["train", "sample"], default="train")
     p.add_argument("--scan", choices=["cuda", "triton", "torch"], default=None,
                    help="force a selective-scan backend")
-    p.add_argument("--compile", choices=["none", "dit", "all"], default="dit",
-                   help="torch.compile the models: none, DiT only (the baseline at its fastest; "
-                        "default), or all")
+    p.add_argument("--compile", choices=["none", "dit", "blocks", "all"], default="dit",
+                   help="torch.compile: none; DiT only (the baseline at its fastest; default); "
+                        "blocks (DiT whole, the Mamba models per block: about as fast, much "
+                        "quicker to compile); all (every model whole)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing per block (train mode)")
     p.add_argument("--warmup", type=int, default=2)
