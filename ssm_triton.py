@@ -39,6 +39,7 @@ forward one.
 """
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -399,7 +400,7 @@ def _segments(batch, K, n_db, n_chunks, device):
     elif device.type != "cuda":
         n_seg = 1
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
         n_seg = triton.cdiv(SEGMENT_TARGET * sms, batch * K * n_db)
     n_seg = max(1, min(n_seg, n_chunks // MIN_SEGMENT_CHUNKS))
     seg_chunks = triton.cdiv(n_chunks, n_seg)
@@ -407,6 +408,11 @@ def _segments(batch, K, n_db, n_chunks, device):
 
 
 SEGMENT_TARGET, MIN_SEGMENT_CHUNKS, SEGMENTS = 32, 4, None
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count  # once per GPU, not per call
 
 
 def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True):
