@@ -4,8 +4,11 @@ sample.py.
 """
 import functools
 import glob
+import json
+import math
 import os
 import re
+import struct
 
 import torch
 import torch.utils.checkpoint
@@ -84,6 +87,173 @@ def takes_clips(name):
         return getattr(MODELS[resolve_model_name(name)](input_size=8), "video", False)
 
 
+# -------------------------------------------------------------------------------------------------
+# Shareable weights: EMA weights as safetensors plus a JSON of what rebuilds the model, as a file
+# pair (NAME.safetensors + NAME.json), a Hugging Face Hub folder or a Hub id (tools/export.py)
+# -------------------------------------------------------------------------------------------------
+
+HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
+HUB_PREFIX = "hf://"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+EXPORT_FORMAT = "diffusion-mamba-export/1"
+# the safetensors dtype names (the format's table without the 8-bit floats)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file: an 8-byte little-endian header length, a JSON header
+    (dtype, shape and byte range of each tensor), then the raw little-endian data. Parsed here, not
+    unpickled, so nothing in the file can run; every range is checked against the shape and the
+    file size, so a truncated or corrupt file is one ModelError."""
+    try:
+        with open(path, "rb") as f:
+            blob = bytearray(f.read())
+    except OSError as e:
+        raise ModelError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+
+    def corrupt(why):
+        return ModelError(f"{path} is not a readable safetensors file ({why}); it is damaged or "
+                          "truncated: download or export it again")
+
+    if len(blob) < 8:
+        raise corrupt(f"{len(blob)} bytes, too short for the header length")
+    n = struct.unpack("<Q", blob[:8])[0]
+    if 8 + n > len(blob):
+        raise corrupt(f"a {n}-byte header in a file of {len(blob)} bytes")
+    try:
+        header = json.loads(blob[8:8 + n])
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise corrupt(f"the header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    base, data_len, end, tensors = 8 + n, len(blob) - 8 - n, 0, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            start, stop = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"tensor {name!r} has no valid dtype, shape and data_offsets") from None
+        size = math.prod(shape) * dtype.itemsize
+        if min(shape, default=0) < 0 or start < 0 or stop - start != size:
+            raise corrupt(f"tensor {name!r} spans {stop - start} bytes, its shape {shape} of "
+                          f"{info['dtype']} needs {size}")
+        if stop > data_len:
+            raise corrupt(f"tensor {name!r} ends at byte {stop} of the data, past its end "
+                          f"({data_len})")
+        end = max(end, stop)
+        if size == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif (base + start) % dtype.itemsize:  # misaligned in the file: copy to aligned memory
+            raw = blob[base + start:base + stop]
+            tensors[name] = torch.frombuffer(raw, dtype=dtype).reshape(shape)
+        else:  # a view of the file's bytes, no copy
+            tensors[name] = torch.frombuffer(blob, dtype=dtype, count=size // dtype.itemsize,
+                                             offset=base + start).reshape(shape)
+    if end != data_len:
+        raise corrupt(f"{data_len - end} bytes after the last tensor")
+    return tensors
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} as safetensors (see read_safetensors), through a temporary file renamed
+    into place. Written directly (the format is a JSON header and raw bytes), so exporting needs no
+    extra package; tests/test_export.py reads the result with the safetensors package too."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in names:
+            raise ModelError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot hold")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)
+
+
+def export_config_path(weights):
+    """The JSON beside an exported weights file: NAME.json, else the Hub layout's config.json."""
+    stem = os.path.splitext(weights)[0]
+    for candidate in (stem + ".json", os.path.join(os.path.dirname(weights), HUB_CONFIG)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise ModelError(f"{weights} has no {os.path.basename(stem)}.json (nor {HUB_CONFIG}) beside "
+                     "it, which names the model and its settings; python -m tools.export writes "
+                     "both files")
+
+
+def load_export(weights):
+    """An exported model (safetensors + its JSON) as a checkpoint dict like train.py's, without
+    the optimizer and RNG state: sample.py, fid.py and --init-from take it as they take a run."""
+    config_path = export_config_path(weights)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{config_path} is not readable JSON ({load_failure(e)})") from None
+    wanted = {"model_name": str, "model_kwargs": dict, "args": dict}
+    wrong = [k for k, kind in wanted.items()
+             if not isinstance(config, dict) or not isinstance(config.get(k), kind)]
+    if wrong:
+        raise ModelError(f"{config_path} is not the JSON of a model exported by this project "
+                         f"(no {', '.join(wrong)}); official weights are converted with "
+                         "python -m tools.convert_official")
+    tensors = read_safetensors(weights)
+    args = {"res": config.get("res"), "vae": config.get("vae"), **config["args"]}
+    return {"model": tensors, "ema": tensors, "args": args, "model_name": config["model_name"],
+            "model_kwargs": config["model_kwargs"], "step": config.get("step", 0),
+            "objective": config.get("objective")}
+
+
+def resolve_source(path):
+    """A local path for what --ckpt names. hf://ORG/NAME (or hf://ORG/NAME@REVISION), or ORG/NAME
+    when no such local path exists, is a Hugging Face Hub repository: downloaded (weights, JSON and
+    card only) with huggingface_hub, an optional package, into its cache; the snapshot folder is
+    returned."""
+    path = str(path)
+    explicit = path.startswith(HUB_PREFIX)
+    repo = path[len(HUB_PREFIX):] if explicit else path
+    if not explicit and (os.path.exists(path) or not HUB_ID.fullmatch(path)):
+        return path
+    if not HUB_ID.fullmatch(repo):
+        raise ModelError(f"{path} is not a Hub id: write hf://ORG/NAME or hf://ORG/NAME@REVISION")
+    repo_id, _, revision = repo.partition("@")
+    # a bare ORG/NAME may also have been meant as a local path: say both
+    where = "" if explicit else f"{path} is no local file or folder, and "
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelError(f"{where}loading {repo_id} from the Hugging Face Hub needs "
+                         "huggingface_hub: pip install huggingface_hub") from None
+    try:
+        return snapshot_download(repo_id, revision=revision or None,
+                                 allow_patterns=["*.safetensors", "*.json", "*.md"])
+    except Exception as e:
+        raise ModelError(f"{where}the Hugging Face Hub repository {repo_id} cannot be downloaded "
+                         f"({load_failure(e)}); check the id, the network, and for a private "
+                         "repository HF_TOKEN or huggingface-cli login") from None
+
+
+def hub_folder_weights(path):
+    """The weights file of a folder laid out as a Hub repository, or None."""
+    weights = os.path.join(path, HUB_WEIGHTS)
+    return weights if os.path.isdir(path) and os.path.isfile(weights) else None
+
+
 # checkpoints/latest of a run folder: one line naming its newest checkpoint file (a pointer, not a
 # link or a copy, so damage to that file leaves it intact and a resume can fall back)
 LATEST = "latest"
@@ -94,16 +264,19 @@ def checkpoint_folder(path):
     latest pointer), or None when path is meant as one checkpoint file."""
     if os.path.basename(os.path.normpath(path)) == LATEST and os.path.isfile(path):
         return os.path.dirname(path)
-    if not os.path.isdir(path):
+    if not os.path.isdir(path) or hub_folder_weights(path):
         return None
     inner = os.path.join(path, "checkpoints")
     return inner if os.path.isdir(inner) else path
 
 
 def load_newest_checkpoint(path):
-    """(checkpoint dict, its file) for a checkpoint file or a run folder. For a folder: the file
-    that checkpoints/latest names or, when the pointer or that file is missing or damaged, the
-    newest readable numbered checkpoint, saying so."""
+    """(checkpoint dict, its file) for a checkpoint file, a run folder, an exported model
+    (NAME.safetensors with NAME.json, or a Hub-layout folder) or a Hub id (resolve_source). For a
+    run folder: the file that checkpoints/latest names or, when the pointer or that file is missing
+    or damaged, the newest readable numbered checkpoint, saying so."""
+    path = resolve_source(path)
+    path = hub_folder_weights(path) or path
     folder = checkpoint_folder(path)
     if folder is None:
         return load_checkpoint(path), path
@@ -133,10 +306,12 @@ def load_newest_checkpoint(path):
 
 
 def load_checkpoint(path):
-    """A train.py checkpoint as a dict; clear errors for a missing file or a file of another
-    kind."""
+    """A train.py checkpoint (or an exported .safetensors with its JSON) as a dict; clear errors
+    for a missing file or a file of another kind."""
     if not os.path.isfile(path):
         raise ModelError(f"checkpoint {path} not found")
+    if str(path).endswith(".safetensors"):
+        return load_export(path)
     if os.path.getsize(path) == 0:
         raise ModelError(f"{path} is empty (0 bytes), the trace of a write that never finished; "
                          "use an earlier checkpoint of the run")
@@ -185,8 +360,18 @@ def model_from_checkpoint(ckpt, path, name=None):
                          f"{resolve_model_name(name)}; "
                          f"drop --model or pass --model {ckpt['model_name']}")
     check_finite_weights(ckpt, path, parts=("ema",))
-    model = build_model(ckpt["model_name"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["ema"])
+    try:
+        model = build_model(ckpt["model_name"], **ckpt["model_kwargs"])
+        model.load_state_dict(ckpt["ema"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, ModelError):
+            raise
+        # an exported JSON edited by hand, or weights and JSON of two different models
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
+        # torch's first line only says that loading failed; the next one says which keys
+        why = lines[min(1, len(lines) - 1)] if lines[0].startswith("Error(s)") else lines[0]
+        raise ModelError(f"{path}: the weights do not fit {ckpt['model_name']} with "
+                         f"{ckpt['model_kwargs']} ({why[:160]})") from None
     return model
 
 
