@@ -1,27 +1,30 @@
 """
-Official weights -> an ordinary train.py checkpoint, so that sample.py and train.py --init-from take
-them like any run of this project (one checkpoint path, no model special cases in the scripts).
+Official weights -> an ordinary train.py checkpoint, so that sample.py, fid.py and train.py
+--init-from take them like any run of this project (one checkpoint path, no model special cases
+in the scripts); tools/export.py then makes it a safetensors file or a Hub folder if wanted.
 
-    python -m tools.convert_official nnet_ema.pth --vae stabilityai/sd-vae-ft-ema --out dim_h2.pt   # DiM
-    python -m tools.convert_official DiT-XL-2-256x256.pt --vae stabilityai/sd-vae-ft-ema --out dit.pt
-    python sample.py --ckpt dim_h2.pt --cfg 1.4
+    python -m tools.convert_official nnet_ema.pth --out dim_h2_256.pt             # DiM
+    python -m tools.convert_official imnet256_510ep.pt --out dimsum_l2.pt         # DiMSUM (Drive)
+    python -m tools.convert_official hf://haopt/dimsum-L2-imagenet256 --out dimsum_l2.pt
+    python -m tools.convert_official DiT-XL-2-256x256.pt --out dit_xl2_256.pt     # DiT
+    python sample.py --ckpt dim_h2_256.pt --cfg 1.4
 
-Reads a state dict from .pt / .pth / .bin (torch.load, weights only) or .safetensors, taking its
-"ema" entry if it is a whole training checkpoint (DiMSUM, LaMamba-Diff). The family (DiM, DiMSUM,
-LaMamba-Diff, DiT) is recognised from its key names; input channels, patch size, classes, latent
-grid, state size, conv width and window size are read from tensor shapes; the registry config
-(models.py) is the one whose model takes every tensor through the family's own key mapping
-(`load_official_state_dict` in dim.py, dimsum.py, lamamba.py, dit.py). --model, --res and
---num-classes override what is read. It prints what it found, then writes {model, ema, args,
-model_name, model_kwargs, objective, step 0}: train.py's checkpoint layout.
+Reads a state dict from .pt / .pth / .bin (torch.load, weights only) or .safetensors (parsed, never
+unpickled), a Hub-layout folder or a Hub id, taking its "ema" entry if it is a whole training
+checkpoint (DiMSUM's released {epoch, ema, args}, LaMamba-Diff, DiT-style runs). The family (DiM,
+DiMSUM, LaMamba-Diff, DiT) is recognised from its key names; input channels, patch size, classes,
+latent grid, state size, conv width and window size are read from tensor shapes; the registry
+config (models.py) is the one whose model takes every tensor through the family's own key mapping
+(`load_official_state_dict` in dim.py, dimsum.py, lamamba.py, dit.py). The VAE is the one the
+checkpoint records (DiMSUM), else Stable Diffusion's ft-EMA VAE for 4-channel latents. --model,
+--res, --num-classes and --vae override what is read. It prints what it found, then writes
+{model, ema, args, model_name, model_kwargs, objective, step 0}: train.py's checkpoint layout.
 """
 import argparse
-import json
 import math
-import struct
+import os
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -30,48 +33,46 @@ import dimsum
 import dit
 import lamamba
 from diffusion import create_diffusion
-from models import MODELS, ModelError, resolve_model_name
+from models import (MODELS, ModelError, hub_folder_weights, load_failure, read_safetensors,
+                    resolve_model_name, resolve_source)
+
+# Every official release is of ImageNet (or CelebA-HQ, LSUN Church) latents of Stable Diffusion's
+# VAE; the ft-EMA and ft-MSE VAEs share the encoder, so the weights fit either decoder
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 
 
 class ConvertError(ValueError):
     """A file that is not an official state dict this tool knows; the message says what is wrong."""
 
 
-def read_safetensors(path):
-    """Minimal safetensors reader (8-byte header length, JSON header, raw little-endian data): no
-    extra package."""
-    dtypes = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I32": torch.int32}
-    blob = Path(path).read_bytes()
-    n = struct.unpack("<Q", blob[:8])[0]
-    header = json.loads(blob[8:8 + n])
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if 8 + n + end > len(blob):
-            raise ValueError(f"tensor {name} ends at byte {8 + n + end}, past the end of the file "
-                             f"({len(blob)})")
-        raw = bytearray(blob[8 + n + start: 8 + n + end])
-        out[name] = torch.frombuffer(raw, dtype=dtypes[info["dtype"]]).reshape(info["shape"]).clone()
-    return out
-
-
-def read_state_dict(path):
-    """The flat {key: tensor} state dict in a file, prefixes ('module.', '_orig_mod.') removed."""
+def read_official(path):
+    """(flat {key: tensor} state dict, the run's recorded arguments or {}) of an official file;
+    prefixes ('module.', '_orig_mod.') removed. A whole training checkpoint gives its "ema" entry.
+    DiMSUM's released .pt files are {"epoch", "ema", "args"} with args an argparse.Namespace: that
+    one class is allowed to the weights-only unpickler (it only holds attributes, and recording
+    it gives the VAE and classes the run used); anything else that is not plain data is refused
+    as before."""
+    path = resolve_source(path)
+    path = hub_folder_weights(path) or path
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path} not found")
+    recorded = {}
     try:
         if str(path).endswith(".safetensors"):
             sd = read_safetensors(path)
         else:
-            # weights_only: never run pickled code
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConvertError(f"{path} not found")
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+    except ModelError as e:
+        raise ConvertError(str(e)) from None
     except Exception as e:
         raise ConvertError(f"{path} is not a readable checkpoint, truncated or corrupt? "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+                           f"({load_failure(e)})") from None
     if isinstance(sd, dict) and isinstance(sd.get("ema"), dict):
+        args = sd.get("args")
+        recorded = vars(args) if isinstance(args, argparse.Namespace) else {}
+        if "epoch" in sd:
+            recorded = {**recorded, "epoch": sd["epoch"]}
         sd = sd["ema"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor)
                                                      for v in sd.values()):
@@ -83,7 +84,12 @@ def read_state_dict(path):
                                                        or k == "output"
                                                        for k in sd):
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    return sd
+    return sd, recorded
+
+
+def read_state_dict(path):
+    """The flat {key: tensor} state dict in a file (see read_official)."""
+    return read_official(path)[0]
 
 
 def first(sd, suffix):
@@ -107,8 +113,9 @@ def grid_of(pos, extra_tokens=0):
 FAMILIES = {
     "DiMSUM": (".freq_mamba.", dimsum, "x_embedder.proj.weight",
                "y_embedder.embedding_table.weight",
-               ("pos_embed", 0), lambda sd: dict(d_state=first(sd, "mixer.A_log").shape[1],
-                                                  d_conv=first(sd, "mixer.conv1d.weight").shape[-1])),
+               ("pos_embed", 0), lambda sd: dict(
+                   d_state=first(sd, "mixer.A_log").shape[1],
+                   d_conv=first(sd, "mixer.conv1d.weight").shape[-1])),
     "LaMamba": (".op.A_logs", lamamba, "patch_embed.proj.weight",
                 "y_embedder.embedding_table.weight", ("pos_embed", 0), lambda sd: dict(
                     d_state=first(sd, "op.A_logs").shape[1],
@@ -153,16 +160,30 @@ def fits(name, module, kwargs, sd):
             model = MODELS[name](**kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # copying into meta tensors is a shape check only
-            loaded, missing, unused = module.load_official_state_dict(model, sd) or (list(sd), [], [])
+            result = module.load_official_state_dict(model, sd) or (list(sd), [], [])
+        loaded, missing, unused = result
     except (RuntimeError, ValueError, KeyError, TypeError):
         return None
     return None if missing or unused else (loaded, missing, unused)
 
 
+def choose_vae(vae, recorded, in_channels):
+    """(VAE id or None, where it came from): --vae, else the one the run recorded (DiMSUM's
+    --vae ema|mse), else Stable Diffusion's for 4-channel latents; --vae none for pixel space."""
+    if vae is not None:
+        return (None if vae.lower() == "none" else vae), "--vae"
+    if recorded.get("vae") in ("ema", "mse"):
+        return f"stabilityai/sd-vae-ft-{recorded['vae']}", "recorded in the checkpoint"
+    if in_channels == 4:
+        return DEFAULT_VAE, "4-channel latents; --vae to change, --vae none for none"
+    return None, None
+
+
 def convert(path, model=None, res=None, num_classes=None, vae=None):
     """Official weights at `path` -> (checkpoint dict, report lines)."""
-    sd = read_state_dict(path)
+    sd, recorded = read_official(path)
     family, module, kwargs = read_config(sd, path)
+    vae, vae_source = choose_vae(vae, recorded, kwargs["in_channels"])
     factor = 8 if vae else 1
     if res:
         kwargs["input_size"] = res // factor
@@ -184,24 +205,42 @@ def convert(path, model=None, res=None, num_classes=None, vae=None):
     state = net.state_dict()
     n_params = sum(p.numel() for p in net.parameters())
     res = kwargs["input_size"] * factor
+    args = {"model": name, "res": res, "vae": vae, "data": recorded.get("dataset"),
+            "converted_from": str(path)}
+    if "epoch" in recorded:
+        args["official_epoch"] = recorded["epoch"]
     ckpt = {"model": state, "ema": state, "step": 0, "model_name": name, "model_kwargs": kwargs,
-            "objective": create_diffusion(net).objective,
-            "args": {"model": name, "res": res, "vae": vae, "data": None,
-                     "converted_from": str(path)}}
+            "objective": create_diffusion(net).objective, "args": args}
     report = [f"{path}: official {family} weights -> {name} ({n_params / 1e6:.2f}M parameters)",
               f"  in_channels {kwargs['in_channels']}, latent grid {kwargs['input_size']} (res "
-              f"{res}"
-              f"{', VAE ' + vae if vae else ''}), {kwargs['num_classes']} classes, "
+              f"{res}), {kwargs['num_classes']} classes, "
               + ", ".join(f"{k} {v}" for k, v in kwargs.items()
                           if k not in ("in_channels", "input_size", "num_classes")),
+              f"  VAE {vae} ({vae_source})" if vae else "  pixel space (no VAE)",
               f"  {len(result[0]) if result else len(state)} tensors mapped from {len(sd)} "
               "official ones"]
+    if recorded:
+        report.append("  recorded run: " + ", ".join(
+            f"{k} {recorded[k]}" for k in ("model", "dataset", "image_size", "num_classes",
+                                           "epoch") if k in recorded))
+    # what the run recorded against what the tensors say (DiMSUM's scripts and released
+    # checkpoints disagree in places)
+    if recorded.get("image_size") and vae and recorded["image_size"] != res:
+        report.append(f"  note: the run recorded image size {recorded['image_size']}, the tensors "
+                      f"give {res}; pass --res to override")
+    if family == "DiM" and kwargs["input_size"] // net.patch_size > 16:
+        # the 512 fine-tune trained with pads cycled 0, 1, 2 over all pad positions ('rho_pad');
+        # dim.py places them as the 256 model does, so the bottom pad rows differ
+        report.append("  note: DiM's 512 fine-tune was trained with its 'rho_pad' pad layout; "
+                      "dim.py places pad tokens as the 256 model does ('lateral'), so outputs "
+                      "differ slightly from the official model's")
     return ckpt, report
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("weights", help="official state dict (.pt, .pth, .bin, .safetensors)")
+    p.add_argument("weights", help="official state dict (.pt, .pth, .bin, .safetensors), or a "
+                                   "Hub repository of one (hf://ORG/NAME)")
     p.add_argument("--out", required=True, help="the train.py-style checkpoint to write")
     p.add_argument("--model", default=None,
                    help="registry config (default: the one the tensors fit)")
@@ -209,7 +248,9 @@ def main(argv=None):
                    help="image side in pixels (default: from the tensors)")
     p.add_argument("--num-classes", type=int, default=None, help="default: from the class table")
     p.add_argument("--vae", default=None,
-                   help="the VAE the weights were trained on (stored for sample.py)")
+                   help="the VAE the weights were trained on, stored for sample.py (default: "
+                        "the one the checkpoint records, else " + DEFAULT_VAE + " for 4-channel "
+                        "latents; 'none' for pixel space)")
     args = p.parse_args(argv)
     try:
         ckpt, report = convert(args.weights, args.model, args.res, args.num_classes, args.vae)
