@@ -180,7 +180,7 @@ def generate(args, rank, world, device):
     torch.backends.cuda.matmul.allow_tf32 = True
     master = rank == 0
     if master:  # a full or read-only disk shows now, not after all the sampling
-        check_writable(args.out)
+        check_writable(args.out, "--out")
 
     # the checkpoint knows its model, resolution and VAE
     ckpt, ckpt_path = load_newest_checkpoint(args.ckpt)
@@ -273,7 +273,7 @@ def generate(args, rank, world, device):
                              f"nothing was written. Try another --sampler or a lower --cfg (now "
                              f"{cfg:g}), or an earlier checkpoint than {ckpt_path}")
         images.append(to_uint8(x))
-    with writing_to(args.out):
+    with writing_to(args.out, "--out"):
         images = gather(torch.cat(images) if images else torch.zeros(0, dtype=torch.uint8), mine,
                         args.num_samples, args.out, rank, world)
         if master:

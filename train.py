@@ -158,7 +158,8 @@ FLAG_RULES = {
 def check_flags(args, world):
     """Refuse values that cannot work before any data or model is built, one line each."""
     rules = {**FLAG_RULES, "global_batch_size": (lambda v: v >= 1 and v % world == 0,
-                                                 f"a positive multiple of the {world} processes")}
+                                                 f"a positive multiple of the number of "
+                                                 f"processes ({world})")}
     if args.video:
         rules["frames"] = (positive, ">= 1")
     for name, (ok, what) in rules.items():
@@ -167,30 +168,33 @@ def check_flags(args, world):
             raise FlagError(f"--{name.replace('_', '-')} {value} cannot work: it must be {what}")
 
 
-def cannot_write(folder, e):
-    """A RunError naming the folder a write failed in and why, in words, with the fix."""
+def cannot_write(folder, e, flag):
+    """A RunError naming the folder a write failed in and why, in words, with the fix. (torch's
+    own message for a failed torch.save gives no hint of either.)"""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        why, fix = "its disk is full", "free space there or choose a folder on another disk"
+        why, fix = "its disk is full", "free space there"
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        why, fix = "it is read-only", "make it writable or choose a writable folder"
+        why, fix = "it is read-only", "make it writable"
     else:
-        why, fix = "the write failed", "check the folder and the disk"
-    return RunError(f"cannot write to {folder}: {why} ({e.strerror or e}); {fix} (--results-dir; "
-                    "a resumed run continues from its last checkpoint, which is intact)")
+        why, fix = "the write failed", "check the folder and its disk"
+    return RunError(f"cannot write to {folder}: {why} ({e.strerror or e}); {fix} or pass another "
+                    f"{flag}")
 
 
 @contextmanager
-def writing_to(folder):
-    """Turn a failed write (full disk, read-only folder...) into one line naming the folder."""
+def writing_to(folder, flag="--results-dir"):
+    """Turn a failed write (full disk, read-only folder...) into one line naming the folder; flag:
+    the option that chooses another folder."""
     try:
         yield
     except OSError as e:
-        raise cannot_write(folder, e) from None
+        raise cannot_write(folder, e, flag) from None
 
 
-def check_writable(folder):
-    """Fail now, not after building the data and the model, when the run could not write here."""
-    with writing_to(folder):
+def check_writable(folder, flag="--results-dir"):
+    """Fail now, not after building the data and the model or sampling, when nothing could be
+    written to folder."""
+    with writing_to(folder, flag):
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder) as f:
             f.write(b"probe")
@@ -262,13 +266,13 @@ def save_checkpoint(state, ckpt_dir, world, master, keep_last):
                              lambda f: torch.save({**state, "rng": rng}, f))
             write_atomically(os.path.join(ckpt_dir, LATEST),
                              lambda f: f.write(f"{name}\n".encode()))
-        if keep_last:
-            # only older steps: checkpoints past this one (a run resumed from an earlier
-            # checkpoint) are another branch of the run, not this one's to delete
-            older = sorted(n for n in os.listdir(ckpt_dir)
-                           if re.fullmatch(r"\d{7}\.pt", n) and n < name)
-            for old in older[:max(0, len(older) - (keep_last - 1))]:
-                os.remove(os.path.join(ckpt_dir, old))
+            if keep_last:
+                # only older steps: checkpoints past this one (a run resumed from an earlier
+                # checkpoint) are another branch of the run, not this one's to delete
+                older = sorted(n for n in os.listdir(ckpt_dir)
+                               if re.fullmatch(r"\d{7}\.pt", n) and n < name)
+                for old in older[:max(0, len(older) - (keep_last - 1))]:
+                    os.remove(os.path.join(ckpt_dir, old))
         tqdm.write(f"saved checkpoint {os.path.join(ckpt_dir, name)}")
     if world > 1:
         dist.barrier()
@@ -383,9 +387,10 @@ def check_health(bad_step, launcher, world, lr):
         raise RunError("the torchrun launcher of this run is gone, so these workers stop here (the "
                        "last checkpoint is intact); relaunch torchrun with --resume")
     if bad >= 0:
-        raise DivergedError(f"the loss became NaN or infinite at step {bad}; training stopped "
-                            "before writing a checkpoint with broken weights (the last one is "
-                            f"intact). Lower --lr (now {lr:g}) or raise --warmup, then --resume")
+        raise DivergedError(f"the loss, gradients or weights became NaN or infinite at step {bad}; "
+                            "training stopped before writing a checkpoint with broken weights (the "
+                            f"last one is intact). Lower --lr (now {lr:g}) or raise --warmup, then "
+                            "--resume")
 
 
 def main(args):
@@ -566,8 +571,10 @@ def train(args, rank, world, device, cleanup):
                 loss = diffusion.training_loss(model, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            finite = torch.isfinite(loss.detach())
+            if args.grad_clip > 0:  # the gradient norm comes free with clipping
+                finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                        args.grad_clip))
             # warm-up, constant
             lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
             for group in opt.param_groups:
@@ -576,12 +583,15 @@ def train(args, rank, world, device, cleanup):
             update_ema(ema, raw_model, args.ema)
             step += 1
             running_loss += loss.detach().float()
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+            bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
             log_steps += 1
             pbar.update(1)
 
             writes = ((args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.steps
                       or (args.sample_every > 0 and step % args.sample_every == 0))
+            if writes:  # a non-finite gradient can break the weights under a finite loss
+                finite = torch.stack([p.isfinite().all() for p in raw_model.parameters()]).all()
+                bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
             if writes or step % args.log_every == 0:
                 check_health(bad_step, launcher, world, args.lr)
             if step % args.log_every == 0 or step == args.steps:
