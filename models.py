@@ -221,13 +221,17 @@ def load_export(weights):
 
 def resolve_source(path):
     """A local path for what --ckpt names. hf://ORG/NAME (or hf://ORG/NAME@REVISION), or ORG/NAME
-    when no such local path exists, is a Hugging Face Hub repository: downloaded (weights, JSON and
+    when no local ORG folder exists, is a Hugging Face Hub repository: downloaded (weights, JSON and
     card only) with huggingface_hub, an optional package, into its cache; the snapshot folder is
     returned."""
     path = str(path)
     explicit = path.startswith(HUB_PREFIX)
     repo = path[len(HUB_PREFIX):] if explicit else path
-    if not explicit and (os.path.exists(path) or not HUB_ID.fullmatch(path)):
+    # a bare ORG/NAME is a local path when it could be one: it exists, its first part is a local
+    # folder (a mistyped run, not a Hub id), or it names a weights file
+    if not explicit and (os.path.exists(path) or not HUB_ID.fullmatch(path)
+                         or os.path.isdir(path.split("/")[0])
+                         or path.endswith((".pt", ".pth", ".bin", ".safetensors", ".json"))):
         return path
     if not HUB_ID.fullmatch(repo):
         raise ModelError(f"{path} is not a Hub id: write hf://ORG/NAME or hf://ORG/NAME@REVISION")

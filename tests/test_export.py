@@ -171,10 +171,13 @@ def test_hub_ids_load_through_snapshot_download(fake_hub, tmp_path, monkeypatch)
                          ("hf://me/tiny@v1", ("me/tiny", "v1"))]:
         model, _ = load_model(source)
         assert calls.pop() == call and torch.equal(outputs(model), outputs(ours))
-    # a local folder of that name wins over the Hub
+    # a local folder of that name wins over the Hub; so does a path under a local folder
     (tmp_path / "me" / "tiny").mkdir(parents=True)
     with pytest.raises(ModelError, match="no readable checkpoint in me/tiny"):
         load_model("me/tiny")
+    for local in ("me/tinny", "results/0000030.pt"):  # mistyped, never sent to the Hub
+        with pytest.raises(ModelError, match="not found"):
+            load_model(local)
     assert not calls
     # --init-from takes a Hub id too
     fresh = build_model("DiT-T/2", **KWARGS)
