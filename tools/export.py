@@ -2,11 +2,11 @@
 A trained model -> the files that travel: its EMA weights as safetensors plus a small JSON that
 rebuilds it, and with --hub-folder a folder laid out as a Hugging Face Hub repository.
 
-    python -m tools.export results/000-DiM-S-2                  # checkpoints/NNNNNNN.safetensors + .json
-    python -m tools.export results/000-DiM-S-2 --out dim_s2     # dim_s2.safetensors + dim_s2.json
+    python -m tools.export results/000-DiM-S-2               # checkpoints/NNNNNNN.safetensors, .json
+    python -m tools.export results/000-DiM-S-2 --out dim_s2  # dim_s2.safetensors + dim_s2.json
     python -m tools.export results/000-DiM-S-2 --hub-folder hub/dim-s2-fmnist --fid 21.4
     huggingface-cli upload ORG/dim-s2-fmnist hub/dim-s2-fmnist .
-    python sample.py --ckpt hf://ORG/dim-s2-fmnist                # or dim_s2.safetensors, hub/...
+    python sample.py --ckpt hf://ORG/dim-s2-fmnist          # or dim_s2.safetensors, hub/...
 
 The source is a train.py checkpoint, a run folder (its newest readable checkpoint) or a converted
 official checkpoint. The JSON holds the model name and kwargs, objective, noise schedule, VAE,
