@@ -8,8 +8,10 @@ diffusers subclass plus a 900-line index adapter. What the network does, in orde
 
   1. patchify (Conv2d, stride p) and add a learned positional embedding, resized bilinearly to any grid (Sec. 3.2);
   2. a depthwise 3x3 convolution over the token grid ("local feature enhancement", Sec. 3.3), no residual;
-  3. append 3 learnable pad tokens after every row and 3 pad rows below the grid, so every row and every
-     column of the scan ends in separators (Sec. 3.2, "padding tokens"), and put [time, class, 3 pads] in front;
+  3. append 3 learnable pad tokens after every row and 3 pad rows below the grid, so every row and
+     every column of the scan ends in separators (Sec. 3.2, "padding tokens"), and put
+     [time, class, 3 pads] in front (`pad_layout` picks which pad fills each pad cell: see
+     pad_layout_ids);
   4. 2K+1 pre-norm Mamba blocks; each scans the padded grid in one of four orders (row, row reversed,
      column, column reversed) following the official per-layer schedule (Sec. 3.2, "multi-directional scans");
      U-ViT long skips join block k and block 2K+1-k (Sec. 3.3); adaLN-single modulates every block;
@@ -77,6 +79,33 @@ def scan_schedule(depth):
     return [layer % 4 if layer <= K else (2 * K - layer) % 4 for layer in range(depth)]
 
 
+# Which of the P pad tokens fills each pad cell of the (h+P) x (w+P) padded grid. Both layouts use
+# the same cells; only the P pad rows under the grid differ.
+#   "lateral": pad column k of every row holds pad k, pad row r holds pad r across the full width,
+#              corners included. What the official 256 configs train with (and the default).
+#   "cycled":  pads 0, 1, ..., P-1, 0, 1, ... in row-major order over the pad cells. The official
+#              code calls it 'rho_pad' (pad_token_schedules in configs/imagenet512_H_DiM_ft.py and
+#              imagenet512_H_DiM_upsample(_3x)_test.py; adapter_attn4mamba.py,
+#              adaptive_fill_pad_into_sequence): the 512 fine-tune and the upsampling runs use it,
+#              so its weights expect it.
+PAD_LAYOUTS = ("lateral", "cycled")
+
+
+def pad_layout_ids(h, w, pad, layout):
+    """(h+pad, w+pad) long tensor: -1 on image cells, else the index of the pad token there."""
+    if layout not in PAD_LAYOUTS:
+        raise ValueError(f"pad_layout must be one of {PAD_LAYOUTS}, got {layout!r}")
+    ids = torch.full((h + pad, w + pad), -1, dtype=torch.long)
+    ids[:h, w:] = torch.arange(pad)
+    if layout == "lateral":
+        ids[h:] = torch.arange(pad)[:, None]
+    else:
+        # Each of the h image rows ends in exactly pad cells, so the cycle restarts at 0 in every
+        # pad column block and the bottom block is one cycle laid row-major from its first cell.
+        ids[h:] = (torch.arange(pad * (w + pad)) % pad).view(pad, w + pad)
+    return ids
+
+
 def scan_permutations(h, w, pad, device):
     """For a (h+pad) x (w+pad) padded grid stored row-major, the 4 token orders as index tensors."""
     hp, wp = h + pad, w + pad
@@ -133,7 +162,7 @@ class DiM(nn.Module):
                           grad_clip=1.0, label_dropout=0.1, ema=0.9999)
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1024, depth=49,
-                 num_classes=1000, d_state=16, d_conv=3, num_pads=3):
+                 num_classes=1000, d_state=16, d_conv=3, num_pads=3, pad_layout="lateral"):
         super().__init__()
         if depth % 2 != 1:
             raise ValueError("DiM depth must be odd (one entry layer plus K encoder and K decoder "
@@ -141,6 +170,11 @@ class DiM(nn.Module):
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels = self.out_channels = in_channels
         self.hidden_size, self.depth, self.num_classes, self.num_pads = hidden_size, depth, num_classes, num_pads
+        if pad_layout not in PAD_LAYOUTS:
+            raise ValueError(f"pad_layout must be one of {PAD_LAYOUTS}, got {pad_layout!r} (DiM's "
+                             "official 'rho_pad' is 'cycled')")
+        # a constructor argument, so checkpoints (which store the kwargs) carry the layout
+        self.pad_layout = pad_layout
         D, grid = hidden_size, input_size // patch_size
 
         self.patch_embed = nn.Conv2d(in_channels, D, patch_size, stride=patch_size)
@@ -154,8 +188,8 @@ class DiM(nn.Module):
         self.adaln_time_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.adaln_class_embed = nn.Embedding(num_classes + 1, D)
         self.adaln_proj = nn.Linear(D, 3 * D)
-        # Pad tokens: prefix_pads sit between [t, c] and the grid; pad_tokens[k] fills pad column k
-        # of every row and pad row k under the grid (the "lateral" layout of the official configs).
+        # Pad tokens: prefix_pads sit between [t, c] and the grid; pad_tokens fill the pad cells of
+        # the grid in the order pad_layout gives (pad_layout_ids).
         self.prefix_pads = nn.Parameter(torch.randn(num_pads, D) * 0.02)
         self.pad_tokens = nn.Parameter(torch.randn(num_pads, D) * 0.02)
         self.local_enhance_in = nn.Conv2d(D, D, 3, padding=1, groups=D)
@@ -204,14 +238,20 @@ class DiM(nn.Module):
 
     def pad_grid(self, x, h, w):
         """(N, h*w, D) -> (N, (h+P)*(w+P), D): P pad columns after each row, P pad rows below
-        (row-major)."""
+        (row-major), filled as pad_layout_ids(h, w, P, self.pad_layout) says."""
         N, _, D = x.shape
         P = self.num_pads
         pads = self.pad_tokens.to(x.dtype)
-        # (N, h, w+P, D)
+        # (N, h, w+P, D): pad column k holds pad k in both layouts
         x = torch.cat([x.view(N, h, w, D), pads[None, None].expand(N, h, P, D)], dim=2)
+        if self.pad_layout == "lateral":
+            bottom = pads[:, None].expand(P, w + P, D)            # pad row r holds pad r
+        else:
+            # one cycle over the P (w+P) bottom cells, row-major (see pad_layout_ids); built from
+            # repeat and expand rather than an index gather, so the pads' gradient is a plain sum
+            bottom = pads.repeat(w + P, 1).view(P, w + P, D)
         # (N, h+P, w+P, D)
-        x = torch.cat([x, pads[None, :, None].expand(N, P, w + P, D)], dim=1)
+        x = torch.cat([x, bottom[None].expand(N, P, w + P, D)], dim=1)
         return x.reshape(N, -1, D)
 
     def unpatchify(self, x, h, w):

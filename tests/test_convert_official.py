@@ -109,6 +109,9 @@ def test_dit_release_256_and_512(grid, tmp_path, capsys):
     ckpt = convert_official.main([str(tmp_path / "DiT.pt"), "--out", str(tmp_path / "c.pt"),
                                   "--vae", "none"])
     assert ckpt["args"]["vae"] is None and ckpt["args"]["res"] == 2 * grid
+    with pytest.raises(SystemExit, match="--pad-layout is for DiM weights only"):
+        convert_official.main([str(tmp_path / "DiT.pt"), "--out", str(tmp_path / "c.pt"),
+                               "--pad-layout", "cycled"])
 
 
 def test_dim_high_resolution_fine_tune(fidelity, tmp_path, capsys, one_thread):
@@ -119,13 +122,32 @@ def test_dim_high_resolution_fine_tune(fidelity, tmp_path, capsys, one_thread):
     sd["additional_embed"] = torch.cat([table[:, :2], table[:, 2:].repeat(1, 16, 1)], dim=1)
     torch.save(sd, tmp_path / "nnet_ema.pth")
     ckpt = convert_official.main([str(tmp_path / "nnet_ema.pth"), "--out", str(tmp_path / "c.pt")])
-    assert "'rho_pad' pad layout" in capsys.readouterr().out
+    assert "pad layout cycled (as the official 512 fine-tune trained ('rho_pad')" in \
+        capsys.readouterr().out
     assert ckpt["model_kwargs"]["input_size"] == 64 and ckpt["args"]["res"] == 512
+    # the layout travels in the checkpoint's kwargs and comes back with the model
+    assert ckpt["model_kwargs"]["pad_layout"] == "cycled"
     model, _ = load_model(str(tmp_path / "c.pt"))
+    assert model.pad_layout == "cycled"
     assert torch.equal(model.pos_embed, sd["additional_embed"])
     with torch.no_grad():
         out = model.eval()(torch.randn(1, 4, 64, 64), torch.tensor([500]), torch.tensor([3]))
     assert out.shape == (1, 4, 64, 64) and out.isfinite().all()
+    # the flag overrides; the default layout stays out of the kwargs
+    ckpt = convert_official.main([str(tmp_path / "nnet_ema.pth"), "--out", str(tmp_path / "c.pt"),
+                                  "--pad-layout", "lateral"])
+    assert "pad layout lateral (--pad-layout)" in capsys.readouterr().out
+    assert "pad_layout" not in ckpt["model_kwargs"]
+
+
+def test_dim_256_keeps_the_lateral_layout(fidelity, tmp_path, capsys, one_thread):
+    tensors, _ = fidelity("dim_small")
+    torch.save(official("dim", tensors), tmp_path / "nnet_ema.pth")
+    # --res moves the grid, not the layout the weights were trained with
+    ckpt = convert_official.main([str(tmp_path / "nnet_ema.pth"), "--out", str(tmp_path / "c.pt"),
+                                  "--res", "512"])
+    assert "pad layout lateral (as the official 256 configs trained" in capsys.readouterr().out
+    assert "pad_layout" not in ckpt["model_kwargs"]
 
 
 class Trap:

@@ -72,6 +72,80 @@ def test_pad_layout():
     assert torch.equal(padded[:4, :4], torch.zeros(4, 4, 64))
 
 
+def pads_in_grid(model, h, w):
+    """(h+3, w+3) ids of the pad token pad_grid puts in each cell, -1 on image cells: each pad token
+    is made a one-hot vector, so the id can be read back from the padded grid."""
+    with torch.no_grad():
+        model.pad_tokens.copy_(torch.eye(3, model.hidden_size))
+        padded = model.pad_grid(torch.full((1, h * w, model.hidden_size), -1.0), h, w)
+    padded = padded.view(h + 3, w + 3, -1)
+    return torch.where(padded[..., 0] < 0, -1, padded[..., :3].argmax(-1))
+
+
+def spec_cycled_ids(h, w):
+    """DiM's 'rho_pad' as the spec words it: pads 0, 1, 2 cycled in row-major order over the pad
+    cells (every cell in the 3 columns right of the grid or the 3 rows under it)."""
+    ids, k = [], 0
+    for i in range(h + 3):
+        row = []
+        for j in range(w + 3):
+            if i < h and j < w:
+                row.append(-1)
+            else:
+                row.append(k % 3)
+                k += 1
+        ids.append(row)
+    return torch.tensor(ids)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (16, 16), (3, 7)])
+def test_cycled_pad_layout_is_the_official_rho_pad(size):
+    h, w = size
+    lateral = dim.DiM_T_2(input_size=8, in_channels=1, num_classes=0)
+    cycled = dim.DiM_T_2(input_size=8, in_channels=1, num_classes=0, pad_layout="cycled")
+    ids = pads_in_grid(cycled, h, w)
+    assert torch.equal(ids, spec_cycled_ids(h, w))
+    assert torch.equal(ids, dim.pad_layout_ids(h, w, 3, "cycled"))
+    # the default is unchanged: column k and row k hold pad k, corners by row
+    lateral_ids = pads_in_grid(lateral, h, w)
+    assert torch.equal(lateral_ids, dim.pad_layout_ids(h, w, 3, "lateral"))
+    assert (lateral_ids[:h, w:] == torch.arange(3)).all()
+    assert (lateral_ids[h:] == torch.arange(3)[:, None]).all()
+    # same cells; only the rows under the grid differ
+    assert torch.equal(ids < 0, lateral_ids < 0)
+    assert torch.equal(ids[:h], lateral_ids[:h])
+    if size == (16, 16):
+        # the spec's count: 36 of the 105 pad cells differ at a 16 x 16 grid
+        assert (ids >= 0).sum() == 105 and (ids != lateral_ids).sum() == 36
+
+
+def test_pad_layout_changes_only_what_it_should(relative_error, one_thread):
+    torch.manual_seed(0)
+    lateral = dim.DiM_T_2(input_size=8, in_channels=1, num_classes=10).eval()
+    cycled = dim.DiM_T_2(input_size=8, in_channels=1, num_classes=10, pad_layout="cycled").eval()
+    cycled.load_state_dict(lateral.state_dict())  # the layout adds no parameter
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.tensor([2, 10])
+    with torch.no_grad():
+        assert relative_error(cycled(x, t, y), lateral(x, t, y)) > 1e-4
+        # with one pad token everywhere the two layouts are the same sequence
+        lateral.pad_tokens.copy_(lateral.pad_tokens[:1].expand(3, -1))
+        cycled.pad_tokens.copy_(lateral.pad_tokens)
+        assert torch.equal(cycled(x, t, y), lateral(x, t, y))
+    with pytest.raises(ValueError, match="'rho_pad' is 'cycled'"):
+        dim.DiM_T_2(pad_layout="rho_pad")
+
+
+def test_cycled_layout_runs_at_several_grid_sizes(one_thread):
+    torch.manual_seed(0)
+    model = dim.DiM_T_2(input_size=16, in_channels=3, num_classes=10, pad_layout="cycled")
+    for size in [(12, 20), (32, 32), (8, 8)]:
+        x = torch.randn(2, 3, *size)
+        out = model(x, torch.tensor([1, 500]), torch.tensor([3, 10]))
+        assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()  # the smallest grid: backward on CPU is the slow part
+    assert model.pad_tokens.grad.abs().min(1).values.gt(0).all()  # every pad token is used
+
+
 @pytest.mark.parametrize("size", [(8, 8), (16, 16), (12, 20), (32, 32)])
 def test_any_grid_size(size):
     torch.manual_seed(0)

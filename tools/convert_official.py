@@ -16,8 +16,9 @@ DiMSUM, LaMamba-Diff, DiT) is recognised from its key names; input channels, pat
 latent grid, state size, conv width and window size are read from tensor shapes; the registry
 config (models.py) is the one whose model takes every tensor through the family's own key mapping
 (`load_official_state_dict` in dim.py, dimsum.py, lamamba.py, dit.py). The VAE is the one the
-checkpoint records (DiMSUM), else Stable Diffusion's ft-EMA VAE for 4-channel latents. --model,
---res, --num-classes and --vae override what is read. It prints what it found, then writes
+checkpoint records (DiMSUM), else Stable Diffusion's ft-EMA VAE for 4-channel latents. DiM's pad
+layout is the one its config trained with ('cycled' for the 512 fine-tune). --model, --res,
+--num-classes, --vae and --pad-layout override what is read. It prints what it found, then writes
 {model, ema, args, model_name, model_kwargs, objective, step 0}: train.py's checkpoint layout.
 """
 import argparse
@@ -179,10 +180,32 @@ def choose_vae(vae, recorded, in_channels):
     return None, None
 
 
-def convert(path, model=None, res=None, num_classes=None, vae=None):
+def dim_pad_layout(pad_layout, trained_size, patch_size):
+    """(pad layout for a DiM model, why): --pad-layout, else the one the official config of these
+    weights trained with. Only the 512 fine-tune (a 32 x 32 token grid; configs/
+    imagenet512_H_DiM_ft.py) uses 'rho_pad', dim.py's 'cycled'; the 256 and CIFAR ones (16 x 16)
+    use 'lateral'."""
+    if pad_layout is not None:
+        return pad_layout, "--pad-layout"
+    if trained_size and trained_size // patch_size > 16:
+        return "cycled", "as the official 512 fine-tune trained ('rho_pad'); --pad-layout to change"
+    return "lateral", "as the official 256 configs trained; --pad-layout to change"
+
+
+def convert(path, model=None, res=None, num_classes=None, vae=None, pad_layout=None):
     """Official weights at `path` -> (checkpoint dict, report lines)."""
     sd, recorded = read_official(path)
     family, module, kwargs = read_config(sd, path)
+    layout_note = None
+    if family == "DiM":
+        # from the grid the weights were trained on, before --res moves it
+        layout, why = dim_pad_layout(pad_layout, kwargs["input_size"],
+                                     sd["pos_embed.proj.weight"].shape[-1])
+        if layout != "lateral":  # the default stays out of the kwargs, as train.py leaves it
+            kwargs["pad_layout"] = layout
+        layout_note = f"  pad layout {layout} ({why})"
+    elif pad_layout is not None:
+        raise ConvertError(f"--pad-layout is for DiM weights only; {path} holds {family} ones")
     vae, vae_source = choose_vae(vae, recorded, kwargs["in_channels"])
     factor = 8 if vae else 1
     if res:
@@ -215,7 +238,8 @@ def convert(path, model=None, res=None, num_classes=None, vae=None):
               f"  in_channels {kwargs['in_channels']}, latent grid {kwargs['input_size']} (res "
               f"{res}), {kwargs['num_classes']} classes, "
               + ", ".join(f"{k} {v}" for k, v in kwargs.items()
-                          if k not in ("in_channels", "input_size", "num_classes")),
+                          if k not in ("in_channels", "input_size", "num_classes",
+                                       "pad_layout")),
               f"  VAE {vae} ({vae_source})" if vae else "  pixel space (no VAE)",
               f"  {len(result[0]) if result else len(state)} tensors mapped from {len(sd)} "
               "official ones"]
@@ -228,12 +252,8 @@ def convert(path, model=None, res=None, num_classes=None, vae=None):
     if recorded.get("image_size") and vae and recorded["image_size"] != res:
         report.append(f"  note: the run recorded image size {recorded['image_size']}, the tensors "
                       f"give {res}; pass --res to override")
-    if family == "DiM" and kwargs["input_size"] // net.patch_size > 16:
-        # the 512 fine-tune trained with pads cycled 0, 1, 2 over all pad positions ('rho_pad');
-        # dim.py places them as the 256 model does, so the bottom pad rows differ
-        report.append("  note: DiM's 512 fine-tune was trained with its 'rho_pad' pad layout; "
-                      "dim.py places pad tokens as the 256 model does ('lateral'), so outputs "
-                      "differ slightly from the official model's")
+    if layout_note:
+        report.append(layout_note)
     return ckpt, report
 
 
@@ -251,9 +271,13 @@ def main(argv=None):
                    help="the VAE the weights were trained on, stored for sample.py (default: "
                         "the one the checkpoint records, else " + DEFAULT_VAE + " for 4-channel "
                         "latents; 'none' for pixel space)")
+    p.add_argument("--pad-layout", choices=dim.PAD_LAYOUTS, default=None,
+                   help="DiM only: which pad token fills each pad cell (default: 'cycled', the "
+                        "official 'rho_pad', for the 512 fine-tune; 'lateral' otherwise)")
     args = p.parse_args(argv)
     try:
-        ckpt, report = convert(args.weights, args.model, args.res, args.num_classes, args.vae)
+        ckpt, report = convert(args.weights, args.model, args.res, args.num_classes, args.vae,
+                               args.pad_layout)
     except (ConvertError, ModelError) as e:
         sys.exit(f"error: {e}")
     print("\n".join(report))
