@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -370,6 +371,35 @@ def test_run_folders_never_collide_and_a_torn_metrics_line_is_dropped(tmp_path):
         f.write('{"step": 3, "lo')
     resumed = run_train("--resume", third, "--steps", 4)
     assert resumed == third and logged_steps(third) == [1, 2, 3, 4]
+
+
+def test_a_kill_during_a_checkpoint_write_loses_only_the_steps_since_the_last_one(tmp_path):
+    # The process SIGKILLs itself halfway through writing its second checkpoint (step 4): the
+    # partial file stays a .tmp, latest still names step 2, and --resume reproduces the
+    # uninterrupted run's losses bit for bit.
+    argv = [*QUICK, "--steps", 6, "--ckpt-every", 2]
+    driver = ("import os, signal, sys, torch, train\n"
+              "save, calls = torch.save, []\n"
+              "def dying_save(obj, f):\n"
+              "    calls.append(obj)\n"
+              "    if len(calls) == 2:\n"
+              "        f.write(b'half a checkpoint')\n"
+              "        f.flush()\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    save(obj, f)\n"
+              "torch.save = dying_save\n"
+              "train.main(train.parse_args(sys.argv[1:]))\n")
+    out = subprocess.run([sys.executable, "-c", driver, *map(str, argv), "--results-dir",
+                          str(tmp_path / "killed")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    run, = glob.glob(str(tmp_path / "killed" / "*"))
+    folder = os.path.join(run, "checkpoints")
+    assert sorted(os.listdir(folder)) == ["0000002.pt", "0000004.pt.tmp", LATEST]
+    assert open(os.path.join(folder, LATEST)).read() == "0000002.pt\n"
+    assert run_train("--resume", run) == run
+    full = run_train(*argv, "--results-dir", tmp_path / "full")
+    assert logged_steps(run) == list(range(1, 7)) and losses(run) == losses(full)
+    assert sorted(os.listdir(folder)) == ["0000002.pt", "0000004.pt", "0000006.pt", LATEST]
 
 
 def test_latest_pointer_survives_a_damaged_newest_checkpoint_and_keep_last_prunes(tmp_path, capsys):
