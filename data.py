@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
@@ -78,7 +79,7 @@ def load_fashion_mnist(root=None, split="train"):
 
 class FashionMNIST(Dataset):
     """The 60k Fashion-MNIST training images, padded 28 -> 32 and held in memory as one uint8
-    tensor."""
+    tensor; other resolutions are resized from it."""
     num_classes = 10
 
     def __init__(self, root=None, res=32, channels=1):
@@ -87,19 +88,34 @@ class FashionMNIST(Dataset):
         # all divide.
         # (N, 1, 32, 32) uint8
         x = F.pad(torch.from_numpy(images.copy()), (2, 2, 2, 2)).unsqueeze(1)
-        # resize once here rather than per sample; chunks bound the float copy's memory
-        if res != 32:
-            x = torch.cat([F.interpolate(c.float(), size=(res, res), mode="bilinear",
-                                         antialias=True)
-                           .round().clamp(0, 255).to(torch.uint8) for c in x.split(10000)])
+        # smaller: resized once here (less memory than the 32 px set); larger: each item when it
+        # is read, because the whole set at 256 px would take 4 GB and minutes to make
+        if res < 32:
+            x = torch.cat([resize_uint8(c, res) for c in x.split(10000)])  # chunks bound the floats
         self.images, self.labels, self.channels = x, torch.from_numpy(labels.astype(np.int64)), channels
+        self.res = res
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        x = self.images[i].float() / 127.5 - 1
-        return x.expand(self.channels, -1, -1), self.labels[i]
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices):
+        """A batch's items at once (the DataLoader's fetcher calls this when it exists): one resize
+        for the whole batch, ~100x faster than one per image."""
+        x = self.images[indices]
+        if x.shape[-1] != self.res:
+            x = resize_uint8(x, self.res)
+        x = (x.float() / 127.5 - 1).expand(-1, self.channels, -1, -1)
+        return list(zip(x, self.labels[indices]))
+
+
+def resize_uint8(x, res):
+    """uint8 images (N, C, H, W) -> (N, C, res, res) uint8, bilinear with anti-aliasing when
+    shrinking."""
+    x = F.interpolate(x.float(), size=(res, res), mode="bilinear", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 #################################################################################
@@ -195,7 +211,10 @@ class ImageFolder(Dataset):
                 raise DataError(f"{root} holds images beside its class folders ({len(loose)}, "
                                 f"e.g. {loose[0]}), which would belong to no class; move them into "
                                 "a class folder or out of the dataset")
-            per_class = [list_images(os.path.join(root, c)) for c in self.classes]
+            # ImageNet's 1.28M files take minutes to list on a network disk: a bar if it is slow
+            per_class = [list_images(os.path.join(root, c))
+                         for c in tqdm(self.classes, desc=f"listing {root}", unit="class",
+                                       delay=2, leave=False)]
             empty = [c for c, files in zip(self.classes, per_class) if not files]
             if empty:
                 raise DataError(f"class folders of {root} without images: {', '.join(empty[:5])}; "

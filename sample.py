@@ -25,6 +25,7 @@ deterministic from there; ddpm also draws noise at every step, per batch, so its
 on the batching.
 """
 import argparse
+import glob
 import math
 import os
 import sys
@@ -38,7 +39,8 @@ from tqdm import tqdm
 from data import DataError, check_resolution, load_vae, save_frame_strip, save_gif, save_grid, vae_decode, vae_factor
 from diffusion import SAMPLERS, UpsampleGuidance, create_diffusion
 from models import ModelError, load_newest_checkpoint, model_from_checkpoint
-from train import FlagError, RunError, check_writable, setup_distributed, writing_to
+from train import (RESULTS_DIR, FlagError, HelpFormatter, NetworkCalls, RunError, check_writable,
+                   setup_distributed, writing_to)
 
 
 class TiledModel(torch.nn.Module):
@@ -140,6 +142,20 @@ def gather(images, indices, num_samples, out_dir, rank, world):
     return torch.from_numpy(merged)
 
 
+def newest_run(results_dir=RESULTS_DIR):
+    """The run folder under results_dir whose newest checkpoint was written last: the run just
+    trained, or still training. A RunError saying what to run when there is none."""
+    runs = []
+    for run in glob.glob(os.path.join(results_dir, "*", "checkpoints")):
+        written = [os.path.getmtime(p) for p in glob.glob(os.path.join(run, "[0-9]*.pt"))]
+        if written:
+            runs.append((max(written), os.path.dirname(run)))
+    if not runs:
+        raise RunError(f"no --ckpt given and no run with a checkpoint under {results_dir}/ yet: "
+                       "train one first (python train.py --model dim) or pass --ckpt")
+    return max(runs)[1]
+
+
 # flag: (test, what the value must be); None (the checkpoint's or the model's default) passes
 FLAG_RULES = {
     "num_samples": (lambda v: v >= 1, ">= 1"),
@@ -182,6 +198,10 @@ def generate(args, rank, world, device):
     if master:  # a full or read-only disk shows now, not after all the sampling
         check_writable(args.out, "--out")
 
+    if args.ckpt is None:
+        args.ckpt = newest_run()
+        if master:
+            print(f"sampling from the newest run, {args.ckpt} (pass --ckpt for another)")
     # the checkpoint knows its model, resolution and VAE
     ckpt, ckpt_path = load_newest_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt, ckpt_path, name=args.model)
@@ -237,42 +257,61 @@ def generate(args, rank, world, device):
     # sit in memory as floats.
     mine = list(range(rank, args.num_samples, world))
     batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-    images = []
-    for idx in tqdm(batches, desc="batches", disable=not master):
-        noises = [torch.stack(n).to(device) for n in zip(*(sample_noise(i, args.seed, shapes)
-                                                           for i in idx))]
-        noise = noises[0]  # noises[1]: the patch route's trained-size noise
+
+    def labels(idx):
         if not num_classes:
-            y = None
-        else:  # one class, or cycle through the classes so a grid shows all of them
-            y = torch.tensor([args.class_label if args.class_label is not None else i % num_classes
-                              for i in idx],
-                             device=device)
-        g = torch.Generator(device).manual_seed(STEP_SEED_OFFSET + args.seed * NOISE_SEED_STRIDE
-                                                + idx[0])
+            return None
+        # one class, or cycle through the classes so a grid shows all of them
+        return torch.tensor([args.class_label if args.class_label is not None else i % num_classes
+                             for i in idx], device=device)
+
+    def denoise(net, noises, y, generator):
+        """One batch's samples from its noises (noises[1]: the patch route's trained-size noise),
+        with net in the model's place."""
         common = dict(sampler=sampler, steps=args.steps, cfg_scale=cfg, null_label=num_classes,
-                      generator=g)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if upsample == "patch":
-                # 1. a sample at the trained size; 2. upsampled; 3. re-noised and denoised at the
-                # target size by the model applied to overlapping tiles of the trained size
-                x_lo = diffusion.sample(model, noises[1], y, **common)
-                x_up = torch.nn.functional.interpolate(x_lo.float(), size=shape[1:], mode="bicubic")
-                tiled = TiledModel(model, noises[1].shape[-1], args.tile_overlap)
-                x = diffusion.sample(tiled, noise, y, init=x_up.to(x_lo.dtype),
-                                     strength=args.renoise, **common)
-            elif upsample == "guidance":
-                ug = UpsampleGuidance(m=res // trained_res, theta=args.ug_scale, eta=args.ug_window)
-                x = diffusion.sample(model, noise, y, upsample_guidance=ug, **common)
-            else:
-                x = diffusion.sample(model, noise, y, **common)
-        if vae is not None:
-            x = vae_decode(vae, x.float())
-        if not torch.isfinite(x).all():  # NaN would be written as black images, silently
-            raise ModelError(f"sampling gave NaN or infinite values (samples {idx[0]}-{idx[-1]}); "
-                             f"nothing was written. Try another --sampler or a lower --cfg (now "
-                             f"{cfg:g}), or an earlier checkpoint than {ckpt_path}")
-        images.append(to_uint8(x))
+                      generator=generator)
+        if upsample == "patch":
+            # 1. a sample at the trained size; 2. upsampled; 3. re-noised and denoised at the
+            # target size by the model applied to overlapping tiles of the trained size
+            x_lo = diffusion.sample(net, noises[1], y, **common)
+            x_up = torch.nn.functional.interpolate(x_lo.float(), size=shape[1:], mode="bicubic")
+            tiled = TiledModel(net, noises[1].shape[-1], args.tile_overlap)
+            return diffusion.sample(tiled, noises[0], y, init=x_up.to(x_lo.dtype),
+                                    strength=args.renoise, **common)
+        if upsample == "guidance":
+            ug = UpsampleGuidance(m=res // trained_res, theta=args.ug_scale, eta=args.ug_window)
+            return diffusion.sample(net, noises[0], y, upsample_guidance=ug, **common)
+        return diffusion.sample(net, noises[0], y, **common)
+
+    # the exact number of network evaluations a batch takes, from a dry run on one sample
+    dry = NetworkCalls(model, dry=True)
+    denoise(dry, [torch.zeros(1, *s, device=device) for s in shapes], labels([0]),
+            torch.Generator(device))
+    if master:
+        print(f"work: {len(mine)} samples x {args.steps} {sampler} steps"
+              f"{' x 2 (cfg)' if num_classes and cfg != 1 else ''} at {res}px, upsample "
+              f"{upsample}: {dry.calls * len(batches)} network evaluations in {len(batches)} "
+              f"batch(es) of up to {args.batch_size}" + (" on this process" if world > 1 else ""))
+    images = []
+    # a bar over every network evaluation of this process, so its ETA covers all batches
+    with tqdm(total=dry.calls * len(batches), unit="forward", disable=not master,
+              dynamic_ncols=True) as bar:
+        for b, idx in enumerate(batches):
+            bar.set_description(f"batch {b + 1}/{len(batches)}")
+            noises = [torch.stack(n).to(device) for n in zip(*(sample_noise(i, args.seed, shapes)
+                                                               for i in idx))]
+            g = torch.Generator(device).manual_seed(STEP_SEED_OFFSET
+                                                    + args.seed * NOISE_SEED_STRIDE + idx[0])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                x = denoise(NetworkCalls(model, bar), noises, labels(idx), g)
+            if vae is not None:
+                x = vae_decode(vae, x.float())
+            if not torch.isfinite(x).all():  # NaN would be written as black images, silently
+                raise ModelError(f"sampling gave NaN or infinite values (samples {idx[0]}-"
+                                 f"{idx[-1]}); nothing was written. Try another --sampler or a "
+                                 f"lower --cfg (now {cfg:g}), or an earlier checkpoint than "
+                                 f"{ckpt_path}")
+            images.append(to_uint8(x))
     with writing_to(args.out, "--out"):
         images = gather(torch.cat(images) if images else torch.zeros(0, dtype=torch.uint8), mine,
                         args.num_samples, args.out, rank, world)
@@ -317,12 +356,13 @@ def write_samples(images, args, cycling_classes):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--ckpt", default=None,
                         help="a train.py checkpoint or run folder (or official weights "
-                        "converted by tools/convert_official.py)")
-    parser.add_argument("--model", default=None, help="check that the checkpoint holds this model")
+                        f"converted by tools/convert_official.py); default: the run under "
+                        f"{RESULTS_DIR}/ with the newest checkpoint")
+    parser.add_argument("--model", default=None,
+                        help="check that the checkpoint holds this model (default: no check)")
     parser.add_argument("--res", type=int, default=None,
                         help="image side in pixels (default: the trained one)")
     parser.add_argument("--sampler", choices=SAMPLERS, default=None,
@@ -331,11 +371,12 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=50, help="network evaluations (x2 with CFG)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale w, 1 = none "
                         "(default 1.5 class-conditional, 1 unconditional)")
-    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--num-samples", type=int, default=16, help="images (or clips) to generate")
     parser.add_argument("--class-label", type=int, default=None,
                         help="all samples of this class (default: cycle)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="samples")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sample i starts from noise seeded by --seed and i")
+    parser.add_argument("--out", default="samples", help="folder the samples are written to")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
     parser.add_argument("--format", choices=["png", "npz"], default="png",
                         help="png: one file per sample; npz: "
@@ -345,7 +386,7 @@ def parse_args(argv=None):
                         help=f"skip grid.png / grid.gif (else of the first "
                         f"{GRID_MAX} samples)")
     parser.add_argument("--vae", default=None,
-                        help="decode latents with this VAE (default: the one trained on)")
+                        help="decode latents with this VAE (default: the one trained with, if any)")
     parser.add_argument("--frames", type=int, default=None,
                         help="video models: frames per clip (default: trained)")
     parser.add_argument("--upsample", choices=["auto", "guidance", "patch", "none"], default="auto",

@@ -34,9 +34,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import (DataError, build_dataset, build_video_dataset, check_resolution, load_vae,
-                  save_frame_strip, save_gif, save_grid, vae_decode, vae_encode, vae_factor)
+from data import (FASHION_MNIST_DIR, DataError, build_dataset, build_video_dataset,
+                  check_resolution, load_vae, save_frame_strip, save_gif, save_grid, vae_decode,
+                  vae_encode, vae_factor)
 from diffusion import create_diffusion
+from dim import DiM
 from models import (LATEST, ModelError, build_model, check_finite_weights, checkpoint_blocks,
                     checkpoint_folder, init_from_checkpoint, load_newest_checkpoint,
                     resolve_model_name, takes_clips)
@@ -55,12 +57,17 @@ class RunError(RuntimeError):
     or its torchrun launcher is gone. The message says what to do."""
 
 
+RESULTS_DIR = "results"  # where new run folders go, and where sample.py looks for the newest
 HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout", "ema")
 # Flags that only steer the run; on --resume, the ones given on the command line replace the stored
 # ones. All other settings come from the checkpoint, so the continued run trains exactly as the
 # first one did.
+# num_workers: the machine's, not the checkpoint's (see train); at most one fewer than the cores
+# this process may use, so the loader workers leave the main process a core (PyTorch warns beyond
+# that).
 RUN_CONTROL = dict(steps=100_000, ckpt_every=10_000, sample_every=5_000, log_every=100,
-                   keep_last=0, num_workers=4, compile=False, grad_checkpoint=False, data_dir=None)
+                   keep_last=0, num_workers=min(4, len(os.sched_getaffinity(0)) - 1),
+                   compile=False, grad_checkpoint=False, data_dir=None)
 
 
 #################################################################################
@@ -323,6 +330,26 @@ def batches(loader, sampler, epoch, batch_in_epoch):
         epoch, batch_in_epoch = epoch + 1, 0
 
 
+class NetworkCalls:
+    """Stands in for the model in diffusion.sample and counts its evaluations, advancing `bar` if
+    given (the samplers know nothing of progress). dry=True returns zeros instead of running the
+    model, so one sample's sampling costs next to nothing and gives the exact count, which depends
+    on the sampler, the steps, Upsample Guidance's window and the tiles: a progress bar's total."""
+
+    def __init__(self, model, bar=None, dry=False):
+        self.model, self.bar, self.dry, self.calls = model, bar, dry, 0
+
+    def __call__(self, x, t, y=None):
+        out = torch.zeros_like(x) if self.dry else self.model(x, t, y)
+        self.calls += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        return out
+
+    def __getattr__(self, name):  # patch_size, num_classes, ...: the model's
+        return getattr(self.model, name)
+
+
 @torch.no_grad()
 def save_samples(ema, diffusion, vae, shape, num_classes, path, device, seed, autocast):
     """A grid from the EMA model: one column per class (first 10), few DPM-Solver++ steps, fixed
@@ -333,9 +360,17 @@ def save_samples(ema, diffusion, vae, shape, num_classes, path, device, seed, au
     rows = 4 if len(shape) == 3 else 1  # clips: one row, each is a whole sequence of frames
     y = torch.arange(k, device=device).repeat(rows) if k else None
     noise = torch.randn(rows * k if k else 4 * rows, *shape, device=device, generator=g)
-    with autocast:
-        x = diffusion.sample(ema, noise, y, sampler=diffusion.default_sampler, steps=25,
-                             cfg_scale=1.5 if k else 1.0, null_label=num_classes, generator=g)
+
+    def run(net, noise, y, generator):
+        return diffusion.sample(net, noise, y, sampler=diffusion.default_sampler, steps=25,
+                                cfg_scale=1.5 if k else 1.0, null_label=num_classes,
+                                generator=generator)
+    dry = NetworkCalls(ema, dry=True)
+    run(dry, noise[:1], y if y is None else y[:1], torch.Generator(device))
+    # minutes on a CPU: a bar below the training one, cleared when done
+    with tqdm(total=dry.calls, desc=f"sample grid {os.path.basename(path)}", unit="forward",
+              leave=False, dynamic_ncols=True) as bar, autocast:
+        x = run(NetworkCalls(ema, bar), noise, y, g)
     if vae is not None:
         x = vae_decode(vae, x.float())
     if x.ndim == 5:  # clips: an animated GIF (a grid of clips) and a frame strip
@@ -431,12 +466,12 @@ def train(args, rank, world, device, cleanup):
         check_finite_weights(ckpt, ckpt_path)
         given = {k: v for k, v in vars(args).items() if k in RUN_CONTROL and v is not None}
         # where the run writes comes from this command line, never from a path stored in the
-        # checkpoint (perhaps on another machine)
-        stored = {k: v for k, v in ckpt["args"].items() if k != "results_dir"}
+        # checkpoint (perhaps on another machine), and nor does its loader's worker count
+        stored = {k: v for k, v in ckpt["args"].items() if k not in ("results_dir", "num_workers")}
         args = argparse.Namespace(**{**stored, **given, "resume": args.resume,
                                      "results_dir": args.results_dir})
     # (getattr: checkpoints of older versions lack the newer flags)
-    for k, default in {**RUN_CONTROL, "results_dir": "results", "global_batch_size": 128,
+    for k, default in {**RUN_CONTROL, "results_dir": RESULTS_DIR, "global_batch_size": 128,
                        "frames": 16}.items():
         if getattr(args, k, None) is None:
             setattr(args, k, default)
@@ -552,6 +587,18 @@ def train(args, rank, world, device, cleanup):
     # the first step whose loss was not finite (-1: none), kept on the device: no sync per step
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     # as a context manager the bar ends its line before an error message is printed
+    def sample_grid():
+        frames = (args.frames,) if args.video else ()
+        shape = (raw_model.in_channels, *frames, args.res // factor, args.res // factor)
+        with writing_to(os.path.join(run_dir, "samples")):
+            save_samples(ema, diffusion, vae, shape, num_classes,
+                         os.path.join(run_dir, "samples", f"{step:07d}.png"), device, args.seed,
+                         autocast)
+
+    # a grid of the untrained model first: the sampling path is checked, and its time seen, before
+    # the first real grid thousands of steps later
+    if master and args.sample_every > 0 and step == 0:
+        sample_grid()
     with tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True) as pbar:
         while step < args.steps:
             epoch, batch_in_epoch, x, y = next(data)
@@ -616,26 +663,35 @@ def train(args, rank, world, device, cleanup):
                          "step": step, "data": (epoch, batch_in_epoch)}
                 save_checkpoint(state, ckpt_dir, world, master, args.keep_last)
             if master and args.sample_every > 0 and step % args.sample_every == 0:
-                frames = (args.frames,) if args.video else ()
-                shape = (raw_model.in_channels, *frames, args.res // factor, args.res // factor)
-                with writing_to(os.path.join(run_dir, "samples")):
-                    save_samples(ema, diffusion, vae, shape, num_classes,
-                                 os.path.join(run_dir, "samples", f"{step:07d}.png"), device,
-                                 args.seed, autocast)
+                sample_grid()
             # images/s counts training time, not checkpoints and sample grids
             t0 += time.time() - t_pause
     return run_dir
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and '(default: X)' after every option whose default is a
+    value ('off' for a switch). Options whose default is None are resolved later (from the model,
+    the checkpoint or the machine) and say their default in their help text."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text or action.dest == "help":
+            return text
+        default = "off" if action.default is False else "%(default)s"
+        return f"{text} (default: {default})".strip()
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    rc = RUN_CONTROL
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default=None,
                         help="a config (DiM-S/2) or a family (dim); default dim")
     parser.add_argument("--data", default="fashion-mnist",
                         help="'fashion-mnist' or a folder of images "
                         "(class subfolders become labels; no subfolders = unconditional)")
-    parser.add_argument("--data-dir", default=None, help="where Fashion-MNIST's .gz files are")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"where Fashion-MNIST's .gz files are (default {FASHION_MNIST_DIR})")
     parser.add_argument("--res", type=int, default=None,
                         help="image side in pixels (default 32, 256 with --vae)")
     parser.add_argument("--channels", type=int, choices=[1, 3], default=1,
@@ -648,44 +704,56 @@ def parse_args(argv=None):
                         help="frames per clip with --video (default 16)")
     parser.add_argument("--vae", default=None,
                         help="train on the latents of this diffusers AutoencoderKL "
-                        "(a local folder or a hub id such as stabilityai/sd-vae-ft-ema)")
+                        "(a local folder or a hub id such as stabilityai/sd-vae-ft-ema); "
+                        "default none: pixels")
     parser.add_argument("--global-batch-size", type=int, default=None, help="default 128")
     parser.add_argument("--steps", type=int, default=None,
-                        help="total optimisation steps (default 100000)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="default: the model's train_defaults (as below)")
-    parser.add_argument("--weight-decay", type=float, default=None)
+                        help=f"total optimisation steps (default {rc['steps']})")
+    recipe = "default: the model's train_defaults (DiM: {})"
+    dim = DiM.train_defaults
+    parser.add_argument("--lr", type=float, default=None, help=recipe.format(dim["lr"]))
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help=recipe.format(dim["weight_decay"]))
     parser.add_argument("--warmup", type=int, default=None,
-                        help="linear warm-up steps, then constant lr")
-    parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off)")
+                        help="linear warm-up steps, then constant lr; "
+                        + recipe.format(dim["warmup"]))
+    parser.add_argument("--grad-clip", type=float, default=None,
+                        help="max gradient norm (0 = off); " + recipe.format(dim["grad_clip"]))
     parser.add_argument("--label-dropout", type=float, default=None,
-                        help="probability of the null label")
-    parser.add_argument("--ema", type=float, default=None, help="EMA decay per step")
+                        help="probability of the null label; "
+                        + recipe.format(dim["label_dropout"]))
+    parser.add_argument("--ema", type=float, default=None,
+                        help="EMA decay per step; " + recipe.format(dim["ema"]))
     parser.add_argument("--results-dir", default=None,
                         help="where new run folders go (default results); a --resume of a run "
                         "folder continues in it")
     parser.add_argument("--ckpt-every", type=int, default=None,
-                        help="default 10000; 0 = only at the end")
-    parser.add_argument("--sample-every", type=int, default=None, help="default 5000; 0 = never")
-    parser.add_argument("--log-every", type=int, default=None, help="default 100")
+                        help=f"default {rc['ckpt_every']}; 0 = only at the end")
+    parser.add_argument("--sample-every", type=int, default=None,
+                        help=f"default {rc['sample_every']}; 0 = never")
+    parser.add_argument("--log-every", type=int, default=None, help=f"default {rc['log_every']}")
     parser.add_argument("--keep-last", type=int, default=None,
                         help="keep only the newest K numbered checkpoints (default 0 = keep all; "
                         "2 or more leaves one to fall back on if the newest is damaged)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights, data order and noise (each process adds its rank)")
     parser.add_argument("--init-from", default=None,
                         help="start from this checkpoint's EMA weights, trained at "
                         "another resolution (weak-to-strong fine-tuning); positional embeddings "
-                        "are resized")
+                        "are resized; default none")
     parser.add_argument("--resume", default=None,
                         help="a checkpoint or a run folder; continues it exactly "
                         "(settings come from the checkpoint; only run-control flags such as "
-                        "--steps apply)")
-    parser.add_argument("--num-workers", type=int, default=None, help="default 4")
+                        "--steps apply); default none")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help=f"data loader processes (default {rc['num_workers']} here: at most 4, "
+                        "and one fewer than this machine's cores)")
     parser.add_argument("--compile", action="store_true", default=None,
-                        help="torch.compile the model")
+                        help="torch.compile the model; default off")
     parser.add_argument("--grad-checkpoint", action="store_true", default=None,
                         help="recompute each block's activations in the backward (less memory, about "
-                             "one more forward of time); for the large configs at high resolution")
+                             "one more forward of time); for the large configs at high resolution; "
+                             "default off")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
     return parser.parse_args(argv)
