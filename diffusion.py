@@ -6,12 +6,14 @@ diffusion (DDPM, epsilon prediction, optional learned variance) and flow matchin
 Papers: DDPM (Ho et al. 2020), IDDPM (Nichol & Dhariwal 2021, respacing, learned-range variance,
 hybrid loss), DDIM (Song et al. 2021), DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095, multistep
 2M), classifier-free guidance (Ho & Salimans 2022), SiT (Ma et al. 2024, GVP interpolant) as used by
-DiMSUM, Upsample Guidance (Hwang et al. 2024, arXiv 2404.01709) as used by DiM. Conventions follow
-DiT's `diffusion/` (0-based step index t in {0..N-1}); each formula below cites its paper (section,
-equation).
+DiMSUM, Upsample Guidance (Hwang et al. 2024, arXiv 2404.01709) as used by DiM, x0 clipping (ADM,
+Dhariwal & Nichol 2021) and dynamic thresholding (Imagen, Saharia et al. 2022, Sec. 2.3) for
+pixel-space models. Conventions follow DiT's `diffusion/` (0-based step index t in {0..N-1}); each
+formula below cites its paper (section, equation).
 
 Layout:
   schedules       get_betas, respaced_timesteps
+  x0 clipping     threshold_x0 (clip, dynamic thresholding), clip_prediction
   samplers        ddpm_sample, ddim_sample, dpmpp_2m_sample: plain functions of a denoiser closure;
                   flow_ode_sample (Euler / Heun) of a velocity closure
   losses          normal_kl, discretized_gaussian_nll (IDDPM's L_vb pieces)
@@ -24,7 +26,9 @@ float64 grid `abar` of K + 1 cumulative signal fractions (abar[i] = alpha_i^2, s
 abar[i]; abar[K] = 1 is clean data), and step grid point i -> i + 1. Any variance-preserving
 parameterisation plugs in by supplying another closure: velocity prediction on the GVP flow path
 converts u_hat to (x0_hat, eps_hat) (exact on SiT's GVP path) with abar = sin^2(pi t / 2), and
-Upsample Guidance (Hwang et al. 2024, Sec. 3) only changes eps_hat inside the closure.
+Upsample Guidance (Hwang et al. 2024, Sec. 3) only changes eps_hat inside the closure. So does x0
+clipping (clip_prediction): x0_hat is clipped and eps_hat re-derived from it, so every sampler that
+works on (x0_hat, eps_hat) gets it.
 """
 import math
 from dataclasses import dataclass
@@ -35,6 +39,12 @@ import torch.nn.functional as F
 
 # every name some objective accepts (CLI choices)
 SAMPLERS = ("ddpm", "ddim", "dpm++", "euler", "heun")
+# what happens to x0_hat at every step (clip_prediction); the samplers on (x0_hat, eps_hat) take it
+X0_CLIPS = ("none", "clip", "dynamic")
+CLIPPING_SAMPLERS = ("ddpm", "ddim", "dpm++")
+# Imagen's percentile p of |x0_hat| (Saharia et al. 2022, Sec. 2.3; DPM-Solver's
+# dynamic_thresholding_ratio 0.995, Lu et al. 2022, Sec. 5)
+DYNAMIC_PERCENTILE = 0.995
 
 
 #################################################################################
@@ -67,6 +77,46 @@ def respaced_timesteps(num_steps: int, steps: int) -> list[int]:
     stride = (num_steps - 1) / (steps - 1)
     # Python's round, as DiT; always hits 0 and N-1
     return [round(i * stride) for i in range(steps)]
+
+
+def threshold_x0(x0, mode, percentile=DYNAMIC_PERCENTILE):
+    """x0_hat (B, ...) brought into the data range [-1, 1] of pixel-space models.
+
+    'clip': clamp to [-1, 1], as ADM's p_mean_variance(clip_denoised=True) (Dhariwal & Nichol 2021)
+    and DDPM's sampler do. 'dynamic': Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3),
+    as DPM-Solver++ proposes for pixel space (Lu et al. 2022, Sec. 5): per sample, s = the
+    `percentile` quantile of |x0_hat| (linear interpolation, as torch.quantile), s = max(s, 1), then
+    clamp to [-s, s] and divide by s. Where the prediction overshoots, large guidance scales
+    especially, this shrinks it back into range instead of saturating every pixel beyond 1.
+    'none': unchanged (latents are unbounded).
+    """
+    if mode == "none":
+        return x0
+    if mode == "clip":
+        return x0.clamp(-1, 1)
+    if mode != "dynamic":
+        raise ValueError(f"unknown x0 clipping {mode!r}; choose one of {X0_CLIPS}")
+    # sorted per sample, then torch.quantile's interpolation by hand: torch.quantile refuses inputs
+    # of more than 2^24 elements (a batch of 512 px RGB images). a: (B, n), at least fp32
+    a = x0.abs().flatten(1).to(torch.promote_types(x0.dtype, torch.float32)).sort(dim=1).values
+    pos = percentile * (a.shape[1] - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, a.shape[1] - 1)
+    s = (a[:, lo] + (pos - lo) * (a[:, hi] - a[:, lo])).clamp(min=1)
+    s = s.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ..., 1)
+    return torch.minimum(torch.maximum(x0, -s), s) / s
+
+
+def clip_prediction(x, x0, eps, alpha, sigma, mode):
+    """(x0_hat, eps_hat) at x_t = alpha x0 + sigma eps with x0_hat thresholded (threshold_x0) and
+    eps_hat re-derived from it, so the pair still explains x_t: ADM's DDIM step does this
+    (_predict_eps_from_xstart on the clipped x0), and it keeps DDIM equal to first-order
+    DPM-Solver++ with clipping on. The DDPM posterior mean and DPM-Solver++ read x0_hat only.
+    sigma > 0 (every grid point but the clean end)."""
+    if mode == "none":
+        return x0, eps
+    x0 = threshold_x0(x0, mode)
+    return x0, (x - alpha * x0) / sigma
 
 
 def ddpm_sample(denoise, x, abar, generator=None):
@@ -214,6 +264,15 @@ def _check_steps(steps, most):
         raise ValueError(f"steps must be an int in [1, {most}], got {steps!r}")
 
 
+def _check_x0_clip(x0_clip, sampler):
+    if x0_clip not in X0_CLIPS:
+        raise ValueError(f"unknown x0 clipping {x0_clip!r}; choose one of {X0_CLIPS}")
+    if x0_clip != "none" and sampler not in CLIPPING_SAMPLERS:
+        raise ValueError(f"x0 clipping acts on the data prediction; sampler {sampler!r} "
+                         "integrates the velocity itself: use one of "
+                         f"{', '.join(CLIPPING_SAMPLERS)} or x0 clipping 'none'")
+
+
 #################################################################################
 #                               Gaussian diffusion                              #
 #################################################################################
@@ -349,13 +408,13 @@ class GaussianDiffusion:
         return a + (1 - a) / m ** 2, (snr - m * m * a / (1 - a)).abs().argmin().item()
 
     def denoiser(self, model, timesteps, y=None, cfg_scale=1.0, null_label=None,
-                 upsample_guidance=None):
+                 upsample_guidance=None, x0_clip="none"):
         """Closure denoise(x, i) -> (x0_hat, eps_hat, var_frac) at grid point i, plus the grid abar
         (K+1,) float64.
 
         var_frac is the learned-range weight f = (v + 1) / 2 of IDDPM when the network outputs 2C
         channels, else None. With upsample_guidance (an UpsampleGuidance), eps_hat on x (B, C, H, W)
-        gets Upsample Guidance (Hwang et al. 2024).
+        gets Upsample Guidance (Hwang et al. 2024). x0_clip: see clip_prediction.
         """
         # (K+1,)
         abar = torch.cat([self.alphas_cumprod[timesteps], torch.ones(1, dtype=torch.float64)])
@@ -376,8 +435,8 @@ class GaussianDiffusion:
                                              null_label)
                 eps = eps + ug.correction(eps, eps_lo.to(x.dtype))
             a = abar[i].item()
-            # DDPM eq. 15; no clipping (latents are unbounded)
-            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)  # DDPM eq. 15
+            x0, eps = clip_prediction(x, x0, eps, math.sqrt(a), math.sqrt(1 - a), x0_clip)
             var_frac = None if extra is None else (extra + 1) / 2
             return x0, eps, var_frac
 
@@ -386,7 +445,7 @@ class GaussianDiffusion:
     @torch.no_grad()
     def sample(self, model, noise, y=None, sampler="dpm++", steps=50, cfg_scale=1.0,
                null_label=None, eta=0.0, generator=None, upsample_guidance=None, init=None,
-               strength=1.0) -> torch.Tensor:
+               strength=1.0, x0_clip="none") -> torch.Tensor:
         """Draw x0 from pure noise (B, C, ...) with `steps` network evaluations; returns the same
         shape and dtype.
 
@@ -398,11 +457,13 @@ class GaussianDiffusion:
         resolutions (e.g. a resized positional embedding). With `init` (a clean sample, e.g. an
         upsampled image), only the least noisy `strength` fraction of the schedule is run, starting
         from init re-noised to that level with `noise` (SDEdit; the patch route of training-free
-        upsampling).
+        upsampling). `x0_clip` ('none', 'clip', 'dynamic'): what every step does to x0_hat before
+        the sampler uses it (threshold_x0); for pixel-space models, whose data lie in [-1, 1].
         """
         if sampler not in self.samplers:
             raise ValueError(f"unknown sampler {sampler!r} for {self.objective!r}; choose one of "
                              f"{self.samplers}")
+        _check_x0_clip(x0_clip, sampler)
         if eta != 0 and sampler != "ddim":
             raise ValueError("eta is a DDIM parameter; use sampler='ddim'")
         timesteps = self.timesteps(steps)
@@ -411,7 +472,8 @@ class GaussianDiffusion:
                          * (self.num_steps - 1)] or timesteps[-1:]
             noise = self.q_sample(init, torch.full((init.shape[0],), timesteps[0],
                                                    device=init.device), noise)
-        denoise, abar = self.denoiser(model, timesteps, y, cfg_scale, null_label, upsample_guidance)
+        denoise, abar = self.denoiser(model, timesteps, y, cfg_scale, null_label, upsample_guidance,
+                                      x0_clip)
         if sampler == "ddpm":
             return ddpm_sample(denoise, noise, abar, generator)
         if sampler == "ddim":
@@ -472,7 +534,8 @@ class FlowMatching:
 
     @torch.no_grad()
     def sample(self, model, noise, y=None, sampler="heun", steps=50, cfg_scale=1.0, null_label=None,
-               generator=None, upsample_guidance=None, init=None, strength=1.0) -> torch.Tensor:
+               generator=None, upsample_guidance=None, init=None, strength=1.0,
+               x0_clip="none") -> torch.Tensor:
         """Integrate the flow from t = 0 (noise (B, C, ...)) to t = 1 on the uniform grid t_i = i /
         steps. With `init`, start at t = 1 - strength from init mixed with `noise` on the GVP path
         (SDEdit).
@@ -487,11 +550,13 @@ class FlowMatching:
 
         `upsample_guidance` works through the VP form: eps_hat from u, guided as in
         GaussianDiffusion.denoiser on the noisiest eta of the flow time (t <= eta), and turned back
-        into a velocity, so every sampler uses it.
+        into a velocity, so every sampler uses it. `x0_clip` acts on x0_hat of dpm++ / ddim
+        (GaussianDiffusion.sample); euler / heun follow the network's velocity and take 'none' only.
         """
         if sampler not in self.samplers:
             raise ValueError(f"unknown sampler {sampler!r} for {self.objective!r}; choose one of "
                              f"{self.samplers}")
+        _check_x0_clip(x0_clip, sampler)
         _check_steps(steps, 10 ** 6)
         t0 = 0.0 if init is None else 1.0 - strength
         ts = torch.linspace(t0, 1, steps + 1, dtype=torch.float64)  # (K+1,)
@@ -524,7 +589,10 @@ class FlowMatching:
             return flow_ode_sample(velocity, noise, ts, 1 if sampler == "euler" else 2)
 
         def denoise(x, i):
-            return (*gvp_velocity_to_x0_eps(x, velocity(x, ts[i].item()), ts[i].item()), None)
+            t = ts[i].item()
+            x0, eps = gvp_velocity_to_x0_eps(x, velocity(x, t), t)
+            a, s = math.sin(math.pi / 2 * t), math.cos(math.pi / 2 * t)
+            return (*clip_prediction(x, x0, eps, a, s, x0_clip), None)
 
         abar = gvp_coefs(ts)[0] ** 2
         abar[-1] = 1.0  # clean data exactly, whatever sin(pi / 2) rounds to

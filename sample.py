@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import DataError, check_resolution, load_vae, save_frame_strip, save_gif, save_grid, vae_decode, vae_factor
-from diffusion import SAMPLERS, UpsampleGuidance, create_diffusion
+from diffusion import CLIPPING_SAMPLERS, SAMPLERS, X0_CLIPS, UpsampleGuidance, create_diffusion
 from models import ModelError, load_newest_checkpoint, model_from_checkpoint
 from train import (RESULTS_DIR, FlagError, HelpFormatter, NetworkCalls, RunError, check_writable,
                    setup_distributed, writing_to)
@@ -87,6 +87,32 @@ def upsample_plan(args, res, trained_res, diffusion):
                          f"{trained_res}px; "
                          "use --upsample patch or none")
     return mode
+
+
+# --x0-clip when not given, per space. Pixel data lie in [-1, 1], and pixel-space samplers clip
+# x0_hat there (ADM's clip_denoised=True, Dhariwal & Nichol 2021): the linear schedule's first step
+# divides by alpha_T = 0.0064, so a small eps error becomes a 150x error in x0_hat. Latents are
+# unbounded.
+# PROVISIONAL: 'clip' rather than 'dynamic' until tools/compare.py's sweep (issue 20) has measured
+# FID for none / clip / dynamic with each sampler.
+DEFAULT_X0_CLIP = {"pixels": "clip", "latents": "none"}
+
+
+def x0_clip_for(choice, vae_name, sampler):
+    """--x0-clip resolved: the given mode, or the space's default (DEFAULT_X0_CLIP); samplers that
+    integrate the velocity itself (euler, heun) have no x0_hat to clip and get 'none'."""
+    if choice is None and sampler not in CLIPPING_SAMPLERS:
+        return "none"
+    if choice is None:
+        return DEFAULT_X0_CLIP["latents" if vae_name else "pixels"]
+    if choice != "none" and vae_name:
+        raise FlagError(f"--x0-clip {choice} is for pixel-space models, whose data lie in [-1, 1]; "
+                        f"this one samples {vae_name} latents, which are unbounded: drop --x0-clip")
+    if choice != "none" and sampler not in CLIPPING_SAMPLERS:
+        raise FlagError(f"--x0-clip {choice} acts on the data prediction, which --sampler "
+                        f"{sampler} does not use: choose --sampler "
+                        f"{' / '.join(CLIPPING_SAMPLERS)} or --x0-clip none")
+    return choice
 
 
 # Sample i of --seed s draws its initial noise from a generator seeded s * NOISE_SEED_STRIDE + i
@@ -223,6 +249,7 @@ def generate(args, rank, world, device):
     if args.steps > getattr(diffusion, "num_steps", args.steps):
         raise FlagError(f"--steps {args.steps} cannot work: the model has {diffusion.num_steps} "
                         f"noise levels, so at most --steps {diffusion.num_steps}")
+    x0_clip = x0_clip_for(args.x0_clip, vae_name, sampler)
     trained_res = train_args.get("res") or model.input_size * factor
     upsample = upsample_plan(args, res, trained_res, diffusion)
     num_classes = model.num_classes
@@ -243,7 +270,8 @@ def generate(args, rank, world, device):
               f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M), "
               f"{args.num_samples} samples at {res}px (trained {trained_res}px, upsample "
               f"{upsample}), {sampler} "
-              f"{args.steps} steps, cfg {cfg}" + (f", {world} processes" if world > 1 else ""))
+              f"{args.steps} steps, cfg {cfg}, x0 clipping {x0_clip}"
+              + (f", {world} processes" if world > 1 else ""))
 
     shape = (model.in_channels, *([frames] if frames else []), res // factor, res // factor)
     shapes = [shape]
@@ -269,7 +297,7 @@ def generate(args, rank, world, device):
         """One batch's samples from its noises (noises[1]: the patch route's trained-size noise),
         with net in the model's place."""
         common = dict(sampler=sampler, steps=args.steps, cfg_scale=cfg, null_label=num_classes,
-                      generator=generator)
+                      generator=generator, x0_clip=x0_clip)
         if upsample == "patch":
             # 1. a sample at the trained size; 2. upsampled; 3. re-noised and denoised at the
             # target size by the model applied to overlapping tiles of the trained size
@@ -369,6 +397,11 @@ def parse_args(argv=None):
                         help="default: the model's (dpm++ for epsilon models, heun for flow "
                         "matching)")
     parser.add_argument("--steps", type=int, default=50, help="network evaluations (x2 with CFG)")
+    parser.add_argument("--x0-clip", choices=X0_CLIPS, default=None,
+                        help="what each step does to the predicted clean image: clip it to [-1, 1] "
+                        "(ADM), dynamic thresholding (Imagen) or none; ddpm, ddim and dpm++ only "
+                        f"(default: {DEFAULT_X0_CLIP['pixels']} for pixel-space models, "
+                        "provisional until measured; none for latents and for euler / heun)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale w, 1 = none "
                         "(default 1.5 class-conditional, 1 unconditional)")
     parser.add_argument("--num-samples", type=int, default=16, help="images (or clips) to generate")

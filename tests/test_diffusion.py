@@ -8,13 +8,15 @@ with the optimal velocity E[u | x_t] = a' E[x0 | x_t] + sigma' E[eps | x_t], E[x
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffusion import (SAMPLERS, FlowMatching, GaussianDiffusion, UpsampleGuidance,
                        create_diffusion, ddim_sample, discretized_gaussian_nll, dpmpp_2m_sample,
-                       get_betas, gvp_coefs, gvp_velocity_to_x0_eps, normal_kl, respaced_timesteps)
+                       get_betas, gvp_coefs, gvp_velocity_to_x0_eps, normal_kl, respaced_timesteps,
+                       threshold_x0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -467,6 +469,103 @@ def test_flow_cfg_and_calls():
         fm.sample(model, x, sampler="ddpm")
     with pytest.raises(ValueError, match="null_label"):
         fm.sample(model, x, y, cfg_scale=2.0)
+
+
+# --------------------------------------------------------------------------- x0 clipping
+
+def test_threshold_x0_clip_and_dynamic_percentile():
+    g = torch.Generator().manual_seed(10)
+    x = torch.empty(3, 1, 20, 20, dtype=torch.float64)  # 400 values a sample
+    x[0] = torch.rand(1, 20, 20, generator=g, dtype=torch.float64) * 1.8 - 0.9  # inside [-1, 1]
+    x[1] = torch.rand(1, 20, 20, generator=g, dtype=torch.float64) * 6 - 3      # overshoots
+    x[2] = x[0].clone()
+    x[2, 0, 0, :2] = torch.tensor([-5.0, 7.0])  # 2 outliers of 400: above the 99.5% quantile
+    assert torch.equal(threshold_x0(x, "clip"), x.clamp(-1, 1))
+    assert threshold_x0(x, "none") is x
+    out = threshold_x0(x, "dynamic")
+    # per sample: one sample's overshoot leaves the others alone
+    assert torch.equal(out[0], x[0])
+    # sample 1: s = the 99.5% quantile of |x| (numpy's, linear interpolation), clamp to [-s, s], / s
+    s = float(np.quantile(x[1].abs().numpy(), 0.995))
+    assert s > 2.9 and torch.allclose(out[1], x[1].clamp(-s, s) / s, rtol=0, atol=1e-12)
+    # the 2 values above the quantile (positions 398, 399 of 0..399 > 397.005) end at exactly +-1
+    assert out[1].abs().max() == 1 and (out[1].abs() == 1).sum() == 2
+    # sample 2: its quantile is below 1, so s = 1 and thresholding is plain clipping
+    assert torch.equal(out[2], x[2].clamp(-1, 1))
+    with pytest.raises(ValueError, match="unknown x0 clipping 'clamp'"):
+        threshold_x0(x, "clamp")
+
+
+def test_x0_clip_one_ddpm_chain_by_hand():
+    """Two DDPM steps with clipping, written out: the posterior mean is formed from the clipped x0
+    (ADM's clip_denoised), and the last step returns the clipped x0 itself."""
+    d = GaussianDiffusion("linear")
+    model = lambda x, t, y: 0.5 * x  # any eps; x0_hat = (x - sigma eps) / alpha then overshoots
+    noise = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    out = d.sample(model, noise, sampler="ddpm", steps=2, x0_clip="clip",
+                   generator=torch.Generator().manual_seed(12))
+    a_t, a_s = d.alphas_cumprod[999].item(), d.alphas_cumprod[0].item()
+    x0 = ((noise - math.sqrt(1 - a_t) * 0.5 * noise) / math.sqrt(a_t)).clamp(-1, 1)
+    assert (x0.abs() == 1).float().mean() > 0.5  # clipping matters here
+    beta = 1 - a_t / a_s
+    mean = (math.sqrt(a_s) * beta / (1 - a_t) * x0
+            + math.sqrt(1 - beta) * (1 - a_s) / (1 - a_t) * noise)
+    z = torch.randn(noise.shape, generator=torch.Generator().manual_seed(12), dtype=noise.dtype)
+    x = mean + math.sqrt(beta * (1 - a_s) / (1 - a_t)) * z
+    expected = ((x - math.sqrt(1 - a_s) * 0.5 * x) / math.sqrt(a_s)).clamp(-1, 1)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-12)
+    unclipped = d.sample(model, noise, sampler="ddpm", steps=2,
+                         generator=torch.Generator().manual_seed(12))
+    assert unclipped.abs().max() > 2
+
+
+@pytest.mark.parametrize("mode", ["clip", "dynamic"])
+def test_x0_clip_keeps_ddim_equal_to_dpmpp_first_order(mode):
+    """DDIM with clipping re-derives eps from the clipped x0 (ADM's ddim_sample); only then is it
+    still first-order DPM-Solver++ on the clipped data prediction, step by step."""
+    d = GaussianDiffusion("scaled_linear", time_offset=1)
+    # MU holds 2.0: outside [-1, 1], so clipping changes the samples
+    denoise, abar = d.denoiser(gaussian_model(d, MU, S), d.timesteps(20), x0_clip=mode)
+    noise = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    seen = {"ddim": [], "dpm": []}
+
+    def recording(name):
+        def f(x, i):
+            seen[name].append(x)
+            return denoise(x, i)
+        return f
+
+    a = ddim_sample(recording("ddim"), noise, abar)
+    b = dpmpp_2m_sample(recording("dpm"), noise, abar, order=1)
+    for xa, xb in zip(seen["ddim"], seen["dpm"]):
+        assert torch.allclose(xa, xb, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+    # the last step returns the thresholded x0: inside [-1, 1]; unclipped, the data's 2.0 is kept
+    assert a.abs().max() <= 1 + 1e-12
+    assert d.sample(gaussian_model(d, MU, S), noise, sampler="ddim", steps=20)[:, 2].mean() > 1.5
+
+
+def test_x0_clip_default_none_and_where_it_applies():
+    d, fm = GaussianDiffusion("linear"), FlowMatching()
+    noise = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    model = gaussian_model(d, MU, S)
+    for sampler in ("ddpm", "dpm++", "ddim"):  # unchanged, bit for bit, unless asked
+        run = lambda **kw: d.sample(model, noise, sampler=sampler, steps=10,
+                                    generator=torch.Generator().manual_seed(15), **kw)
+        assert torch.equal(run(), run(x0_clip="none"))
+        assert not torch.equal(run(), run(x0_clip="clip"))
+    velocity = flow_model(MU[None], S)
+    y = torch.zeros(32, dtype=torch.long)
+    for sampler in ("dpm++", "ddim"):
+        plain = fm.sample(velocity, noise, y, sampler=sampler, steps=10)
+        assert torch.equal(plain, fm.sample(velocity, noise, y, sampler=sampler, steps=10,
+                                            x0_clip="none"))
+        clipped = fm.sample(velocity, noise, y, sampler=sampler, steps=10, x0_clip="dynamic")
+        assert plain.abs().max() > 1.5 and clipped.abs().max() <= 1 + 1e-12
+    with pytest.raises(ValueError, match="sampler 'heun' integrates the velocity itself"):
+        fm.sample(velocity, noise, y, sampler="heun", x0_clip="clip")
+    with pytest.raises(ValueError, match="unknown x0 clipping 'max'"):
+        d.sample(model, noise, x0_clip="max")
 
 
 # --------------------------------------------------------------------------- create_diffusion

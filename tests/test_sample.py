@@ -87,3 +87,33 @@ def test_a_full_output_disk_is_named_in_one_line(checkpoint, tmp_path):
     with pytest.raises(RunError, match=f"cannot write to {tmp_path / 's'}: its disk is full"):
         run_sample("--ckpt", checkpoint(), "--steps", 2, "--num-samples", 2, "--out",
                    tmp_path / "s")
+
+
+def test_x0_clip_default_per_space_and_refusals():
+    # pixel space: the provisional default wherever the sampler has an x0_hat; latents: none
+    for sampler in ("ddpm", "ddim", "dpm++"):
+        assert sample.x0_clip_for(None, None, sampler) == sample.DEFAULT_X0_CLIP["pixels"]
+        assert sample.x0_clip_for(None, "stabilityai/sd-vae-ft-ema", sampler) == "none"
+        assert sample.x0_clip_for("dynamic", None, sampler) == "dynamic"
+    assert sample.DEFAULT_X0_CLIP == {"pixels": "clip", "latents": "none"}
+    assert sample.x0_clip_for(None, None, "heun") == "none"
+    assert sample.x0_clip_for("none", "some-vae", "heun") == "none"
+    with pytest.raises(FlagError, match="--x0-clip clip acts on the data prediction, which "
+                                        "--sampler heun does not use"):
+        sample.x0_clip_for("clip", None, "heun")
+    with pytest.raises(FlagError, match="--x0-clip dynamic is for pixel-space models.* some-vae "
+                                        "latents"):
+        sample.x0_clip_for("dynamic", "some-vae", "dpm++")
+
+
+def test_x0_clip_reaches_the_sampler(checkpoint, tmp_path):
+    """The untrained DiT-T/2 predicts eps = 0 (zero-initialised output layer), so x0_hat = x_t /
+    alpha_t: without clipping nearly every pixel saturates; dynamic thresholding rescales x0_hat
+    into [-1, 1] by its 99.5% quantile, and most pixels stay inside (0, 255)."""
+    path = checkpoint()
+    saturated = {}
+    for mode in ("none", "dynamic"):
+        images = run_sample("--ckpt", path, "--sampler", "ddim", "--steps", 2, "--num-samples", 4,
+                            "--x0-clip", mode, "--format", "npz", "--out", tmp_path / mode)
+        saturated[mode] = ((images == 0) | (images == 255)).float().mean().item()
+    assert saturated["none"] > 0.95 and saturated["dynamic"] < 0.2
