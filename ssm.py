@@ -34,7 +34,6 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import ssm_triton
 from ssm_triton import selective_scan_triton, triton, triton_interpreted  # noqa: F401 (re-exported)
@@ -157,56 +156,111 @@ def _finish(y, u, D, z, out_dtype):
     return y.to(out_dtype)
 
 
+def _chunk_states(delta, du, A, B, h0, decay, H):
+    """The states of one chunk of n steps from the state h0 before it, written into the buffers decay
+    (= exp(delta A)) and H (both (n, b, G, dg, N), reused for every chunk: no fresh pages per chunk).
+    delta, du (= delta u): (n, b, G, dg); A: (G, dg, N); B: (n, b, G, N); h0: (b, G, dg, N). One small
+    in-place op per step; everything else is vectorised over the chunk."""
+    torch.mul(delta[..., None], A, out=decay).exp_()  # <= 1: no overflow whatever delta is
+    torch.mul(du[..., None], B[:, :, :, None, :], out=H)  # the input terms, turned into states in place
+    H[0].addcmul_(decay[0], h0)
+    for t in range(1, H.shape[0]):
+        H[t].addcmul_(decay[t], H[t - 1])
+
+
+class ChunkedScan(torch.autograd.Function):
+    """h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t, y_t = C_t . h_t, over chunks of T steps. The forward
+    keeps only the inputs and the state at each chunk border; the backward recomputes one chunk's states at
+    a time from its border and runs the gradient's recurrence backwards through it. Memory: O(b dim L +
+    T b dim N) instead of autograd's O(b dim L N) per op; sequential work: one small op per step each way.
+    Layout (L, b, G, dg) and (L, b, G, N): dim split into G groups that share B and C. The sums over N and
+    over dg are batched matrix products (bmm), the fastest reductions on a CPU."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, T):
+        L, b, G, dg = u.shape
+        N = A.shape[-1]
+        du = delta * u
+        decay, H = (u.new_empty(min(T, L), b, G, dg, N) for _ in range(2))
+        h = u.new_zeros(b, G, dg, N)
+        borders, y = [], torch.empty_like(u)
+        for s in range(0, L, T):
+            n = min(T, L - s)
+            borders.append(h)
+            _chunk_states(delta[s:s + n], du[s:s + n], A, B[s:s + n], h, decay[:n], H[:n])
+            y[s:s + n] = torch.bmm(H[:n].view(-1, dg, N), C[s:s + n].reshape(-1, N, 1)).view(n, b, G, dg)
+            h = H[n - 1].clone()  # the buffer is overwritten by the next chunk
+        ctx.save_for_backward(u, delta, A, B, C, *borders)
+        ctx.T = T
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, *borders = ctx.saved_tensors
+        T, (L, b, G, dg), N = ctx.T, u.shape, A.shape[-1]
+        dy, du = dy.contiguous(), delta * u
+        d_du, dB, dC = torch.empty_like(u), torch.empty_like(B), torch.empty_like(C)
+        # the decay's share of ddelta, channels first as the batched product gives it: (G dg, L b)
+        ddelta_decay = u.new_empty(G * dg, L * b)
+        decay_buf, H_buf, dH_buf = (u.new_empty(min(T, L), b, G, dg, N) for _ in range(3))
+        dA = torch.zeros_like(A)
+        dh = None  # gradient reaching the chunk's last state from the steps after it
+        for c in reversed(range(len(borders))):
+            s, h0 = c * T, borders[c]
+            n = min(T, L - s)
+            sl, decay, H, dH = slice(s, s + n), decay_buf[:n], H_buf[:n], dH_buf[:n]
+            _chunk_states(delta[sl], du[sl], A, B[sl], h0, decay, H)
+            dC[sl] = torch.bmm(dy[sl].reshape(-1, 1, dg), H.view(-1, dg, N)).view(n, b, G, N)
+            # dL/dh_t = C_t dy_t + exp(delta_{t+1} A) dL/dh_{t+1}, backwards through the chunk
+            torch.mul(dy[sl, ..., None], C[sl, :, :, None, :], out=dH)
+            if dh is not None:
+                dH[-1] += dh
+            for t in range(n - 2, -1, -1):
+                dH[t].addcmul_(decay[t + 1], dH[t + 1])
+            dh = decay[0] * dH[0]
+            d_du[sl] = torch.bmm(dH.view(-1, dg, N), B[sl].reshape(-1, N, 1)).view(n, b, G, dg)
+            dB[sl] = torch.bmm(du[sl].reshape(-1, 1, dg), dH.view(-1, dg, N)).view(n, b, G, N)
+            # through the decays: d(exp(delta A) h_{t-1}) = exp(delta A) h_{t-1} (A ddelta + delta dA)
+            P = dH.mul_(decay)
+            P[1:] *= H[:-1]
+            P[0] *= h0
+            Pj = P.view(n * b, G * dg, N).transpose(0, 1)  # (G dg, n b, N)
+            ddelta_decay[:, s * b:(s + n) * b] = torch.bmm(Pj, A.view(G * dg, N, 1)).squeeze(-1)
+            delta_j = delta[sl].reshape(n * b, G * dg).t().contiguous()  # (G dg, n b)
+            dA += torch.bmm(delta_j[:, None], Pj).view(G, dg, N)
+        ddelta = ddelta_decay.t().reshape(L, b, G, dg) + d_du * u
+        return d_du * delta, ddelta, dA, dB, dC, None
+
+
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          chunk_size=None):
     """
-    Chunked pure-PyTorch scan, fp32 inside. Autograd runs through plain ops.
+    The pure-PyTorch scan (CPU, or a GPU without a kernel), fp32 inside (fp64 for fp64 inputs): ChunkedScan for
+    the recurrence, autograd for the cheap (b, dim, L) parts around it.
 
-    Why not Mamba-2's quadratic (T x T) chunk form: here A differs per (channel, state), so the in-chunk decay
-    matrix would be (batch, dim, chunk, T, T, N), T times the size of all the states; the recurrence itself is
-    cheaper. Instead L is cut into nc chunks of T steps and
-      1. the recurrence runs from a zero state inside every chunk at once (T steps, all chunks in parallel),
-      2. a short loop over the nc chunk borders carries the true state into each chunk,
-      3. every in-chunk state gets the carried state times its decay since the chunk start.
-    Every exponent is a sum of dt*A <= 0, so nothing overflows whatever dt is (no division by a cumulative decay,
-    the classic overflow of cumsum-based scans). T ~ sqrt(L) keeps the Python loop at ~2*sqrt(L) steps.
+    Why a loop over L and not a parallel form: A differs per (channel, state), so Mamba-2's quadratic chunk form
+    would need a (b, dim, T, T, N) decay matrix, and a cumsum-based scan divides by cumulative decays that
+    overflow; a parallel scan over chunks (all chunks from a zero state, then the borders) costs several more
+    passes over (b, dim, L, N) tensors, which is what limits a CPU. The loop's step is one op on a (b, dim, N)
+    state that stays in cache; chunks of T ~ 16 steps keep the vectorised parts' buffers in the cache too.
     """
     out_dtype = u.dtype
+    dtype = torch.promote_types(u.dtype, torch.float32)
     b, dim, L = u.shape
-    T = chunk_size or max(1, math.ceil(math.sqrt(L)))
-    T = min(T, L)
-    nc = math.ceil(L / T)
-    pad = nc * T - L
+    T = max(1, min(chunk_size or 16, L))
     with torch.autocast(u.device.type, enabled=False):  # keep the scan in fp32 under bf16 autocast
-        u, delta, A, B, C = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, torch.float32)
-        # padding with dt = 0 and u = 0 gives decay 1 and input 0: the state passes through, outputs are cut off.
-        # Chunk position t goes first so that the step-t slices are contiguous and unbind/stack (not indexing,
-        # whose backward writes a full-size zero tensor per slice) carry the autograd graph.
-        chunked = lambda M: F.pad(M, (0, pad)).unflatten(-1, (nc, T)).movedim(-1, 0)  # (..., L) -> (T, ..., nc)
-        dt, du = chunked(delta), chunked(delta * u)  # (T, b, dim, nc)
-        Bc, Cc = chunked(B).transpose(-1, -2), chunked(C).transpose(-1, -2)  # (T, b, dim|1, nc, N)
-        dA = dt[..., None] * A[:, None, :]  # (T, b, dim, nc, N), <= 0
-        x = du[..., None] * Bc  # (T, b, dim, nc, N)
-
-        # 1. in-chunk recurrence from a zero state, all chunks at once
-        decay, xs = torch.exp(dA).unbind(0), x.unbind(0)
-        hs = [xs[0]]
-        for t in range(1, T):
-            hs.append(decay[t] * hs[-1] + xs[t])  # (b, dim, nc, N)
-        h_local = torch.stack(hs)  # (T, b, dim, nc, N)
-
-        # 2. carry the state across chunk borders; decay_to_t = exp(sum_{k<=t} dA_k) lies in (0, 1]
-        decay_to_t = torch.exp(torch.cumsum(dA, dim=0))  # (T, b, dim, nc, N)
-        chunk_decay, chunk_last = decay_to_t[-1].unbind(2), h_local[-1].unbind(2)  # nc x (b, dim, N)
-        carry = [torch.zeros_like(chunk_last[0])]  # state entering chunk 0
-        for c in range(nc - 1):
-            carry.append(chunk_decay[c] * carry[-1] + chunk_last[c])
-        carry = torch.stack(carry, dim=2)  # (b, dim, nc, N)
-
-        # 3. true states and outputs
-        h = h_local + decay_to_t * carry  # (T, b, dim, nc, N)
-        y = (h * Cc).sum(-1)  # (T, b, dim, nc)
-        y = y.movedim(0, -1).reshape(b, dim, nc * T)[..., :L]  # (b, dim, L)
+        u, delta, A = u.to(dtype), delta.to(dtype), A.to(dtype)
+        if delta_bias is not None:
+            delta = delta + delta_bias.to(dtype)[:, None]
+        if delta_softplus:
+            delta = F.softplus(delta)
+        B, C = (M.to(dtype)[:, None] if M.dim() == 3 else M.to(dtype) for M in (B, C))  # (b, G, N, L)
+        G, N = B.shape[1:3]
+        assert dim % G == 0, f"dim {dim} not divisible into {G} groups"
+        steps_first = lambda M: M.permute(2, 0, 1).reshape(L, b, G, dim // G)  # (b, dim, L) -> (L, b, G, dg)
+        y = ChunkedScan.apply(steps_first(u), steps_first(delta), A.view(G, dim // G, N),
+                              B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous(), T)
+        y = y.reshape(L, b, dim).permute(1, 2, 0)  # (b, dim, L)
         return _finish(y, u, D, z, out_dtype)
 
 
@@ -396,9 +450,7 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     which = token_backend(u, A.shape[-1], backend)
     if which == "triton":
         out = ssm_triton.scan_op(u, delta, z, B, C, A, D, dt_bias, order, True)[0]
-    elif which == "torch":  # recomputed in the backward rather than storing its (.., L, N) intermediates
-        out = checkpoint(scan_reference, u, delta, A, B, C, D, z, dt_bias, order, use_reentrant=False)
-    else:  # mamba-ssm's kernel (the whole job: gathers and transposes included), or the loop
+    else:  # PyTorch (storing no (.., L, N) tensor), mamba-ssm's kernel (gathers and transposes included), the loop
         out = scan_reference(u, delta, A, B, C, D, z, dt_bias, order, SCANS[which])
     return out[:, :, 0] if single else out
 

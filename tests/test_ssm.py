@@ -96,6 +96,21 @@ def test_scan_large_delta_is_finite_and_exact(softplus, chunk):
     check_against_ref(make_inputs(2, 8, 130, 16, big_delta=True), softplus=softplus, chunk_size=chunk)
 
 
+def test_scan_keeps_no_per_state_tensor_for_the_backward():
+    # autograd keeps what the backward needs; the (batch, dim, L, N) states must not be among it, only
+    # (batch, dim, L)-sized tensors and one (batch, dim, N) state per chunk border
+    b, dim, L, N, T = 2, 32, 200, 16, 20
+    saved = []
+    keep = lambda t: saved.append(t.numel()) or t
+    leaves = {k: v.requires_grad_() for k, v in make_inputs(b, dim, L, N).items()}
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = selective_scan_torch(**leaves, delta_softplus=True, chunk_size=T)
+    assert max(saved) < b * dim * L * 2  # the largest: one (b, dim, L) input, never x N
+    assert sum(saved) < 20 * b * dim * L  # the inputs, a few intermediates and L / T border states
+    y.sum().backward()  # and the backward still runs from what was kept
+    assert all(torch.isfinite(v.grad).all() for v in leaves.values())
+
+
 def test_scan_bf16_returns_input_dtype():
     inputs = make_inputs(2, 8, 40, 4)
     half = {k: (v.bfloat16() if k in ("u", "delta", "B", "C", "z") else v) for k, v in inputs.items()}
