@@ -65,6 +65,10 @@ def compile_blocks(model, **options):
     elementwise work inside each block is fused. Measured (README, Speed): within 3% of compiling a
     Mamba model whole; DiT gains more from whole-model compilation (23 against 37 ms per step).
     options go to torch.compile."""
+    # Dynamo compiles each block instance and each value of its int attributes (DiM's scan order,
+    # LaMamba's window shift) as a new entry under the one Block.forward; past its default limit of 8
+    # entries the remaining blocks would silently run eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     compiled = []
     for name, module in model.named_modules():
         if type(module).__name__.endswith("Block") and not any(name.startswith(c + ".")

@@ -110,29 +110,33 @@ if triton is not None:
         return pos.to(tl.int64)
 
     @triton.jit
-    def _load_tile(idx_base, pos, L, u_base, su_l, dl_base, sd_l, B_base, sB_l, bias, dmask, nmask,
-                   HAS_IDX: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
-        """The tile of scan steps pos (T,): memory rows (T, 1), masks (T, BD) and (T, NP), u and dt
-        (T, BD) in fp32 (dt = softplus(delta + bias), 0 outside the sequence), d dt / d delta, B (T, NP)."""
-        tmask = pos < L
-        rows = _rows(idx_base, pos, tmask, HAS_IDX)[:, None]
-        m2 = tmask[:, None] & dmask[None, :]
-        m3 = tmask[:, None] & nmask[None, :]
-        u = tl.load(u_base[None, :] + rows * su_l, mask=m2, other=0.0).to(tl.float32)
-        dl = tl.load(dl_base[None, :] + rows * sd_l, mask=m2, other=0.0).to(tl.float32) + bias[None, :]
+    def _fetch(rows, pos, L, base, stride, cmask):
+        """Issue the load of one tile, (T, BD) or (T, NP) in its own dtype, at memory rows (T,) of scan
+        steps pos. The kernels fetch each tile one iteration before they use it (and its row numbers two
+        before): with few warps per SM the loop is bound by load latency, and a load whose result is first
+        needed an iteration later runs while the previous tile computes."""
+        inside = (pos >= 0) & (pos < L)
+        return tl.load(base[None, :] + rows[:, None] * stride, mask=inside[:, None] & cmask[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _prep(u, dl, Bt, pos, L, bias, dmask, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+        """A fetched tile in fp32: u, dt = softplus(delta + bias) (0 outside the sequence), d dt / d delta
+        and B; with the (T, BD) mask of steps inside the sequence."""
+        m2 = (pos < L)[:, None] & dmask[None, :]
+        dl = dl.to(tl.float32) + bias[None, :]
         if SOFTPLUS:
             dt, sig = _softplus(dl, FAST)
         else:
             dt, sig = dl, tl.full(dl.shape, 1.0, tl.float32)
-        Bt = tl.load(B_base[None, :] + rows * sB_l, mask=m3, other=0.0).to(tl.float32)
-        return rows, m2, m3, u, tl.where(m2, dt, 0.0), sig, Bt
+        return m2, u.to(tl.float32), tl.where(m2, dt, 0.0), sig, Bt.to(tl.float32)
 
     @triton.jit
     def _row(x3, t, j):
         """x3[j] of a (T, NP, BD) tile, j a scalar (an in-thread select: T sits in one thread)."""
         return tl.sum(tl.where(t[:, None, None] == j, x3, 0.0), 0)
 else:
-    _pair = _pair_prev = _handoff = _softplus = _rows = _row = _load_tile = None
+    _pair = _pair_prev = _handoff = _softplus = _rows = _row = _fetch = _prep = None
 
 
 # -----------------------------------------------------------------------------
@@ -187,27 +191,46 @@ def _scan_fwd_kernel(
             decay = tl.exp2(A2 * tl.load(sum_dt + s2 * dim, mask=dmask, other=0.0)[None, :])
             h = decay * h + tl.load(sum_h + s2 * dim * NP, mask=nd_mask, other=0.0)
     dt_sum = tl.zeros((BD,), tl.float32)
-    for c in range(s * seg_chunks, tl.minimum(s * seg_chunks + seg_chunks, n_chunks)):
+    t_lo = s * seg_chunks * CHUNK
+    t_hi = tl.minimum(t_lo + seg_chunks * CHUNK, L)
+    # software pipeline (see _fetch): tile i computes while tile i + 1 loads and i + 2's rows arrive
+    rows_n = _rows(idx_base, t_lo + t, t_lo + t < L, HAS_IDX)
+    u_n = _fetch(rows_n, t_lo + t, L, u_base, su_l, dmask)
+    dl_n = _fetch(rows_n, t_lo + t, L, dl_base, sd_l, dmask)
+    B_n = _fetch(rows_n, t_lo + t, L, B_base, sB_l, nmask)
+    C_n = _fetch(rows_n, t_lo + t, L, C_base, sC_l, nmask) if MODE != 1 else B_n
+    z_n = _fetch(rows_n, t_lo + t, L, z_base, sz_l, dmask) if HAS_Z and MODE != 1 else u_n
+    rows_nn = _rows(idx_base, t_lo + T + t, t_lo + T + t < L, HAS_IDX)
+    for t0 in range(t_lo, t_hi, T):
+        pos, rows, u_r, dl_r, B_r, C_r, z_r = t0 + t, rows_n, u_n, dl_n, B_n, C_n, z_n
+        nxt = pos + T
+        u_n = _fetch(rows_nn, nxt, L, u_base, su_l, dmask)
+        dl_n = _fetch(rows_nn, nxt, L, dl_base, sd_l, dmask)
+        B_n = _fetch(rows_nn, nxt, L, B_base, sB_l, nmask)
         if MODE != 1:
-            tl.store(st + c * NP, h, mask=dmask[None, :])  # the state entering chunk c
-        for t0 in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, L), T):
-            rows, m2, m3, u, dt, _, Bt = _load_tile(idx_base, t0 + t, L, u_base, su_l, dl_base, sd_l,
-                                                    B_base, sB_l, bias, dmask, nmask, HAS_IDX, SOFTPLUS, FAST)
-            a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
-            aa, hh = tl.associative_scan((a, (dt * u)[:, None, :] * Bt[:, :, None]), 0, _pair)
-            hs = hh + aa * h[None, :, :]
-            h = _row(hs, t, T - 1)
-            if MODE == 1:
-                dt_sum += tl.sum(dt, 0)
-            else:
-                Ct = tl.load(C_base[None, :] + rows * sC_l, mask=m3, other=0.0).to(tl.float32)
-                y = tl.sum(hs * Ct[:, :, None], 1)  # (T, BD)
-                if HAS_D:
-                    y += Dv[None, :] * u
-                if HAS_Z:
-                    zz = tl.load(z_base[None, :] + rows * sz_l, mask=m2, other=0.0).to(tl.float32)
-                    y = y * zz * tl.sigmoid(zz)
-                tl.store(o_base[None, :] + rows * so_l, y.to(out_ptr.dtype.element_ty), mask=m2)
+            C_n = _fetch(rows_nn, nxt, L, C_base, sC_l, nmask)
+            if HAS_Z:
+                z_n = _fetch(rows_nn, nxt, L, z_base, sz_l, dmask)
+        rows_n = rows_nn
+        rows_nn = _rows(idx_base, nxt + T, nxt + T < L, HAS_IDX)
+        if MODE != 1:
+            if t0 % CHUNK == 0:
+                tl.store(st + (t0 // CHUNK) * NP, h, mask=dmask[None, :])  # the state entering the chunk
+        m2, u, dt, _, Bt = _prep(u_r, dl_r, B_r, pos, L, bias, dmask, SOFTPLUS, FAST)
+        a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
+        aa, hh = tl.associative_scan((a, (dt * u)[:, None, :] * Bt[:, :, None]), 0, _pair)
+        hs = hh + aa * h[None, :, :]
+        h = _row(hs, t, T - 1)
+        if MODE == 1:
+            dt_sum += tl.sum(dt, 0)
+        else:
+            y = tl.sum(hs * C_r.to(tl.float32)[:, :, None], 1)  # (T, BD)
+            if HAS_D:
+                y += Dv[None, :] * u
+            if HAS_Z:
+                zz = z_r.to(tl.float32)
+                y = y * zz * tl.sigmoid(zz)
+            tl.store(o_base[None, :] + rows[:, None] * so_l, y.to(out_ptr.dtype.element_ty), mask=m2)
     if MODE == 1:
         tl.store(sum_h + s * dim * NP, h, mask=nd_mask)
         tl.store(sum_dt + s * dim, dt_sum, mask=dmask)
@@ -289,28 +312,62 @@ def _scan_bwd_kernel(
         nt = (tl.minimum(CHUNK, L - c0) + T - 1) // T
         h = tl.load(st + c * NP, mask=dmask[None, :], other=0.0)
         tl.debug_barrier()  # the previous chunk's reverse pass has finished reading the scratch
-        # pre-pass: the state entering each tile of the chunk
-        for i in range(0, nt if MODE != 1 else 0):
-            tl.store(scr + i * (NP * BD), h)
-            if i < nt - 1:
-                rows, m2, m3, u, dt, _, Bt = _load_tile(idx_base, c0 + i * T + t, L, u_base, su_l, dl_base,
-                                                        sd_l, B_base, sB_l, bias, dmask, nmask, HAS_IDX,
-                                                        SOFTPLUS, FAST)
+        # pre-pass: the state entering each tile of the chunk (pipelined as the forward's loop)
+        if MODE != 1:
+            tl.store(scr, h)
+            rows_n = _rows(idx_base, c0 + t, c0 + t < L, HAS_IDX)
+            u_n = _fetch(rows_n, c0 + t, L, u_base, su_l, dmask)
+            dl_n = _fetch(rows_n, c0 + t, L, dl_base, sd_l, dmask)
+            B_n = _fetch(rows_n, c0 + t, L, B_base, sB_l, nmask)
+            rows_nn = _rows(idx_base, c0 + T + t, c0 + T + t < L, HAS_IDX)
+            for i in range(0, nt - 1):
+                pos, u_r, dl_r, B_r = c0 + i * T + t, u_n, dl_n, B_n
+                u_n = _fetch(rows_nn, pos + T, L, u_base, su_l, dmask)
+                dl_n = _fetch(rows_nn, pos + T, L, dl_base, sd_l, dmask)
+                B_n = _fetch(rows_nn, pos + T, L, B_base, sB_l, nmask)
+                rows_nn = _rows(idx_base, pos + 2 * T, pos + 2 * T < L, HAS_IDX)
+                _, u, dt, _, Bt = _prep(u_r, dl_r, B_r, pos, L, bias, dmask, SOFTPLUS, FAST)
                 a = tl.exp2(dt[:, None, :] * A2[None, :, :])
                 aa, hh = tl.associative_scan((a, (dt * u)[:, None, :] * Bt[:, :, None]), 0, _pair)
                 h = _row(hh + aa * h[None, :, :], t, T - 1)
+                tl.store(scr + (i + 1) * (NP * BD), h)
         tl.debug_barrier()  # the scratch is read by other threads than those that wrote it
 
+        # the reverse pass, pipelined leftwards: tile i computes while tile i - 1 loads
+        pos_n = c0 + (nt - 1) * T + t
+        rows_n = _rows(idx_base, pos_n, pos_n < L, HAS_IDX)
+        u_n = _fetch(rows_n, pos_n, L, u_base, su_l, dmask)
+        dl_n = _fetch(rows_n, pos_n, L, dl_base, sd_l, dmask)
+        B_n = _fetch(rows_n, pos_n, L, B_base, sB_l, nmask)
+        C_n = _fetch(rows_n, pos_n, L, C_base, sC_l, nmask)
+        do_n = _fetch(rows_n, pos_n, L, do_base, so_l, dmask)
+        z_n = _fetch(rows_n, pos_n, L, z_base, sz_l, dmask) if HAS_Z else do_n
+        rows_nn = _rows(idx_base, pos_n - T, (pos_n >= T) & (pos_n - T < L), HAS_IDX)
+        S_n = tl.load(scr + (nt - 1) * (NP * BD)) if MODE != 1 else tl.zeros((NP, BD), tl.float32)
         for kk in range(0, nt):
             i = nt - 1 - kk
-            rows, m2, m3, u, dt, sig, Bt = _load_tile(idx_base, c0 + i * T + t, L, u_base, su_l, dl_base,
-                                                      sd_l, B_base, sB_l, bias, dmask, nmask, HAS_IDX,
-                                                      SOFTPLUS, FAST)
-            Ct = tl.load(C_base[None, :] + rows * sC_l, mask=m3, other=0.0).to(tl.float32)
-            dout = tl.load(do_base[None, :] + rows * so_l, mask=m2, other=0.0).to(tl.float32)
+            pos = c0 + i * T + t
+            rows, u_r, dl_r, B_r, C_r, do_r, z_r = rows_n, u_n, dl_n, B_n, C_n, do_n, z_n
+            prv = pos - T
+            S = S_n  # the state entering the tile
+            if MODE != 1:
+                u_n = _fetch(rows_nn, prv, L, u_base, su_l, dmask)
+                B_n = _fetch(rows_nn, prv, L, B_base, sB_l, nmask)
+                S_n = tl.load(scr + tl.maximum(i - 1, 0) * (NP * BD))
+            dl_n = _fetch(rows_nn, prv, L, dl_base, sd_l, dmask)
+            C_n = _fetch(rows_nn, prv, L, C_base, sC_l, nmask)
+            do_n = _fetch(rows_nn, prv, L, do_base, so_l, dmask)
+            if HAS_Z:
+                z_n = _fetch(rows_nn, prv, L, z_base, sz_l, dmask)
+            rows_n = rows_nn
+            rows_nn = _rows(idx_base, prv - T, (prv >= T) & (prv - T < L), HAS_IDX)
+            rows = rows[:, None]
+            m2, u, dt, sig, Bt = _prep(u_r, dl_r, B_r, pos, L, bias, dmask, SOFTPLUS, FAST)
+            m3 = (pos < L)[:, None] & nmask[None, :]
+            Ct = C_r.to(tl.float32)
+            dout = do_r.to(tl.float32)
             a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
             if MODE != 1:
-                S = tl.load(scr + i * (NP * BD))  # the state entering the tile
                 dtu = dt * u
                 bx = dtu[:, None, :] * Bt[:, :, None]
                 one = tl.full(a.shape, 1.0, tl.float32)
@@ -319,7 +376,7 @@ def _scan_bwd_kernel(
                 hs = hh + aa * S[None, :, :]  # h_t
                 ah = a * (hp + ap * S[None, :, :])  # a_t h_{t-1}, without cancellation
             if HAS_Z:
-                zz = tl.load(z_base[None, :] + rows * sz_l, mask=m2, other=0.0).to(tl.float32)
+                zz = z_r.to(tl.float32)
                 sz = tl.sigmoid(zz)
                 dy = dout * zz * sz
                 if MODE != 1:
