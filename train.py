@@ -2,6 +2,7 @@
 Train a Diffusion Mamba image generator (DiM first) on Fashion-MNIST, a folder of images, or VAE
 latents.
 
+    python train.py --model dim             # a quickstart: sized for the machine, ends in --minutes
     python train.py --model dim --steps 20000                          # one process (GPU if there is one)
     torchrun --nproc_per_node=8 train.py --model DiM-L/2 --data /data/imagenet/train --res 256 \
         --vae stabilityai/sd-vae-ft-ema --global-batch-size 1024
@@ -21,6 +22,7 @@ import os
 import random
 import re
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -65,9 +67,18 @@ HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout",
 # num_workers: the machine's, not the checkpoint's (see train); at most one fewer than the cores
 # this process may use, so the loader workers leave the main process a core (PyTorch warns beyond
 # that).
-RUN_CONTROL = dict(steps=100_000, ckpt_every=10_000, sample_every=5_000, log_every=100,
+RUN_CONTROL = dict(steps=None, ckpt_every=10_000, sample_every=5_000, log_every=100,
                    keep_last=0, num_workers=min(4, len(os.sched_getaffinity(0)) - 1),
                    compile=False, grad_checkpoint=False, data_dir=None)
+# The quickstart: a new run without --steps trains for --minutes and ends, sized for the machine.
+# On a GPU the family's default config; on a CPU its tiny config at 16 px, batch 32 (DiM-T/2 trains
+# at ~20 images/s on 2 cores, 3x slower at 32 px: too few steps in 30 minutes to learn garments).
+QUICKSTART = {"cuda": dict(minutes=10),
+              "cpu": dict(minutes=30, res=16, global_batch_size=32, lr=1e-3,
+                          models={"dim": "DiM-T/2", "bidim": "BiDiM-T/2", "dimsum": "DiMSUM-T/2",
+                                  "lamamba": "LaMamba-T", "dit": "DiT-T/2"})}
+PLANNED = ("steps", "ckpt_every", "sample_every", "log_every")  # a quickstart's, from its timing
+GRIDS_PER_RUN = 6  # a quickstart's grids: one every 1/6 of its time, and at steps 0 and end
 
 
 #################################################################################
@@ -128,6 +139,56 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+def plan_run(args, fitted, seconds_left, step_s, grid_s):
+    """Size a quickstart to the seconds left of its --minutes: as many steps of step_s as fit, with a
+    5% margin, beside its sample grids (one every 1/GRIDS_PER_RUN of the steps and one at the end,
+    each taking grid_s as the step-0 grid did). A checkpoint at every grid, so a stopped run resumes;
+    warm-up and EMA fitted to the steps."""
+    grids = GRIDS_PER_RUN if args.sample_every != 0 else 0
+    args.steps = max(1, int(0.95 * (seconds_left - grids * grid_s) / step_s))
+    if args.sample_every is None:
+        args.sample_every = math.ceil(args.steps / GRIDS_PER_RUN)
+    if args.ckpt_every is None:
+        args.ckpt_every = math.ceil(args.steps / GRIDS_PER_RUN)
+    if args.log_every is None:
+        args.log_every = max(1, min(100, args.steps // 100))
+    fit_to_length(args, fitted)
+
+
+def fit_to_length(args, fitted):
+    """Warm-up and EMA that suit the run's length, for those in `fitted` (not given on the command
+    line): the recipe's value, but a warm-up of at most 5% of the steps and an EMA horizon
+    (1 / (1 - decay) steps) of at most a tenth of them, so a short run trains at its full learning
+    rate for most of its steps and its EMA weights are not still the initial ones. (DiM's 5000
+    warm-up steps and 0.9999 decay are exactly these fractions of a 100k-step run.)"""
+    if "warmup" in fitted:
+        args.warmup = min(args.warmup, args.steps // 20)
+    if "ema" in fitted:
+        args.ema = min(args.ema, max(0.0, 1 - 10 / args.steps))
+
+
+def seconds_per_step(model, diffusion, shape, num_classes, device, autocast):
+    """Median time of a training step (forward, backward, AdamW) of a copy of the model on a random
+    batch of the run's shape, after one untimed step. The run's weights, optimizer and random
+    streams are untouched."""
+    net, times = deepcopy(model).train(), []
+    opt = torch.optim.AdamW(net.parameters())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x = torch.randn(shape, device=device)
+        y = torch.randint(0, num_classes, shape[:1], device=device) if num_classes else None
+        for _ in range(4):
+            t0 = time.perf_counter()
+            with autocast:
+                loss = diffusion.training_loss(net, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 #################################################################################
 #                      Flags, run folders, locks and writes                     #
 #################################################################################
@@ -148,6 +209,7 @@ def finite_at_least_zero(v):
 FLAG_RULES = {
     "res": (positive, "a positive number of pixels"),
     "steps": (positive, ">= 1"),
+    "minutes": (lambda v: math.isfinite(v) and v > 0, "a finite number of minutes > 0"),
     "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "weight_decay": (finite_at_least_zero, "a finite number >= 0"),
     "warmup": (at_least_zero, ">= 0"),
@@ -384,12 +446,16 @@ def save_samples(ema, diffusion, vae, shape, num_classes, path, device, seed, au
 #                                  Training Loop                                #
 #################################################################################
 
+def write_args(run_dir, args):
+    with writing_to(run_dir), open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+
+
 def prepare_run_dir(run_dir, args, metrics_path, step):
     """Folders, args.json for humans, and metrics.jsonl cut back to the resumed step."""
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+    write_args(run_dir, args)
     if not os.path.exists(metrics_path):
         return
     with open(metrics_path) as f:
@@ -438,7 +504,7 @@ def main(args):
 
 
 def train(args, rank, world, device, cleanup):
-    master = rank == 0
+    t_start, master = time.time(), rank == 0
     # torchrun sets TORCHELASTIC_RUN_ID; its launcher is then this worker's parent
     launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
     # TF32 on Ampere+: ~free speed, no visible effect on training
@@ -446,6 +512,9 @@ def train(args, rank, world, device, cleanup):
     torch.backends.cudnn.allow_tf32 = True
 
     check_flags(args, world)  # as given (on --resume, checked again once merged with the stored)
+    if args.minutes is not None and (args.steps is not None or args.resume):
+        raise FlagError("--minutes sizes a new run that has no --steps; give one of them (a --resume "
+                        "continues to its stored --steps, or to a new --steps)")
     ckpt, run_dir = None, None
     if args.resume:
         # A resume continues in the checkpoint's own run folder, locked against a second
@@ -470,10 +539,23 @@ def train(args, rank, world, device, cleanup):
         stored = {k: v for k, v in ckpt["args"].items() if k not in ("results_dir", "num_workers")}
         args = argparse.Namespace(**{**stored, **given, "resume": args.resume,
                                      "results_dir": args.results_dir})
+    # A new run without --steps is a quickstart: it trains for --minutes and ends, and a family
+    # (not a config) gets the machine's preset; steps, grids and checkpoints are planned once a
+    # training step has been timed.
+    planned = args.steps is None
+    if planned:
+        preset = QUICKSTART["cuda" if device.type == "cuda" else "cpu"]
+        args.minutes = args.minutes or preset["minutes"]
+        family = (args.model or "dim").lower()
+        if family in preset.get("models", {}):
+            args.model = preset["models"][family]
+            args.res = args.res or (None if args.vae else preset["res"])
+            args.global_batch_size = args.global_batch_size or preset["global_batch_size"]
+            args.lr = args.lr or preset["lr"]
     # (getattr: checkpoints of older versions lack the newer flags)
     for k, default in {**RUN_CONTROL, "results_dir": RESULTS_DIR, "global_batch_size": 128,
-                       "frames": 16}.items():
-        if getattr(args, k, None) is None:
+                       "frames": 16, "minutes": None}.items():
+        if getattr(args, k, None) is None and not (planned and k in PLANNED):
             setattr(args, k, default)
     args.model = resolve_model_name(args.model or "dim")
     check_flags(args, world)
@@ -505,9 +587,12 @@ def train(args, rank, world, device, cleanup):
     torch.manual_seed(args.seed)  # same initial weights on every rank and for every world size
     model = build_model(args.model, **model_kwargs).to(device)
     # None means "the model's own recipe"; the checkpoint stores the resolved values
+    fitted = [k for k in ("warmup", "ema") if getattr(args, k) is None]
     for k in HYPERPARAMETERS:
         if getattr(args, k) is None:
             setattr(args, k, model.train_defaults[k])
+    if not planned:
+        fit_to_length(args, fitted)
     # weak-to-strong: start from weights trained at a lower resolution
     if args.init_from and ckpt is None:
         copied, resized, skipped = init_from_checkpoint(model, args.init_from, args.model)
@@ -587,9 +672,10 @@ def train(args, rank, world, device, cleanup):
     # the first step whose loss was not finite (-1: none), kept on the device: no sync per step
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     # as a context manager the bar ends its line before an error message is printed
+    frames = (args.frames,) if args.video else ()
+    shape = (raw_model.in_channels, *frames, args.res // factor, args.res // factor)
+
     def sample_grid():
-        frames = (args.frames,) if args.video else ()
-        shape = (raw_model.in_channels, *frames, args.res // factor, args.res // factor)
         with writing_to(os.path.join(run_dir, "samples")):
             save_samples(ema, diffusion, vae, shape, num_classes,
                          os.path.join(run_dir, "samples", f"{step:07d}.png"), device, args.seed,
@@ -597,9 +683,29 @@ def train(args, rank, world, device, cleanup):
 
     # a grid of the untrained model first: the sampling path is checked, and its time seen, before
     # the first real grid thousands of steps later
-    if master and args.sample_every > 0 and step == 0:
+    t_grid = time.time()
+    if master and args.sample_every != 0 and step == 0:
         sample_grid()
-    with tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True) as pbar:
+    if planned:
+        timed = torch.tensor([time.time() - t_grid, seconds_per_step(
+            raw_model, diffusion, (local_batch, *shape), num_classes, device, autocast)])
+        if world > 1:  # every rank plans the same run, from the slowest rank's times
+            dist.all_reduce(timed, op=dist.ReduceOp.MAX)
+        grid_s, step_s = timed.tolist()
+        end = t_start + 60 * args.minutes
+        plan_run(args, fitted, end - time.time(), step_s, grid_s)
+        t_plan, plan_step, replan_every = time.time(), step, math.ceil(args.steps / GRIDS_PER_RUN)
+        if master:
+            write_args(run_dir, args)
+            print(f"quickstart: {args.minutes:g} minutes on {device.type}: {args.steps} steps "
+                  f"({step_s:.2f} s each, timed), a grid every {args.sample_every} steps "
+                  f"({grid_s:.0f} s each), warm-up {args.warmup}, EMA {args.ema:.4g}, lr "
+                  f"{args.lr:g} (steps planned again every {replan_every} steps from the pace); "
+                  "--steps N trains exactly N steps instead")
+    # tqdm's ETA from the average rate of the whole run (smoothing=0): grids and checkpoints
+    # included, it does not jump after each of them
+    with tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True,
+              smoothing=0) as pbar:
         while step < args.steps:
             epoch, batch_in_epoch, x, y = next(data)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -633,6 +739,28 @@ def train(args, rank, world, device, cleanup):
             bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
             log_steps += 1
             pbar.update(1)
+            # the load of the machine changes: at each of the planned grids a quickstart plans its
+            # remaining steps again, from its own pace so far (grids and checkpoints included)
+            if planned and step % replan_every == 0 and step < args.steps:
+                pace = torch.tensor((time.time() - t_plan) / (step - plan_step), device=device)
+                if world > 1:
+                    dist.all_reduce(pace, op=dist.ReduceOp.MAX)
+                args.steps = pbar.total = step + max(1, int(0.97 * (end - time.time() - 2 * grid_s)
+                                                            / pace.item()))
+                if master:
+                    write_args(run_dir, args)
+            # and it ends in time even if its steps run slower than that: it stops early, leaving
+            # time for the last checkpoint and grid
+            if planned and step % args.log_every == 0 and step < args.steps:
+                late = torch.tensor(int(time.time() > end - grid_s), device=device)
+                if world > 1:
+                    dist.all_reduce(late, op=dist.ReduceOp.MAX)
+                if late.item():
+                    tqdm.write(f"--minutes {args.minutes:g} is nearly up: ending at step {step} "
+                               f"of the {args.steps} planned")
+                    args.steps = pbar.total = step
+                    if master:
+                        write_args(run_dir, args)
 
             writes = ((args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.steps
                       or (args.sample_every > 0 and step % args.sample_every == 0))
@@ -662,7 +790,8 @@ def train(args, rank, world, device, cleanup):
                          "objective": diffusion.objective,
                          "step": step, "data": (epoch, batch_in_epoch)}
                 save_checkpoint(state, ckpt_dir, world, master, args.keep_last)
-            if master and args.sample_every > 0 and step % args.sample_every == 0:
+            if master and args.sample_every > 0 and (step % args.sample_every == 0
+                                                     or step == args.steps):
                 sample_grid()
             # images/s counts training time, not checkpoints and sample grids
             t0 += time.time() - t_pause
@@ -693,7 +822,8 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", default=None,
                         help=f"where Fashion-MNIST's .gz files are (default {FASHION_MNIST_DIR})")
     parser.add_argument("--res", type=int, default=None,
-                        help="image side in pixels (default 32, 256 with --vae)")
+                        help="image side in pixels (default 32, 256 with --vae, 16 for a CPU "
+                        "quickstart)")
     parser.add_argument("--channels", type=int, choices=[1, 3], default=1,
                         help="Fashion-MNIST as grey or RGB")
     parser.add_argument("--video", action="store_true",
@@ -706,9 +836,20 @@ def parse_args(argv=None):
                         help="train on the latents of this diffusers AutoencoderKL "
                         "(a local folder or a hub id such as stabilityai/sd-vae-ft-ema); "
                         "default none: pixels")
-    parser.add_argument("--global-batch-size", type=int, default=None, help="default 128")
+    parser.add_argument("--global-batch-size", type=int, default=None,
+                        help="default 128 (a CPU quickstart: 32)")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"total optimisation steps (default {rc['steps']})")
+                        help="total optimisation steps; default none: a quickstart that trains for "
+                        "--minutes")
+    cpu, gpu = QUICKSTART["cpu"], QUICKSTART["cuda"]
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="a new run without --steps trains this long, then writes its last "
+                        "checkpoint and grid: steps, grids (every 1/6 of the run), checkpoints, "
+                        "warm-up and EMA are planned from a timed step. A family (--model dim) "
+                        f"gets the machine's preset: on a GPU the family's config for {gpu['minutes']}"
+                        f" minutes, on a CPU its tiny config (DiM-T/2) at {cpu['res']} px, batch "
+                        f"{cpu['global_batch_size']}, lr {cpu['lr']:g} for {cpu['minutes']} minutes "
+                        "(default: those minutes)")
     recipe = "default: the model's train_defaults (DiM: {})"
     dim = DiM.train_defaults
     parser.add_argument("--lr", type=float, default=None, help=recipe.format(dim["lr"]))
@@ -716,22 +857,27 @@ def parse_args(argv=None):
                         help=recipe.format(dim["weight_decay"]))
     parser.add_argument("--warmup", type=int, default=None,
                         help="linear warm-up steps, then constant lr; "
-                        + recipe.format(dim["warmup"]))
+                        + recipe.format(dim["warmup"]) + ", at most 5%% of the steps")
     parser.add_argument("--grad-clip", type=float, default=None,
                         help="max gradient norm (0 = off); " + recipe.format(dim["grad_clip"]))
     parser.add_argument("--label-dropout", type=float, default=None,
                         help="probability of the null label; "
                         + recipe.format(dim["label_dropout"]))
     parser.add_argument("--ema", type=float, default=None,
-                        help="EMA decay per step; " + recipe.format(dim["ema"]))
+                        help="EMA decay per step; " + recipe.format(dim["ema"])
+                        + ", at most 1 - 10 / steps (a horizon of a tenth of the run)")
     parser.add_argument("--results-dir", default=None,
                         help="where new run folders go (default results); a --resume of a run "
                         "folder continues in it")
     parser.add_argument("--ckpt-every", type=int, default=None,
-                        help=f"default {rc['ckpt_every']}; 0 = only at the end")
+                        help=f"default {rc['ckpt_every']} (a quickstart: at every grid); 0 = "
+                        "only at the end")
     parser.add_argument("--sample-every", type=int, default=None,
-                        help=f"default {rc['sample_every']}; 0 = never")
-    parser.add_argument("--log-every", type=int, default=None, help=f"default {rc['log_every']}")
+                        help=f"default {rc['sample_every']} (a quickstart: 1/6 of its steps); "
+                        "a grid also at step 0 and at the end; 0 = never")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help=f"default {rc['log_every']} (a quickstart: 1%% of its steps, at most "
+                        "100)")
     parser.add_argument("--keep-last", type=int, default=None,
                         help="keep only the newest K numbered checkpoints (default 0 = keep all; "
                         "2 or more leaves one to fall back on if the newest is damaged)")

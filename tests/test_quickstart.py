@@ -1,10 +1,13 @@
 """The quickstart as a new user meets it (issue 19): the README's main command on a machine without
 a GPU, --help showing every default, sample.py without --ckpt, Fashion-MNIST above 32 px without a
 materialised resized copy, and progress shown for sampling. Tiny models, a few steps."""
+import argparse
+import json
 import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -93,3 +96,101 @@ def test_fashion_mnist_above_32px_is_resized_per_batch():
     assert x.shape == (4, 1, 64, 64) and y.tolist() == dataset.labels[:4].tolist()
     assert torch.equal(x[2], dataset[2][0])  # the same image read alone
     assert FashionMNIST(res=16).images.shape[-2:] == (16, 16)  # smaller: resized once
+
+
+# -----------------------------------------------------------------------------------------------
+# A run sized by time: --minutes, the machine's preset, recipe fitted to the run's length
+# -----------------------------------------------------------------------------------------------
+
+def test_minutes_conflicts_and_bad_values_are_one_line_errors(tmp_path):
+    for argv, message in [(["--steps", "5", "--minutes", "1"], "give one of them"),
+                          (["--resume", str(tmp_path), "--minutes", "1"], "give one of them"),
+                          (["--minutes", "0"], "--minutes 0.0 cannot work"),
+                          (["--minutes", "nan"], "--minutes nan cannot work")]:
+        with pytest.raises(train.FlagError, match=re.escape(message)):
+            train.main(train.parse_args(argv + ["--results-dir", str(tmp_path)]))
+    assert not os.listdir(tmp_path)  # refused before any run folder
+
+
+def test_warmup_and_ema_fit_the_run_length():
+    args = lambda steps: argparse.Namespace(steps=steps, warmup=5000, ema=0.9999)
+    short, paper, given = args(1000), args(100_000), args(1000)
+    train.fit_to_length(short, ["warmup", "ema"])
+    train.fit_to_length(paper, ["warmup", "ema"])
+    train.fit_to_length(given, [])  # both given on the command line: kept
+    assert (short.warmup, short.ema) == (50, pytest.approx(0.99))
+    assert (paper.warmup, paper.ema) == (5000, 0.9999)  # DiM's recipe is these fractions at 100k
+    assert (given.warmup, given.ema) == (5000, 0.9999)
+    tiny = args(3)
+    train.fit_to_length(tiny, ["warmup", "ema"])
+    assert (tiny.warmup, tiny.ema) == (0, 0.0)
+
+
+def test_plan_fills_the_minutes_beside_the_grids():
+    args = argparse.Namespace(steps=None, sample_every=None, ckpt_every=None, log_every=None,
+                              warmup=5000, ema=0.9999)
+    train.plan_run(args, ["warmup", "ema"], seconds_left=112, step_s=0.25, grid_s=2)
+    # 95% of the 112 s less 6 grids of 2 s, at 0.25 s a step
+    assert args.steps == 380 and args.sample_every == args.ckpt_every == 64
+    assert args.log_every == 3 and args.warmup == 19 and args.ema == pytest.approx(1 - 10 / 380)
+    kept = argparse.Namespace(steps=None, sample_every=0, ckpt_every=7, log_every=3, warmup=5,
+                              ema=0.5)
+    train.plan_run(kept, [], seconds_left=100, step_s=0.1, grid_s=0)
+    assert (kept.steps, kept.sample_every, kept.ckpt_every, kept.log_every) == (950, 0, 7, 3)
+
+
+def test_a_run_without_steps_ends_in_its_minutes(tmp_path, monkeypatch, capsys, fake_fmnist):
+    # the timed step says 0.1 ms, far faster than the real one: the run plans too many steps and
+    # must stop at its deadline, still writing its last checkpoint and grid
+    monkeypatch.setattr(train, "seconds_per_step", lambda *a: 1e-4)
+    # grids as empty files: sampling has its own tests, and a busy machine makes real ones slow
+    monkeypatch.setattr(train, "save_samples", lambda *a: open(a[5], "wb").close())
+    fake_fmnist(tmp_path / "data")
+    t0 = time.time()
+    run = train.main(train.parse_args(["--model", "DiT-T/2", "--res", "8", "--minutes", "0.1",
+                                       "--global-batch-size", "4", "--num-workers", "0",
+                                       "--data-dir", str(tmp_path / "data"),
+                                       "--results-dir", str(tmp_path / "results")]))
+    out = capsys.readouterr().out
+    assert time.time() - t0 < 60  # 6 s planned; generous for a busy machine
+    args = json.load(open(os.path.join(run, "args.json")))
+    planned = int(re.search(r"quickstart: 0.1 minutes on cpu: (\d+) steps", out).group(1))
+    assert 0 < args["steps"] < planned and args["model"] == "DiT-T/2"  # a config: no preset
+    assert (args["res"], args["global_batch_size"], args["lr"]) == (8, 4, 1e-4)  # DiT's own lr
+    ckpt = torch.load(os.path.join(run, "checkpoints", f"{args['steps']:07d}.pt"),
+                      weights_only=False)
+    assert ckpt["step"] == args["steps"] and ckpt["args"]["steps"] == args["steps"]
+    grids = sorted(os.listdir(os.path.join(run, "samples")))
+    assert grids[0] == "0000000.png" and grids[-1] == f"{args['steps']:07d}.png"  # start and end
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the preset of a machine without a GPU")
+def test_a_family_without_steps_gets_the_cpu_preset(tmp_path, monkeypatch, fake_fmnist):
+    monkeypatch.setattr(train, "seconds_per_step", lambda *a: 1e3)  # plans a single step
+    fake_fmnist(tmp_path / "data", n=40)
+    run = train.main(train.parse_args(["--model", "dim", "--minutes", "0.5", "--sample-every", "0",
+                                       "--num-workers", "0", "--data-dir", str(tmp_path / "data"),
+                                       "--results-dir", str(tmp_path / "results")]))
+    args = json.load(open(os.path.join(run, "args.json")))
+    preset = train.QUICKSTART["cpu"]
+    assert args["model"] == preset["models"]["dim"] == "DiM-T/2" and args["steps"] == 1
+    assert (args["res"], args["global_batch_size"], args["lr"], args["minutes"]) == (
+        preset["res"], preset["global_batch_size"], preset["lr"], 0.5)
+    assert args["warmup"] == 0 and args["ema"] == 0  # fitted to one step
+
+
+def test_a_run_planned_on_a_slow_timing_plans_again_from_its_pace(tmp_path, monkeypatch, capsys,
+                                                                   fake_fmnist):
+    # the timed step says 0.3 s (a machine busy at that moment): the plan is a few steps, and the
+    # run, much faster in fact, extends itself at its first planned grid to fill its minutes
+    monkeypatch.setattr(train, "seconds_per_step", lambda *a: 0.3)
+    monkeypatch.setattr(train, "save_samples", lambda *a: open(a[5], "wb").close())
+    fake_fmnist(tmp_path / "data")
+    run = train.main(train.parse_args(["--model", "DiT-T/2", "--res", "8", "--minutes", "0.1",
+                                       "--global-batch-size", "4", "--num-workers", "0",
+                                       "--data-dir", str(tmp_path / "data"),
+                                       "--results-dir", str(tmp_path / "results")]))
+    planned = int(re.search(r"on cpu: (\d+) steps", capsys.readouterr().out).group(1))
+    steps = json.load(open(os.path.join(run, "args.json")))["steps"]
+    assert planned < 20 and steps > 2 * planned
+    assert os.path.isfile(os.path.join(run, "checkpoints", f"{steps:07d}.pt"))
