@@ -139,7 +139,7 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def plan_run(args, fitted, seconds_left, step_s, grid_s):
+def plan_run(args, fitted, recipe, seconds_left, step_s, grid_s):
     """Size a quickstart to the seconds left of its --minutes: as many steps of step_s as fit, with a
     5% margin, beside its sample grids (one every 1/GRIDS_PER_RUN of the steps and one at the end,
     each taking grid_s as the step-0 grid did). A checkpoint at every grid, so a stopped run resumes;
@@ -152,19 +152,19 @@ def plan_run(args, fitted, seconds_left, step_s, grid_s):
         args.ckpt_every = math.ceil(args.steps / GRIDS_PER_RUN)
     if args.log_every is None:
         args.log_every = max(1, min(100, args.steps // 100))
-    fit_to_length(args, fitted)
+    fit_to_length(args, fitted, recipe)
 
 
-def fit_to_length(args, fitted):
+def fit_to_length(args, fitted, recipe):
     """Warm-up and EMA that suit the run's length, for those in `fitted` (not given on the command
     line): the recipe's value, but a warm-up of at most 5% of the steps and an EMA horizon
     (1 / (1 - decay) steps) of at most a tenth of them, so a short run trains at its full learning
     rate for most of its steps and its EMA weights are not still the initial ones. (DiM's 5000
     warm-up steps and 0.9999 decay are exactly these fractions of a 100k-step run.)"""
     if "warmup" in fitted:
-        args.warmup = min(args.warmup, args.steps // 20)
+        args.warmup = min(recipe["warmup"], args.steps // 20)
     if "ema" in fitted:
-        args.ema = min(args.ema, max(0.0, 1 - 10 / args.steps))
+        args.ema = min(recipe["ema"], max(0.0, 1 - 10 / args.steps))
 
 
 def seconds_per_step(model, diffusion, shape, num_classes, device, autocast):
@@ -419,7 +419,9 @@ def save_samples(ema, diffusion, vae, shape, num_classes, path, device, seed, au
     # own generator: sampling must not move the training RNG
     g = torch.Generator(device).manual_seed(seed)
     k = min(num_classes, 10)
-    rows = 4 if len(shape) == 3 else 1  # clips: one row, each is a whole sequence of frames
+    # clips: one row, each is a whole sequence of frames; on a CPU two rows, as a grid of 4 costs
+    # about as much as 50 training steps of a CPU quickstart
+    rows = 1 if len(shape) == 4 else 4 if device.type == "cuda" else 2
     y = torch.arange(k, device=device).repeat(rows) if k else None
     noise = torch.randn(rows * k if k else 4 * rows, *shape, device=device, generator=g)
 
@@ -592,7 +594,7 @@ def train(args, rank, world, device, cleanup):
         if getattr(args, k) is None:
             setattr(args, k, model.train_defaults[k])
     if not planned:
-        fit_to_length(args, fitted)
+        fit_to_length(args, fitted, model.train_defaults)
     # weak-to-strong: start from weights trained at a lower resolution
     if args.init_from and ckpt is None:
         copied, resized, skipped = init_from_checkpoint(model, args.init_from, args.model)
@@ -693,7 +695,7 @@ def train(args, rank, world, device, cleanup):
             dist.all_reduce(timed, op=dist.ReduceOp.MAX)
         grid_s, step_s = timed.tolist()
         end = t_start + 60 * args.minutes
-        plan_run(args, fitted, end - time.time(), step_s, grid_s)
+        plan_run(args, fitted, model.train_defaults, end - time.time(), step_s, grid_s)
         t_plan, plan_step, replan_every = time.time(), step, math.ceil(args.steps / GRIDS_PER_RUN)
         if master:
             write_args(run_dir, args)
@@ -740,13 +742,15 @@ def train(args, rank, world, device, cleanup):
             log_steps += 1
             pbar.update(1)
             # the load of the machine changes: at each of the planned grids a quickstart plans its
-            # remaining steps again, from its own pace so far (grids and checkpoints included)
+            # remaining steps again, from its own pace so far (grids and checkpoints included), and
+            # its EMA horizon with them (not the warm-up: that would lower the lr again)
             if planned and step % replan_every == 0 and step < args.steps:
                 pace = torch.tensor((time.time() - t_plan) / (step - plan_step), device=device)
                 if world > 1:
                     dist.all_reduce(pace, op=dist.ReduceOp.MAX)
                 args.steps = pbar.total = step + max(1, int(0.97 * (end - time.time() - 2 * grid_s)
                                                             / pace.item()))
+                fit_to_length(args, [k for k in fitted if k == "ema"], model.train_defaults)
                 if master:
                     write_args(run_dir, args)
             # and it ends in time even if its steps run slower than that: it stops early, leaving

@@ -114,28 +114,30 @@ def test_minutes_conflicts_and_bad_values_are_one_line_errors(tmp_path):
 
 def test_warmup_and_ema_fit_the_run_length():
     args = lambda steps: argparse.Namespace(steps=steps, warmup=5000, ema=0.9999)
+    recipe = dict(warmup=5000, ema=0.9999)
     short, paper, given = args(1000), args(100_000), args(1000)
-    train.fit_to_length(short, ["warmup", "ema"])
-    train.fit_to_length(paper, ["warmup", "ema"])
-    train.fit_to_length(given, [])  # both given on the command line: kept
+    train.fit_to_length(short, ["warmup", "ema"], recipe)
+    train.fit_to_length(paper, ["warmup", "ema"], recipe)
+    train.fit_to_length(given, [], recipe)  # both given on the command line: kept
     assert (short.warmup, short.ema) == (50, pytest.approx(0.99))
     assert (paper.warmup, paper.ema) == (5000, 0.9999)  # DiM's recipe is these fractions at 100k
     assert (given.warmup, given.ema) == (5000, 0.9999)
     tiny = args(3)
-    train.fit_to_length(tiny, ["warmup", "ema"])
+    train.fit_to_length(tiny, ["warmup", "ema"], recipe)
     assert (tiny.warmup, tiny.ema) == (0, 0.0)
 
 
 def test_plan_fills_the_minutes_beside_the_grids():
     args = argparse.Namespace(steps=None, sample_every=None, ckpt_every=None, log_every=None,
                               warmup=5000, ema=0.9999)
-    train.plan_run(args, ["warmup", "ema"], seconds_left=112, step_s=0.25, grid_s=2)
+    train.plan_run(args, ["warmup", "ema"], dict(warmup=5000, ema=0.9999), seconds_left=112,
+                   step_s=0.25, grid_s=2)
     # 95% of the 112 s less 6 grids of 2 s, at 0.25 s a step
     assert args.steps == 380 and args.sample_every == args.ckpt_every == 64
     assert args.log_every == 3 and args.warmup == 19 and args.ema == pytest.approx(1 - 10 / 380)
     kept = argparse.Namespace(steps=None, sample_every=0, ckpt_every=7, log_every=3, warmup=5,
                               ema=0.5)
-    train.plan_run(kept, [], seconds_left=100, step_s=0.1, grid_s=0)
+    train.plan_run(kept, [], {}, seconds_left=100, step_s=0.1, grid_s=0)
     assert (kept.steps, kept.sample_every, kept.ckpt_every, kept.log_every) == (950, 0, 7, 3)
 
 
@@ -191,6 +193,8 @@ def test_a_run_planned_on_a_slow_timing_plans_again_from_its_pace(tmp_path, monk
                                        "--data-dir", str(tmp_path / "data"),
                                        "--results-dir", str(tmp_path / "results")]))
     planned = int(re.search(r"on cpu: (\d+) steps", capsys.readouterr().out).group(1))
-    steps = json.load(open(os.path.join(run, "args.json")))["steps"]
+    args = json.load(open(os.path.join(run, "args.json")))
+    steps = args["steps"]
     assert planned < 20 and steps > 2 * planned
+    assert args["ema"] >= 1 - 10 / steps - 1e-9  # the EMA horizon follows the new plan
     assert os.path.isfile(os.path.join(run, "checkpoints", f"{steps:07d}.pt"))
