@@ -25,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 SUBPROCESS = compare.run_command  # the real one, before the stand-in replaces it
 
 TINY = ["--models", "DiT-T/2", "--batch-size", "4", "--epochs", "0.0004", "--eval-at", "0.0002",
-        "--num-samples", "8", "--sample-steps", "2", "--sweep-samplers", "ddim,dpm++",
-        "--sweep-clips", "none,dynamic", "--cfg-scales", "1,2", "--num-workers", "0"]
+        "--num-samples", "8", "--sweep-samples", "8", "--sample-steps", "2", "--sweep-samplers",
+        "ddim,dpm++", "--sweep-clips", "none,dynamic", "--cfg-scales", "1,2", "--num-workers", "0"]
 
 
 class Features(torch.nn.Module):
@@ -96,7 +96,7 @@ def test_every_stage_runs_and_is_recorded(done):
     best_sweep = min((e for e in evals if e["step"] == 6 and e["cfg"] == 1),
                      key=lambda e: e["fid"])
     assert g == {"step": best_curve["step"], "sampler": best_sweep["sampler"],
-                 "x0_clip": best_sweep["x0_clip"]}
+                 "x0_clip": best_sweep["x0_clip"], "n": 8}
     assert {e["cfg"] for e in evals if all(e[k] == v for k, v in g.items())} == {1, 2}
     for e in evals:
         assert e["n"] == 8 and np.isfinite(e["fid"]) and e["fid"] > 0 and e["gpu_s"] > 0
@@ -148,14 +148,15 @@ def test_a_second_call_continues(done, stand_ins):
     assert steps == sorted(set(steps)) and steps[-1] == 9
 
 
-def test_a_fresh_machine_starts_over_only_with_work_left(done, stand_ins, tmp_path, monkeypatch):
+def test_a_fresh_machine_trains_again_only_for_work_left(done, stand_ins, tmp_path, monkeypatch):
     out = tmp_path / "fresh"
     shutil.copytree(done / "report", out / "report")  # what a session carries: no runs/
     stand_ins.clear()
     compare.main(compare.parse_args([*TINY, "--out", str(out)]))
     # all done: nothing runs, every measurement is kept
     assert stand_ins == []
-    assert results(out)["models"]["DiT-T/2"]["evals"] == results(done)["models"]["DiT-T/2"]["evals"]
+    evals = results(done)["models"]["DiT-T/2"]["evals"]
+    assert results(out)["models"]["DiT-T/2"]["evals"] == evals
     table = open(out / "report" / "table.md").read()
     assert table.count("| DiT-T/2 | 0.0004 |") >= 5  # the sweep's rows, from results.json alone
 
@@ -164,9 +165,13 @@ def test_a_fresh_machine_starts_over_only_with_work_left(done, stand_ins, tmp_pa
         raise compare.OutOfBudget("stopped by the test")
     monkeypatch.setattr(compare, "run_command", stop)
     compare.main(compare.parse_args([*TINY, "--out", str(out), "--cfg-scales", "1,2,3"]))
-    # a guidance scale more needs a checkpoint that is gone: the family trains again from scratch
-    assert "--model" in stand_ins[0] and "--resume" not in stand_ins[0]
-    assert results(out)["models"]["DiT-T/2"]["evals"] == {}
+    # a guidance scale more needs a checkpoint that is gone: a new run from scratch, in chunks
+    # that end at evaluation points (their checkpoints are kept); the measurements stay
+    cmd = stand_ins[0]
+    assert "--model" in cmd and "--resume" not in cmd and cmd[cmd.index("--steps") + 1] == "3"
+    record = results(out)["models"]["DiT-T/2"]
+    assert record["evals"] == evals and record["retrained"] == 1
+    assert record["chunks"] == []  # the gone run's chunks; the new run has none yet
 
 
 def test_gpu_seconds_by_hand():

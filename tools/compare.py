@@ -1,31 +1,34 @@
 """
 The five families compared on class-conditional Fashion-MNIST 32x32 (issue 20): each at about
-DiT-S's size, trained with one recipe for --epochs (20) with FID-10k and KID against the test set at
-several points, training GPU-seconds per point, then a sweep over samplers and x0 clipping and a
-guidance sweep at each family's best checkpoint.
+DiT-S's size, trained with one recipe for --epochs (20), FID-10k and KID against the test set at
+several points with the training GPU-seconds up to each, then a sweep over samplers and x0 clipping
+at the last checkpoint and a guidance sweep at the best one.
 
     python -m tools.compare --data-dir /usr/share/datasets/fashion-mnist --budget-minutes 9
-    python -m tools.compare --models DiT-S/2 --budget-minutes 9   # one family, in its own lease
+    python -m tools.compare --models DiT-S/2 --budget-minutes 9   # one family
     python -m tools.compare --stages report                       # only redraw the table and plots
 
-Resumable: the command does what is not done yet, in order, family by family (train to the next
-evaluation point, evaluate it, ..., then the sweeps), and stops cleanly when --budget-minutes is
-spent: a training chunk is sized from the run's own measured speed to end inside the budget (and is
-killed at the deadline if that estimate was wrong; it resumes from its last checkpoint, written
-every epoch), an evaluation starts only if the previous one of that family would fit. The next call
-continues. What a call leaves:
+Resumable: a call does what is not done yet, family by family (train to the next evaluation point,
+evaluate it, ..., then the sweeps), and stops cleanly when --budget-minutes is spent: a training
+chunk is sized from the run's measured speed to end inside the budget (killed at the deadline if
+that estimate was wrong; it resumes from its last checkpoint, written every epoch and at every
+evaluation point), and an evaluation starts only if the family's previous ones say it fits. The
+next call continues. What a call leaves:
 
-  OUT/report/   results.json (every measurement and the settings, the small part to keep), table.md,
+  OUT/report/   results.json (every measurement and the settings: the part to keep), table.md,
                 fid_vs_images.png, fid_vs_gpu_seconds.png, grid_<model>.png (its best setting)
   OUT/runs/     train.py run folders (checkpoints at the evaluation points and the newest)
   OUT/samples/  sample.py outputs (samples.npz, grid.png) per evaluation
 
+OUT/report alone is enough to continue on another machine: the measurements are kept, and a family
+whose remaining work needs a checkpoint is trained again (same recipe and seed) up to it.
+
 GPU-seconds: the training time train.py measures itself (metrics.jsonl: images/s per log interval,
-without checkpoint writes), times the number of GPUs. The first interval after each start also holds
-process start, data loader start and compilation, one-off costs that a longer run pays once; it is
-counted at the run's median speed instead (its measured excess is reported as startup seconds).
-Each model trains alone on the GPU (concurrent runs would share it and blur each other's timing), on
-its fastest path: bf16, the Triton scan, torch.compile where --compile lists it.
+checkpoint writes excluded), times the number of GPUs. The first interval after each start also
+holds process start, data loader start and compilation, one-off costs that a longer run pays once:
+it is counted at the run's median speed instead (the excess is reported as startup seconds). Each
+model trains alone on the GPU (concurrent runs would share it and blur each other's timing), on its
+fastest path: bf16, the Triton scan, torch.compile where --compile lists it.
 """
 import argparse
 import glob
@@ -72,10 +75,6 @@ class OutOfBudget(Exception):
     """--budget-minutes is spent: stop here, the next call continues."""
 
 
-class Pending(Exception):
-    """A dry pass over a family (run_family(dry=True)) found work still to do."""
-
-
 def tag(name):
     return name.replace("/", "-")
 
@@ -105,7 +104,8 @@ def save_results(args, results):
 def settings(args):
     return {"recipe": " ".join(RECIPE), "batch_size": args.batch_size, "epochs": args.epochs,
             "eval_epochs": args.eval_at, "sampler": args.sampler, "sample_steps": args.sample_steps,
-            "x0_clip": args.x0_clip, "num_samples": args.num_samples, "gpus": args.gpus,
+            "x0_clip": args.x0_clip, "num_samples": args.num_samples,
+            "sweep_samples": args.sweep_samples, "gpus": args.gpus,
             "compiled": args.compile, "reference": "Fashion-MNIST test set (10,000 images)"}
 
 
@@ -241,7 +241,9 @@ def train_to(args, results, name, target, deadline):
         per_step = run and seconds_per_step(read_metrics(run), starts, args.batch_size)
         # startup measured on earlier chunks of this run (wall time minus training time)
         startups = [c["startup_s"] for c in record["chunks"] if "startup_s" in c]
-        end = chunk_end(step, target, None if deadline is None else deadline - time.time(),
+        # a chunk ends at the next evaluation point, whose checkpoint the evaluations need
+        stop = min([p for p in eval_steps(args) if p > step] + [target])
+        end = chunk_end(step, stop, None if deadline is None else deadline - time.time(),
                         per_step, max(startups) if startups else STARTUP_GUESS_S)
         if end <= step:
             raise OutOfBudget(f"{name}: no time left to train on from step {step}")
@@ -308,20 +310,18 @@ def eval_key(step, sampler, x0_clip, cfg, steps, n):
     return f"step={step} {sampler} x0={x0_clip} cfg={cfg:g} steps={steps} n={n}"
 
 
-def evaluate(args, results, scorer, name, step, sampler, x0_clip, cfg, deadline, dry=False):
-    """FID and KID of --num-samples samples of checkpoint `step` with one sampling setting; skipped
-    when results.json has it. Returns its record."""
-    n = args.num_samples
+def evaluate(args, results, scorer, name, step, sampler, x0_clip, cfg, n, deadline):
+    """FID and KID of n samples of checkpoint `step` with one sampling setting; skipped when
+    results.json has it. Returns its record."""
     record = results["models"][name]
     key = eval_key(step, sampler, x0_clip, cfg, args.sample_steps, n)
     if key in record["evals"]:
         return record["evals"][key]
-    if dry:
-        raise Pending(key)
-    run = run_folder(args.out, name)
+    # on a fresh machine the checkpoint is gone: the run is trained again (see main)
+    run = train_to(args, results, name, step, deadline)
     if step not in checkpoint_steps(run):
-        raise SystemExit(f"{name}: the checkpoint of step {step} is gone from {run}, and {key} "
-                         "needs it")
+        raise SystemExit(f"{name}: {run} has trained past step {step} without keeping its "
+                         f"checkpoint, which {key} needs; remove the run folder to train it again")
     # network evaluations of this setting, to scale the time of the family's previous evaluations
     cost = n * args.sample_steps * (2 if cfg != 1 else 1) * (2 if sampler == "heun" else 1)
     rates = [e["sample_s"] / e["cost"] for e in record["evals"].values()]
@@ -380,40 +380,31 @@ def best(entries):
     return min(entries, key=lambda e: e["fid"]) if entries else None
 
 
-def run_family(args, results, scorer, name, deadline, dry=False):
+def run_family(args, results, scorer, name, deadline):
     """The stages of one family: train to each evaluation point and evaluate it, then the sweeps at
-    the last checkpoint and the guidance sweep at the best. dry: raise Pending at the first piece
-    of work not done yet instead of doing it."""
+    the last checkpoint and the guidance sweep at the best."""
     record, points, stages = results["models"][name], eval_steps(args), args.stages
     sampler, x0_clip, cfg = main_setting(args)
     if "curve" in stages:
         for step in points:
-            if eval_key(step, sampler, x0_clip, cfg, args.sample_steps,
-                        args.num_samples) in record["evals"]:
-                continue
-            if dry:
-                raise Pending(f"{name}: training to step {step}")
-            run = train_to(args, results, name, step, deadline)
-            if step not in checkpoint_steps(run):
-                print(f"note: {name} has no checkpoint at step {step} (trained past it before this "
-                      "point was asked for); skipped")
-                continue
-            evaluate(args, results, scorer, name, step, sampler, x0_clip, cfg, deadline)
+            evaluate(args, results, scorer, name, step, sampler, x0_clip, cfg, args.num_samples,
+                     deadline)
     final = points[-1]
     if final not in [e["step"] for e in curve(record, args)]:
         return  # the sweeps start from the curve's last point
     if "sweep" in stages:
         for s, c in sweep_settings(args, name):
-            evaluate(args, results, scorer, name, final, s, c, cfg, deadline, dry)
+            evaluate(args, results, scorer, name, final, s, c, cfg, args.sweep_samples, deadline)
     if "guidance" in stages:
         # the best checkpoint of the curve, with the best sampler and clipping at the last one
         at = best(curve(record, args))
-        top = best([e for e in record["evals"].values() if e["step"] == final and e["cfg"] == 1])
+        top = best([e for e in record["evals"].values() if e["step"] == final and e["cfg"] == 1
+                    and e["n"] == args.sweep_samples]) or at
         record["guidance"] = {"step": at["step"], "sampler": top["sampler"],
-                              "x0_clip": top["x0_clip"]}
+                              "x0_clip": top["x0_clip"], "n": args.sweep_samples}
         for scale in args.cfg_scales:
             evaluate(args, results, scorer, name, at["step"], top["sampler"], top["x0_clip"],
-                     scale, deadline, dry)
+                     scale, args.sweep_samples, deadline)
 
 
 #################################################################################
@@ -529,16 +520,22 @@ def write_report(args, results):
     lines.append(f"\nTraining: {' '.join(RECIPE)}, batch {args.batch_size}, {args.gpus} GPU(s). "
                  f"Curves: {args.num_samples} samples, {sampler} {args.sample_steps} steps, x0 "
                  f"clipping {x0_clip}, no guidance; FID and KID against the 10,000 test images.")
+    retrained = [f"{name} ({results['models'][name]['retrained']}x)" for name in models
+                 if results["models"][name].get("retrained")]
+    if retrained:
+        lines.append(f"Trained again on a new machine for later stages (same recipe and seed): "
+                     f"{', '.join(retrained)}.")
     floor = results.get("floor", {}).get(str(args.num_samples))
     if floor:
         lines.append(f"Real images ({args.num_samples} of the training set) against the test set: "
                      f"FID {floor['fid']:.1f}, KID x 1e3 {1e3 * floor['kid']:.1f}.")
     sweeps = [("Samplers and x0 clipping at the last checkpoint, no guidance",
-               lambda e, g: e["step"] == points[-1] and e["cfg"] == 1),
+               lambda e, g: e["step"] == points[-1] and e["cfg"] == 1
+               and e["n"] == args.sweep_samples),
               ("Guidance at each family's best checkpoint, with its best sampler and clipping",
                lambda e, g: g is not None and all(e[k] == g[k] for k in g))]
     for title, pick in sweeps:
-        lines += ["", f"{title}:", "",
+        lines += ["", f"{title} ({args.sweep_samples} samples each):", "",
                   "| model | epoch | sampler | x0 clipping | cfg | FID | KID x 1e3 |",
                   "|---|---|---|---|---|---|---|"]
         for name in models:
@@ -604,7 +601,11 @@ def parse_args(argv=None):
                         "torch.compile; measured fastest for these two)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="train.py's data loader processes (default: train.py's)")
-    parser.add_argument("--num-samples", type=int, default=10_000, help="samples per FID")
+    parser.add_argument("--num-samples", type=int, default=10_000, help="samples per FID of the "
+                        "curves")
+    parser.add_argument("--sweep-samples", type=int, default=10_000,
+                        help="samples per FID of the sweeps (fewer: cheaper, and comparable "
+                        "within a sweep only)")
     parser.add_argument("--sampler", choices=COMMON_SAMPLERS, default="dpm++",
                         help="sampler of the FID curves (one that every family has)")
     parser.add_argument("--sample-steps", type=int, default=20)
@@ -630,6 +631,7 @@ def parse_args(argv=None):
                            ("--batch-size", args.batch_size >= 1, ">= 1"),
                            ("--gpus", args.gpus >= 1, ">= 1"),
                            ("--num-samples", args.num_samples >= 2, ">= 2 (a covariance)"),
+                           ("--sweep-samples", args.sweep_samples >= 2, ">= 2 (a covariance)"),
                            ("--sample-steps", args.sample_steps >= 1, ">= 1"),
                            ("--budget-minutes", args.budget_minutes is None
                             or args.budget_minutes >= 0, ">= 0"),
@@ -649,16 +651,12 @@ def main(args):
         for name in args.models:
             if set(args.stages) == {"report"}:
                 break
-            if run_folder(args.out, name) is None and results["models"][name]["chunks"]:
-                # a fresh machine: the checkpoints are gone. Work left on this family needs
-                # them, and one curve must come from one run: it starts over.
-                try:
-                    run_family(args, results, scorer, name, deadline, dry=True)
-                    continue
-                except Pending as e:
-                    print(f"note: {name}'s run folder is gone and {e} is still to do: the family "
-                          "starts over", flush=True)
-                    results["models"][name] = {"chunks": [], "evals": {}}
+            record = results["models"][name]
+            if run_folder(args.out, name) is None and record["chunks"]:
+                # A fresh machine: the checkpoints are gone. The measurements stay, and work left
+                # that needs a checkpoint trains the run again (same recipe and seed; on a GPU not
+                # bit for bit the same weights, whose scan backward adds atomically).
+                record["chunks"], record["retrained"] = [], record.get("retrained", 0) + 1
             print(f"== {name}", flush=True)
             run_family(args, results, scorer, name, deadline)
     except OutOfBudget as e:
