@@ -13,9 +13,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import models
 import sample
 import train
 from data import FASHION_MNIST_DIR, FashionMNIST
+from tools import bench
 from train import RunError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -198,3 +200,16 @@ def test_a_run_planned_on_a_slow_timing_plans_again_from_its_pace(tmp_path, monk
     assert planned < 20 and steps > 2 * planned
     assert args["ema"] >= 1 - 10 / steps - 1e-9  # the EMA horizon follows the new plan
     assert os.path.isfile(os.path.join(run, "checkpoints", f"{steps:07d}.pt"))
+
+
+def test_bench_cpu_table_row(tmp_path, capsys):
+    out = tmp_path / "assets" / "bench_cpu.json"
+    rows = bench.cpu_table([("DiM-T/2", 8, 2)], threads=1, warmup=0, repeats=1, out=str(out))
+    assert json.loads(out.read_text()) == rows and len(rows) == 1
+    row = rows[0]
+    assert row["step_ms"] > 0 and row["images_per_s"] == pytest.approx(2e3 / row["step_ms"])
+    assert 0.05 < row["peak_rss_gib"] < 2  # torch itself (~0.3 GiB) and a tiny model's step
+    assert row["params_M"] == pytest.approx(sum(
+        p.numel() for p in models.build_model("DiM-T/2", input_size=8, in_channels=1,
+                                              num_classes=10).parameters()) / 1e6)
+    assert "| DiM-T/2 | 8 | 2 |" in capsys.readouterr().out

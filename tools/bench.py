@@ -22,6 +22,13 @@ Timing: --warmup untimed steps, then the median of --repeats steps, each timed w
 memory is not tried ("OOM*"). JSON and plot are rewritten after every row, so an interrupted run
 keeps what it measured.
 
+CPU table (--cpu): the README's CPU benchmark, on Fashion-MNIST-shaped batches (pixels, 1 channel, 10
+classes): a train.py training step (the model's diffusion loss, backward, AdamW) of each of CPU_ROWS,
+each in a fresh process so that its peak RSS (ru_maxrss: weights, optimiser, activations, and the
+~0.3 GiB of torch itself) is its own; --threads torch threads; JSON in assets/bench_cpu.json.
+
+    python -m tools.bench --cpu
+
 Scan cost: FlopCounterMode sees no matmul inside the selective scan (the CUDA kernel is opaque, the
 PyTorch scan is elementwise), so counting runs inside ssm.count_scan_flops(), where each scan
 records its shapes and adds b*d*L*(9N + 1) MACs (+ b*d*L when gated by z) instead of running.
@@ -30,7 +37,9 @@ import argparse
 import gc
 import json
 import math
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -40,6 +49,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import ssm
+from diffusion import create_diffusion
 from models import MODELS, checkpoint_blocks, compile_blocks
 
 # family -> (config name for a size letter, size aliases)
@@ -218,6 +228,62 @@ def measure(name, family, factory, res, batch, args, device, info):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+#################################################################################
+#                           CPU table (Fashion-MNIST shape)                     #
+#################################################################################
+
+# (model, res, batch): DiT-T/2 against DiM-T/2 at the default 32 px, and at the 16 px of the CPU
+# quickstart (train.py's preset: DiM-T/2, batch 32)
+CPU_ROWS = [("DiT-T/2", 32, 32), ("DiM-T/2", 32, 32), ("DiT-T/2", 16, 32), ("DiM-T/2", 16, 32)]
+
+
+def cpu_row(name, res, batch, threads, warmup, repeats):
+    """One training step of `name` on a Fashion-MNIST-shaped batch, timed on the CPU; run in a
+    fresh process (cpu_table), so ru_maxrss is this model's peak."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = MODELS[name](input_size=res, in_channels=1, num_classes=10)
+    diffusion = create_diffusion(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randn(batch, 1, res, res), torch.randint(0, 10, (batch,))
+
+    def step():
+        loss = diffusion.training_loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    seconds = median_time(step, warmup, repeats, cuda=False)
+    return dict(model=name, res=res, batch=batch, threads=threads,
+                params_M=sum(p.numel() for p in model.parameters()) / 1e6,
+                step_ms=1e3 * seconds, images_per_s=batch / seconds,
+                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+
+
+def cpu_table(rows, threads, warmup, repeats, out):
+    """cpu_row for each (model, res, batch), each in its own fresh process; the JSON is rewritten
+    after every row."""
+    results = []
+    ctx = multiprocessing.get_context("spawn")
+    for name, res, batch in rows:
+        with ctx.Pool(1) as pool:  # a new process per row: ru_maxrss never goes down
+            row = pool.apply(cpu_row, (name, res, batch, threads, warmup, repeats))
+        results.append(row)
+        print(f"[bench] {name} @ {res} px x{batch}, {threads} threads: {row['step_ms']:.0f} ms/step, "
+              f"{row['images_per_s']:.1f} img/s, peak RSS {row['peak_rss_gib']:.2f} GiB",
+              file=sys.stderr)
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(out + ".tmp", out)
+    print("| model | res | batch | params (M) | ms/step | images/s | peak RSS (GiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['res']} | {r['batch']} | {r['params_M']:.2f} | "
+              f"{r['step_ms']:,.0f} | {r['images_per_s']:.1f} | {r['peak_rss_gib']:.2f} |")
+    return results
 
 
 #################################################################################
@@ -400,9 +466,17 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=0,
                    help="seconds; later configs are skipped (0 = no limit)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", default="bench.json")
+    p.add_argument("--out", default=None, help="default bench.json (--cpu: assets/bench_cpu.json)")
     p.add_argument("--plot", default="bench.png")
+    p.add_argument("--cpu", action="store_true",
+                   help="the README's CPU table instead (CPU_ROWS, Fashion-MNIST shape, peak RSS)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="torch threads with --cpu (default: this machine's cores)")
     args = p.parse_args(argv)
+    if args.cpu:
+        return cpu_table(CPU_ROWS, args.threads, args.warmup, args.repeats,
+                         args.out or os.path.join("assets", "bench_cpu.json"))
+    args.out = args.out or "bench.json"
     if args.scan:
         os.environ["DIFFUSION_MAMBA_SCAN"] = args.scan   # ssm reads it at every call
     resolutions = [int(r) for r in args.res.split(",")]
