@@ -202,6 +202,24 @@ def test_a_run_planned_on_a_slow_timing_plans_again_from_its_pace(tmp_path, monk
     assert os.path.isfile(os.path.join(run, "checkpoints", f"{steps:07d}.pt"))
 
 
+def test_cpu_training_leaves_a_core_per_loader_worker(tmp_path, fake_fmnist):
+    cores = len(os.sched_getaffinity(0))
+    fake_fmnist(tmp_path / "data")
+    argv = ["--model", "DiT-T/2", "--res", "8", "--global-batch-size", "4", "--steps", "1",
+            "--sample-every", "0", "--data-dir", str(tmp_path / "data")]
+    try:
+        torch.set_num_threads(cores)
+        train.main(train.parse_args(argv + ["--num-workers", "1", "--results-dir",
+                                            str(tmp_path / "a")]))
+        assert torch.get_num_threads() == max(1, cores - 1)
+        torch.set_num_threads(1)  # fewer threads asked for are kept
+        train.main(train.parse_args(argv + ["--num-workers", "0", "--results-dir",
+                                            str(tmp_path / "b")]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)  # the module's setting (one_thread)
+
+
 def test_bench_cpu_table_row(tmp_path, capsys):
     out = tmp_path / "assets" / "bench_cpu.json"
     rows = bench.cpu_table([("DiM-T/2", 8, 2)], threads=1, warmup=0, repeats=1, out=str(out))

@@ -470,8 +470,9 @@ def main(argv=None):
     p.add_argument("--plot", default="bench.png")
     p.add_argument("--cpu", action="store_true",
                    help="the README's CPU table instead (CPU_ROWS, Fashion-MNIST shape, peak RSS)")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="torch threads with --cpu (default: this machine's cores)")
+    p.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1),
+                   help="torch threads with --cpu (default: as train.py with its one loader "
+                   "worker, one fewer than the cores)")
     args = p.parse_args(argv)
     if args.cpu:
         return cpu_table(CPU_ROWS, args.threads, args.warmup, args.repeats,
