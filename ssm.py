@@ -404,7 +404,8 @@ def token_backend(x, d_state, backend=None):
 
 
 def scan_reference(u, delta, A, B, C, D, z, dt_bias, order, scan=None):
-    """mamba_scan in PyTorch: each direction gathered into scan order, a (batch, dim, L) scan, scattered back.
+    """mamba_scan through a (batch, dim, L) scan (the loop, mamba-ssm's kernel): each direction gathered into
+    scan order, scanned, scattered back.
     u, delta, z: (batch, L, K, dim); B, C: (batch, L, K, N); A: (K, dim, N); D, dt_bias: (K, dim)."""
     scan = scan or selective_scan_torch
     outs = []
@@ -419,14 +420,41 @@ def scan_reference(u, delta, A, B, C, D, z, dt_bias, order, scan=None):
     return torch.stack(outs, 2)
 
 
+def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=16):
+    """mamba_scan in PyTorch on a CPU: each direction gathered straight from the token layout into
+    the steps-first one ChunkedScan reads, (L, batch, ch), contiguous, with one copy (index_select
+    in scan order), scanned, and put back in token order. Arguments as scan_reference's."""
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    outs = []
+    for k in range(u.shape[2]):
+        idx = None if order is None else order[k].long()
+
+        def steps(x):  # (batch, L, K, ch) -> (L, batch, ch), scan order
+            x = x[:, :, k].transpose(0, 1)
+            return (x.contiguous() if idx is None else x.index_select(0, idx)).to(dtype)
+        with torch.autocast(u.device.type, enabled=False):  # fp32 under bf16 autocast
+            us = steps(u)
+            dt = steps(delta) if dt_bias is None else steps(delta) + dt_bias[k].to(dtype)
+            y = ChunkedScan.apply(us[:, :, None], F.softplus(dt)[:, :, None], A[k].to(dtype)[None],
+                                  steps(B)[:, :, None], steps(C)[:, :, None], chunk_size)[:, :, 0]
+            if D is not None:
+                y = y + D[k].to(dtype) * us
+            if z is not None:
+                y = y * F.silu(steps(z))
+            if idx is not None:
+                y = y.index_select(0, torch.argsort(idx))
+        outs.append(y.transpose(0, 1).to(u.dtype))  # (batch, L, dim)
+    return torch.stack(outs, 2)
+
+
 def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, backend=None):
     """The selective scan (softplus on delta + dt_bias) in the token layout the linear layers use.
     u, delta, z: (batch, L, dim), or (batch, L, K, dim) for K directions (u or z may stay 3-D: shared by all);
     B, C: (batch, L, N) or (batch, L, K, N), e.g. views of x_proj's output; A: (dim, N) or (K, dim, N) fp32;
     D, dt_bias: (dim,) or (K, dim) fp32; order: None (scan in storage order), an (L,) or (K, L) integer table
     of the token read at each scan step. Returns (batch, L, dim) or (batch, L, K, dim) in u's dtype.
-    On a GPU this is one Triton kernel (ssm_triton.py) with no copy around it; elsewhere the PyTorch scan,
-    recomputed in the backward instead of storing its (.., L, N) intermediates."""
+    On a GPU this is one Triton kernel (ssm_triton.py) with no copy around it; elsewhere the PyTorch scan
+    (scan_torch_tokens), recomputed in the backward instead of storing its (.., L, N) intermediates."""
     single = A.dim() == 2
     K = 1 if single else A.shape[0]
     batch, L = u.shape[:2]
@@ -450,7 +478,9 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     which = token_backend(u, A.shape[-1], backend)
     if which == "triton":
         out = ssm_triton.scan_op(u, delta, z, B, C, A, D, dt_bias, order, True)[0]
-    else:  # PyTorch (storing no (.., L, N) tensor), mamba-ssm's kernel (gathers and transposes included), the loop
+    elif which == "torch":  # ChunkedScan: no (.., L, N) tensor kept for the backward
+        out = scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order)
+    else:  # mamba-ssm's kernel (the whole job: gathers and transposes included), or the loop
         out = scan_reference(u, delta, A, B, C, D, z, dt_bias, order, SCANS[which])
     return out[:, :, 0] if single else out
 
