@@ -208,6 +208,15 @@ def test_the_deadline_kills_a_command_and_stops_the_call(tmp_path, capsys, monke
     assert os.path.exists(tmp_path / "report" / "table.md")
 
 
+def test_safety_checkpoints_are_pruned(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    for step in (3, 500, 1000, 1200):
+        (tmp_path / "checkpoints" / f"{step:07d}.pt").write_bytes(b"")
+    compare.prune_checkpoints(str(tmp_path), keep=[3, 9375])
+    # the evaluation point and the newest (a resume's) stay
+    assert compare.checkpoint_steps(str(tmp_path)) == [3, 1200]
+
+
 def test_sweep_settings_apply_where_they_can():
     args = compare.parse_args(["--sweep-samplers", "ddpm,ddim,dpm++,heun"])
     clips = ["none", "clip", "dynamic"]

@@ -11,7 +11,7 @@ at the last checkpoint and a guidance sweep at the best one.
 Resumable: a call does what is not done yet, family by family (train to the next evaluation point,
 evaluate it, ..., then the sweeps), and stops cleanly when --budget-minutes is spent: a training
 chunk is sized from the run's measured speed to end inside the budget (killed at the deadline if
-that estimate was wrong; it resumes from its last checkpoint, written every epoch and at every
+that estimate was wrong; it resumes from its last checkpoint, written every 2 minutes and at every
 evaluation point), and an evaluation starts only if the family's previous ones say it fits. The
 next call continues. What a call leaves:
 
@@ -69,6 +69,8 @@ COMMON_SAMPLERS = [s for s in GaussianDiffusion.samplers if s in FlowMatching.sa
 LOG_EVERY = 50  # train.py's log interval, the resolution of the GPU-seconds
 # start of a train.py process (loading, data, compilation) when the run has no measurement yet
 STARTUP_GUESS_S = 90
+# seconds of training a deadline kill may lose at most: the safety checkpoints' interval
+SAFETY_S = 120
 
 
 class OutOfBudget(Exception):
@@ -129,8 +131,8 @@ def checkpoint_path(run, step):
 
 
 def prune_checkpoints(run, keep):
-    """Deletes the safety checkpoints (one per epoch) once passed: all but the steps in `keep` (the
-    evaluation points) and the newest, which a resume needs. A DiM-S/2 checkpoint is 0.8 GB."""
+    """Deletes the safety checkpoints once passed: all but the steps in `keep` (the evaluation
+    points) and the newest, which a resume needs. A DiM-S/2 checkpoint is 0.8 GB."""
     steps = checkpoint_steps(run)
     for step in steps[:-1]:
         if step not in keep:
@@ -247,8 +249,10 @@ def train_to(args, results, name, target, deadline):
                         per_step, max(startups) if startups else STARTUP_GUESS_S)
         if end <= step:
             raise OutOfBudget(f"{name}: no time left to train on from step {step}")
-        # a safety checkpoint about every epoch, on a logged step (see intervals)
-        every = LOG_EVERY * math.ceil(TRAIN_IMAGES / args.batch_size / LOG_EVERY)
+        # a safety checkpoint every SAFETY_S of training (every epoch until the speed is known),
+        # on a logged step (see intervals)
+        every = TRAIN_IMAGES / args.batch_size if per_step is None else SAFETY_S / per_step
+        every = LOG_EVERY * max(1, math.ceil(every / LOG_EVERY))
         common = ["--steps", str(end), "--ckpt-every", str(every), "--sample-every", "0",
                   "--log-every", str(LOG_EVERY)]
         common += ["--data-dir", args.data_dir] if args.data_dir else []
