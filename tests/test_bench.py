@@ -9,6 +9,8 @@ import torch.nn as nn
 import models
 from tools import bench
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: conftest.one_thread
+
 
 class OOMModel(nn.Module):
     """Stands in for a model that does not fit: its forward raises the CUDA out-of-memory error."""
@@ -28,12 +30,14 @@ def oom_family(monkeypatch):
     monkeypatch.setitem(bench.FAMILIES, "oom", ("OOM-{}/2", {}))
 
 
-@pytest.mark.parametrize("mode", ["train", "sample"])
-def test_bench_cpu_tiny(tmp_path, capsys, oom_family, mode):
+# The default --compile dit (DiT through torch.compile, Inductor building C++ for each shape) in one
+# mode; the other mode runs every model eager, as the code path of compilation is the same in both.
+@pytest.mark.parametrize("mode, compile", [("train", "dit"), ("sample", "none")])
+def test_bench_cpu_tiny(tmp_path, capsys, oom_family, mode, compile):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     bench.main(["--models", "dim,dit,oom", "--size", "T", "--res", "32,64", "--batch", "2,1",
-                "--repeats", "1", "--warmup", "0", "--mode", mode, "--out", str(out), "--plot",
-                str(plot)])
+                "--repeats", "1", "--warmup", "0", "--mode", mode, "--compile", compile, "--out",
+                str(out), "--plot", str(plot)])
     rows = json.loads(out.read_text())
     assert all(set(r) == set(bench.COLUMNS) for r in rows)
     status = {(r["model"], r["res"]): r["status"] for r in rows}
@@ -42,6 +46,7 @@ def test_bench_cpu_tiny(tmp_path, capsys, oom_family, mode):
     for r in rows:
         assert r["mode"] == mode and r["device"] == "cpu" and r["scan"] == "torch"
         if r["status"] == "ok":
+            assert r["compiled"] == ("model" if compile == "dit" and r["model"] == "DiT-T/2" else "no")
             assert r["tokens"] == (r["res"] // 16) ** 2 and r["params_M"] > 0 and r["gflops"] > 0
             assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
             assert r["ms_per_image"] == pytest.approx(r["step_ms"] / r["batch"])

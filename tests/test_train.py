@@ -7,6 +7,7 @@ import fcntl
 import glob
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -25,8 +26,12 @@ from tools import convert_official
 MODEL = "DiM-T/2"
 OTHER_MODEL = "DiM-S/2"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
-                                reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+pytestmark = [pytest.mark.skipif(not os.path.isfile(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")),
+                                 reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist"),
+              # tiny models on a 2-core runner: one intra-op thread, in this process and in the
+              # train.py processes the tests start (conftest.one_thread)
+              pytest.mark.usefixtures("one_thread")]
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 # Small and fast: 8x8 images (a 4x4 token grid), no sample grids, a high lr and no warm-up so a
 # hundred steps learn.
 FAST = ["--model", MODEL, "--res", "8", "--global-batch-size", "16", "--lr", "1e-3", "--warmup",
@@ -47,6 +52,20 @@ def run_sample(*argv):
     return sample.main(sample.parse_args([str(a) for a in argv]))
 
 
+def run_script(script, *argv):
+    """`python SCRIPT ARGV` run in this process (no interpreter start-up): the SystemExit its
+    __main__ block ends with. Its code is what the interpreter prints to stderr (a string: exit
+    status 1)."""
+    saved = sys.argv
+    sys.argv = [script, *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    finally:
+        sys.argv = saved
+    return e.value.code
+
+
 def losses(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f]
@@ -64,7 +83,7 @@ def newest(run_dir):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, one_thread):
     """One 100-step run shared by the learning, sampling and error tests."""
     results = tmp_path_factory.mktemp("results")
     return run_train(*FAST, "--steps", 100, "--ckpt-every", 50, "--ema", 0.99, "--results-dir",
@@ -177,7 +196,10 @@ def test_errors(trained, tmp_path, fake_fmnist, image_folder):
         run_sample("--ckpt", trained, "--class-label", 10)
 
 
-def test_cli_errors_are_one_line(trained, tmp_path):
+def test_cli_errors_are_one_line(trained, tmp_path, monkeypatch):
+    # the scripts' __main__ blocks, in this process; the lock test below runs a real `python
+    # train.py` to the same kind of one-line exit
+    monkeypatch.chdir(tmp_path)
     for script, argv, message in [
             ("train.py", ["--model", "nope", "--results-dir", tmp_path],
              "error: unknown model 'nope'"),
@@ -186,10 +208,8 @@ def test_cli_errors_are_one_line(trained, tmp_path):
              "error: resolution 7 is not divisible by 2"),
             ("train.py", ["--lr", "nan", "--results-dir", tmp_path], "error: --lr nan cannot work"),
             ("sample.py", ["--ckpt", trained, "--steps", 0], "error: --steps 0 cannot work")]:
-        out = subprocess.run([sys.executable, script, *map(str, argv)], cwd=ROOT,
-                             capture_output=True, text=True)
-        assert out.returncode == 1 and out.stderr.strip().startswith(message), out.stderr
-        assert "Traceback" not in out.stderr
+        code = run_script(script, *argv)
+        assert isinstance(code, str) and code.startswith(message) and "\n" not in code, code
 
 
 def test_vae_latents_train_and_sample(tmp_path, image_folder, tiny_vae):
@@ -329,14 +349,10 @@ def test_tile_weights_sum_to_one():
 def test_divergence_stops_the_run_before_a_broken_checkpoint(tmp_path):
     # An absurd learning rate: the loss goes non-finite within a few steps. The run must stop with
     # one line naming the step, and every checkpoint on disk must hold finite weights.
-    argv = [*QUICK, "--lr", "1e12", "--steps", 40, "--ckpt-every", 1, "--log-every", 10,
-            "--results-dir", tmp_path]
-    out = subprocess.run([sys.executable, "train.py", *map(str, argv)], cwd=ROOT, capture_output=True,
-                         text=True)
-    assert out.returncode == 1, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1].startswith(
-        "error: the loss, gradients or weights became NaN or infinite at step"), out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
+    code = run_script("train.py", *QUICK, "--lr", "1e12", "--steps", 40, "--ckpt-every", 1,
+                      "--log-every", 10, "--results-dir", tmp_path)
+    assert isinstance(code, str) and "\n" not in code, code
+    assert code.startswith("error: the loss, gradients or weights became NaN or infinite at step"), code
     ckpts = glob.glob(os.path.join(tmp_path, "*", "checkpoints", "0*.pt"))
     for path in ckpts:
         state = torch.load(path, weights_only=True)
@@ -394,7 +410,8 @@ def test_a_kill_during_a_checkpoint_write_loses_only_the_steps_since_the_last_on
               "torch.save = dying_save\n"
               "train.main(train.parse_args(sys.argv[1:]))\n")
     out = subprocess.run([sys.executable, "-c", driver, *map(str, argv), "--results-dir",
-                          str(tmp_path / "killed")], cwd=ROOT, capture_output=True, text=True)
+                          str(tmp_path / "killed")], cwd=ROOT, capture_output=True, text=True,
+                         env=ONE_THREAD)
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     run, = glob.glob(str(tmp_path / "killed" / "*"))
     folder = os.path.join(run, "checkpoints")
@@ -503,7 +520,7 @@ def test_a_second_resume_of_a_live_run_stops_and_a_dead_runs_lock_is_taken_over(
         held.write(f"process {os.getpid()} on this host\n")
         held.flush()
         out = subprocess.run([sys.executable, "train.py", "--resume", run, "--steps", "4"],
-                             cwd=ROOT, capture_output=True, text=True)
+                             cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.strip() == (f"error: {run} is in use: process {os.getpid()} on this host is "
                                   "training it; stop that process first (or let it finish) rather "
