@@ -52,6 +52,7 @@ from diffusion import (CLIPPING_SAMPLERS, SAMPLERS, X0_CLIPS, FlowMatching, Gaus
 from models import LATEST, ModelError, build_model, resolve_model_name
 from sample import DEFAULT_X0_CLIP
 from tools.bench import count_gmacs
+from train import HelpFormatter
 
 # the repository: train.py, sample.py
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -583,24 +584,24 @@ def comma_list(kind, choices=None):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=comma_list(str), default=DEFAULT_MODELS,
+    # string defaults go through `type` too (argparse), and --help shows them as typed
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--models", type=comma_list(str), default=",".join(DEFAULT_MODELS),
                         help="comma-separated configs, run in this order")
-    parser.add_argument("--stages", type=comma_list(str, STAGES), default=STAGES,
-                        help=f"comma-separated, from {', '.join(STAGES)} (default: all)")
-    parser.add_argument("--out", default="comparison")
+    parser.add_argument("--stages", type=comma_list(str, STAGES), default=",".join(STAGES),
+                        help="comma-separated, from these")
+    parser.add_argument("--out", default="comparison", help="where everything goes")
     parser.add_argument("--data-dir", default=None, help="where Fashion-MNIST's .gz files are")
     parser.add_argument("--budget-minutes", type=float, default=None,
                         help="stop starting work that would not end within this many minutes "
                         "(default: no limit)")
     parser.add_argument("--epochs", type=float, default=20, help="training length of every model")
-    parser.add_argument("--eval-at", type=comma_list(float), default=[1, 2, 5, 10],
+    parser.add_argument("--eval-at", type=comma_list(float), default="1,2,5,10",
                         help="epochs with an FID measurement (the last epoch always has one)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size")
     parser.add_argument("--gpus", type=int, default=1,
                         help="processes (GPUs) per training and sampling run, through torchrun")
-    parser.add_argument("--compile", type=comma_list(str), default=["DiT-S/2", "DiM-S/2"],
+    parser.add_argument("--compile", type=comma_list(str), default="DiT-S/2,DiM-S/2",
                         help="models trained with train.py --compile (whole-model "
                         "torch.compile; measured fastest for these two)")
     parser.add_argument("--num-workers", type=int, default=None,
@@ -612,16 +613,16 @@ def parse_args(argv=None):
                         "within a sweep only)")
     parser.add_argument("--sampler", choices=COMMON_SAMPLERS, default="dpm++",
                         help="sampler of the FID curves (one that every family has)")
-    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--sample-steps", type=int, default=20, help="steps of every sampler")
     parser.add_argument("--x0-clip", choices=X0_CLIPS, default=DEFAULT_X0_CLIP["pixels"],
                         help="x0 clipping of the FID curves (sample.py's pixel-space default)")
     parser.add_argument("--sweep-samplers", type=comma_list(str, SAMPLERS),
-                        default=["ddpm", "ddim", "dpm++", "heun"],
+                        default="ddpm,ddim,dpm++,heun",
                         help="samplers of the sweep at the last checkpoint (each where the model's "
                         "objective has it)")
-    parser.add_argument("--sweep-clips", type=comma_list(str, X0_CLIPS), default=list(X0_CLIPS),
+    parser.add_argument("--sweep-clips", type=comma_list(str, X0_CLIPS), default=",".join(X0_CLIPS),
                         help="x0 clipping modes of the sweep (each where the sampler takes it)")
-    parser.add_argument("--cfg-scales", type=comma_list(float), default=[1.0, 1.5, 2.0, 3.0, 4.0],
+    parser.add_argument("--cfg-scales", type=comma_list(float), default="1,1.5,2,3,4",
                         help="guidance scales at each family's best checkpoint and sampler")
     parser.add_argument("--weights", default=None,
                         help="the FID Inception TorchScript file (see fid.py)")
