@@ -12,11 +12,13 @@ default the Triton kernels (scan and conv) against the chunked PyTorch scan with
 nothing but the math. Inputs are SD-VAE-shaped latents (4 channels, res/8 grid, 1000 classes) with
 bf16 autocast (--dtype bf16, the training setting) or in fp32.
 
-Errors are relative: output max|a - b| / max|b|; gradients, per parameter ||a - b|| / ||b||, and the
-worst parameter is reported. A model passes when both are under the tolerance of its dtype (bf16
-rounding of the residual stream and of every matrix product input differs between the paths only
-through the scan's and conv's own rounding, so 2e-2; fp32 1e-3). Prints a table, writes JSON, and
-exits 1 if a model fails.
+Errors are relative: output max|a - b| / max|b|; gradients, per parameter ||a - b|| / ||b||.
+In fp32 the fast path must match the reference path within 1e-3 everywhere. In bf16 the two paths
+round differently (our kernels accumulate the conv and scan in fp32, cuDNN's bf16 conv does not), so
+both are measured against the reference path in fp32, the truth: the fast path passes when its error
+is at most 1.25x the reference path's own bf16 error (+1e-3), for the output and every parameter.
+Both passes start from the same RNG state, so stochastic depth (DiMSUM) drops the same blocks.
+Prints a table, writes JSON, and exits 1 if a model fails.
 """
 import argparse
 import json
@@ -28,7 +30,8 @@ import torch
 
 from tools.bench import LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR, resolve, timesteps
 
-TOLERANCE = {"bf16": 2e-2, "fp32": 1e-3}
+TOLERANCE = {"bf16": 1.25, "fp32": 1e-3}  # bf16: a ratio to the reference path's error
+SLACK = 1e-3
 
 
 def forward_backward(model, x, t, y, backend, autocast):
@@ -36,6 +39,7 @@ def forward_backward(model, x, t, y, backend, autocast):
     previous = os.environ.get("DIFFUSION_MAMBA_SCAN")
     os.environ["DIFFUSION_MAMBA_SCAN"] = backend
     try:
+        torch.manual_seed(2)  # the same dropped blocks / labels in every pass
         model.zero_grad(set_to_none=True)
         with autocast:
             out = model(x, t, y)
@@ -71,16 +75,29 @@ def compare(name, res, batch, dtype, fast, reference, device):
     out_r, grads_r = forward_backward(model, x, t, y, reference, autocast)
     if grads_f.keys() != grads_r.keys():
         raise RuntimeError(f"{name}: the two paths give gradients to different parameters")
-    out_err = ((out_f - out_r).abs().max() / out_r.abs().max().clamp_min(1e-12)).item()
-    grad_errs = {n: ((grads_f[n] - g).norm() / g.norm().clamp_min(1e-12)).item()
-                 for n, g in grads_r.items()}
-    worst = max(grad_errs, key=lambda n: (grad_errs[n] != grad_errs[n], grad_errs[n]))  # NaN first
-    tol = TOLERANCE[dtype]
-    ok = out_err <= tol and all(e <= tol for e in grad_errs.values())  # a NaN fails
-    return {"model": name, "family": family, "res": res, "batch": batch, "dtype": dtype,
-            "fast": fast, "reference": reference, "output_error": out_err,
-            "worst_gradient_error": grad_errs[worst], "worst_parameter": worst,
-            "parameters": len(grad_errs), "tolerance": tol, "ok": ok}
+    out_err = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+    grad_err = lambda ga, gb: {n: ((ga[n] - g).norm() / g.norm().clamp_min(1e-12)).item()
+                               for n, g in gb.items()}
+    row = {"model": name, "family": family, "res": res, "batch": batch, "dtype": dtype, "fast": fast,
+           "reference": reference, "output_error": out_err(out_f, out_r),
+           "parameters": len(grads_r), "tolerance": TOLERANCE[dtype]}
+    errs = grad_err(grads_f, grads_r)
+    if dtype == "fp32":
+        ok = row["output_error"] <= TOLERANCE["fp32"] and all(e <= TOLERANCE["fp32"] for e in errs.values())
+    else:  # both bf16 paths against the fp32 reference path
+        out_t, grads_t = forward_backward(model, x, t, y, reference, nullcontext())
+        fast_t, ref_t = grad_err(grads_f, grads_t), grad_err(grads_r, grads_t)
+        ratio = lambda e_fast, e_ref: e_fast / (e_ref + SLACK)
+        ratios = {n: ratio(fast_t[n], ref_t[n]) for n in fast_t}
+        row.update(output_vs_fp32=out_err(out_f, out_t), reference_output_vs_fp32=out_err(out_r, out_t))
+        row["output_ratio"] = ratio(row["output_vs_fp32"], row["reference_output_vs_fp32"])
+        errs = ratios
+        ok = row["output_ratio"] <= TOLERANCE["bf16"] and all(r <= TOLERANCE["bf16"] for r in ratios.values())
+    worst = max(errs, key=lambda n: (errs[n] != errs[n], errs[n]))  # NaN first; NaN also fails `ok`
+    row.update(worst_parameter=worst, worst_gradient_error=grad_err(grads_f, grads_r)[worst], ok=ok)
+    if dtype == "bf16":
+        row.update(worst_ratio=errs[worst], fast_vs_fp32=fast_t[worst], reference_vs_fp32=ref_t[worst])
+    return row
 
 
 def main(argv=None):
@@ -106,8 +123,12 @@ def main(argv=None):
         name = resolve(spec.strip(), args.size)[0]
         rows.append(compare(name, args.res, args.batch, args.dtype, args.fast, args.reference, device))
         r = rows[-1]
-        print(f"{r['model']:>12}  output {r['output_error']:.1e}  gradients {r['worst_gradient_error']:.1e}"
-              f" ({r['worst_parameter']})  {'ok' if r['ok'] else 'FAIL'}", flush=True)
+        line = (f"{r['model']:>12}  fast vs reference: output {r['output_error']:.1e}, gradients "
+                f"{r['worst_gradient_error']:.1e} ({r['worst_parameter']})")
+        if args.dtype == "bf16":
+            line += (f"; against fp32: output {r['output_vs_fp32']:.1e} vs {r['reference_output_vs_fp32']:.1e}"
+                     f", worst gradient {r['fast_vs_fp32']:.1e} vs {r['reference_vs_fp32']:.1e}")
+        print(f"{line}  {'ok' if r['ok'] else 'FAIL'}", flush=True)
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
     return 0 if all(r["ok"] for r in rows) else 1
