@@ -114,7 +114,7 @@ def test_tiny_checkpoint_round_trip(name, tmp_path, perturb):
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_loss_falls(name, one_thread):
     # A few Adam steps on one fixed batch with fixed noise and times: the objective's loss must
-    # fall.
+    # fall by 10% within 8 (measured: after 1 step for DiM and LaMamba, 8 for DiMSUM, at 0.74).
     model = build(name)
     diffusion = create_diffusion(model)
     g = torch.Generator().manual_seed(3)
@@ -130,6 +130,8 @@ def test_tiny_loss_falls(name, one_thread):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if losses[-1] < 0.9 * losses[0]:
+            break
     assert losses[-1] < 0.9 * losses[0], losses
 
 
