@@ -703,13 +703,13 @@ def train(args, rank, world, device, cleanup):
         grid_s, step_s = timed.tolist()
         end = t_start + 60 * args.minutes
         plan_run(args, fitted, model.train_defaults, end - time.time(), step_s, grid_s)
-        t_plan, plan_step, replan_every = time.time(), step, math.ceil(args.steps / GRIDS_PER_RUN)
+        t_plan, plan_step = time.time(), step
         if master:
             write_args(run_dir, args)
             print(f"quickstart: {args.minutes:g} minutes on {device.type}: {args.steps} steps "
                   f"({step_s:.2f} s each, timed), a grid every {args.sample_every} steps "
                   f"({grid_s:.0f} s each), warm-up {args.warmup}, EMA {args.ema:.4g}, lr "
-                  f"{args.lr:g} (steps planned again every {replan_every} steps from the pace); "
+                  f"{args.lr:g} (planned again from the pace at every log step); "
                   "--steps N trains exactly N steps instead")
     # tqdm's ETA from the average rate of the whole run (smoothing=0): grids and checkpoints
     # included, it does not jump after each of them
@@ -748,30 +748,22 @@ def train(args, rank, world, device, cleanup):
             bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
             log_steps += 1
             pbar.update(1)
-            # the load of the machine changes: at each of the planned grids a quickstart plans its
-            # remaining steps again, from its own pace so far (grids and checkpoints included), and
-            # its EMA horizon with them (not the warm-up: that would lower the lr again)
-            if planned and step % replan_every == 0 and step < args.steps:
-                pace = torch.tensor((time.time() - t_plan) / (step - plan_step), device=device)
+            # the machine's load changes: at every log step a quickstart plans its remaining steps
+            # again from its pace since the plan (grids and checkpoints included), so that its ETA
+            # stays true and it ends in time, with its EMA horizon (not its warm-up: that would
+            # lower the lr again). Every rank plans from the slowest pace and least time left.
+            if planned and step % args.log_every == 0 and step < args.steps:
+                timing = torch.tensor([(time.time() - t_plan) / (step - plan_step),
+                                       time.time() - end + grid_s], device=device)
                 if world > 1:
-                    dist.all_reduce(pace, op=dist.ReduceOp.MAX)
-                args.steps = pbar.total = step + max(1, int(0.97 * (end - time.time() - 2 * grid_s)
-                                                            / pace.item()))
+                    dist.all_reduce(timing, op=dist.ReduceOp.MAX)
+                pace, overdue = timing.tolist()
+                args.steps = pbar.total = step + max(0, int(-0.97 * overdue / pace))
                 fit_to_length(args, [k for k in fitted if k == "ema"], model.train_defaults)
                 if master:
                     write_args(run_dir, args)
-            # and it ends in time even if its steps run slower than that: it stops early, leaving
-            # time for the last checkpoint and grid
-            if planned and step % args.log_every == 0 and step < args.steps:
-                late = torch.tensor(int(time.time() > end - grid_s), device=device)
-                if world > 1:
-                    dist.all_reduce(late, op=dist.ReduceOp.MAX)
-                if late.item():
-                    tqdm.write(f"--minutes {args.minutes:g} is nearly up: ending at step {step} "
-                               f"of the {args.steps} planned")
-                    args.steps = pbar.total = step
-                    if master:
-                        write_args(run_dir, args)
+                if step == args.steps:
+                    tqdm.write(f"--minutes {args.minutes:g} is nearly up: ending at step {step}")
 
             writes = ((args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.steps
                       or (args.sample_every > 0 and step % args.sample_every == 0))
