@@ -702,7 +702,7 @@ def train(args, rank, world, device, cleanup):
             dist.all_reduce(timed, op=dist.ReduceOp.MAX)
         grid_s, step_s = timed.tolist()
         end = t_start + 60 * args.minutes
-        plan_run(args, fitted, model.train_defaults, end - time.time(), step_s, grid_s)
+        plan_run(args, fitted, raw_model.train_defaults, end - time.time(), step_s, grid_s)
         t_plan, plan_step = time.time(), step
         if master:
             write_args(run_dir, args)
@@ -759,10 +759,10 @@ def train(args, rank, world, device, cleanup):
                     dist.all_reduce(timing, op=dist.ReduceOp.MAX)
                 pace, overdue = timing.tolist()
                 args.steps = pbar.total = step + max(0, int(-0.97 * overdue / pace))
-                fit_to_length(args, [k for k in fitted if k == "ema"], model.train_defaults)
+                fit_to_length(args, [k for k in fitted if k == "ema"], raw_model.train_defaults)
                 if master:
                     write_args(run_dir, args)
-                if step == args.steps:
+                if master and step == args.steps:
                     tqdm.write(f"--minutes {args.minutes:g} is nearly up: ending at step {step}")
 
             writes = ((args.ckpt_every > 0 and step % args.ckpt_every == 0) or step == args.steps

@@ -202,6 +202,22 @@ def test_a_run_planned_on_a_slow_timing_plans_again_from_its_pace(tmp_path, monk
     assert os.path.isfile(os.path.join(run, "checkpoints", f"{steps:07d}.pt"))
 
 
+def test_a_run_without_steps_under_torchrun(tmp_path, fake_fmnist, free_port):
+    # the ranks plan, re-plan and stop together (one step apart, a collective would hang)
+    fake_fmnist(tmp_path / "data", n=16)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={free_port}", os.path.join(ROOT, "train.py"), "--model",
+                          "DiT-T/2", "--res", "8", "--global-batch-size", "4", "--minutes", "0.1",
+                          "--sample-every", "0", "--num-workers", "0", "--data-dir",
+                          str(tmp_path / "data"), "--results-dir", str(tmp_path / "results")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ,
+                                                                            "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = os.path.join(tmp_path, "results", os.listdir(tmp_path / "results")[0])
+    steps = json.load(open(os.path.join(run, "args.json")))["steps"]
+    assert steps > 1 and os.path.isfile(os.path.join(run, "checkpoints", f"{steps:07d}.pt"))
+
+
 def test_cpu_training_leaves_a_core_per_loader_worker(tmp_path, fake_fmnist):
     cores = len(os.sched_getaffinity(0))
     fake_fmnist(tmp_path / "data")
