@@ -696,13 +696,14 @@ def train(args, rank, world, device, cleanup):
     if master and args.sample_every != 0 and step == 0:
         sample_grid()
     if planned:
-        timed = torch.tensor([time.time() - t_grid, seconds_per_step(
-            raw_model, diffusion, (local_batch, *shape), num_classes, device, autocast)])
-        if world > 1:  # every rank plans the same run, from the slowest rank's times
-            dist.all_reduce(timed, op=dist.ReduceOp.MAX)
-        grid_s, step_s = timed.tolist()
         end = t_start + 60 * args.minutes
-        plan_run(args, fitted, raw_model.train_defaults, end - time.time(), step_s, grid_s)
+        step_s = seconds_per_step(raw_model, diffusion, (local_batch, *shape), num_classes, device,
+                                  autocast)
+        timed = torch.tensor([time.time() - t_grid, step_s, time.time() - end], device=device)
+        if world > 1:  # every rank plans the same run: the slowest times, the least time left
+            dist.all_reduce(timed, op=dist.ReduceOp.MAX)
+        grid_s, step_s, overdue = timed.tolist()
+        plan_run(args, fitted, raw_model.train_defaults, -overdue, step_s, grid_s)
         t_plan, plan_step = time.time(), step
         if master:
             write_args(run_dir, args)
