@@ -149,6 +149,15 @@ def test_cfg_formula_and_batching():
     assert calls == [6] and torch.equal(eps, eps_c)  # w = 1: one plain conditional forward
 
 
+
+def recorded(denoise, inputs):
+    """denoise that also appends each input it is called with to `inputs`."""
+    def f(x, i):
+        inputs.append(x)
+        return denoise(x, i)
+    return f
+
+
 # --------------------------------------------------------------------------- solver identities
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -156,12 +165,7 @@ def test_ddim_equals_dpmpp_first_order(dtype, tol):
     d = GaussianDiffusion("scaled_linear", time_offset=1)
     denoise, abar = d.denoiser(gaussian_model(d, MU, S), d.timesteps(20))
     seen = {"ddim": [], "dpm": []}
-
-    def recording(name):
-        def f(x, i):
-            seen[name].append(x)
-            return denoise(x, i)
-        return f
+    recording = lambda name: recorded(denoise, seen[name])
 
     noise = torch.randn(64, 4, dtype=dtype, generator=torch.Generator().manual_seed(2))
     a = ddim_sample(recording("ddim"), noise, abar)
@@ -528,12 +532,7 @@ def test_x0_clip_keeps_ddim_equal_to_dpmpp_first_order(mode):
     denoise, abar = d.denoiser(gaussian_model(d, MU, S), d.timesteps(20), x0_clip=mode)
     noise = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
     seen = {"ddim": [], "dpm": []}
-
-    def recording(name):
-        def f(x, i):
-            seen[name].append(x)
-            return denoise(x, i)
-        return f
+    recording = lambda name: recorded(denoise, seen[name])
 
     a = ddim_sample(recording("ddim"), noise, abar)
     b = dpmpp_2m_sample(recording("dpm"), noise, abar, order=1)
