@@ -149,7 +149,6 @@ def test_cfg_formula_and_batching():
     assert calls == [6] and torch.equal(eps, eps_c)  # w = 1: one plain conditional forward
 
 
-
 def recorded(denoise, inputs):
     """denoise that also appends each input it is called with to `inputs`."""
     def f(x, i):
