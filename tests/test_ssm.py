@@ -448,6 +448,25 @@ def test_mamba_forward_matches_reference_scan(d_conv):
 
 
 @pytest.mark.parametrize("d_conv", [3, 4])
+def test_mamba_steps_first_path_matches_token_path(d_conv):
+    # the CPU mixer (forward_steps: one gather into scan order, steps-first conv and scan) against the
+    # token-layout path with the loop (conv_reference, scan_reference), float64: a scan order, the output
+    # and the gradients of the input and of every parameter
+    torch.manual_seed(0)
+    m = Mamba(8, d_state=4, d_conv=d_conv).double()
+    x, order = torch.randn(2, 23, 8, dtype=torch.float64), torch.randperm(23)
+    results = []
+    for backend in ("torch", "ref"):
+        m.backend, xl = backend, x.clone().requires_grad_()
+        m.zero_grad()
+        y = m(xl, order=order)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))
+        results.append([y.detach(), xl.grad] + [p.grad.clone() for p in m.parameters()])
+    for name, a, b in zip(["out", "x"] + [k for k, _ in m.named_parameters()], *results):
+        assert rel_err(a, b) < 1e-10, name
+
+
+@pytest.mark.parametrize("d_conv", [3, 4])
 def test_mamba_is_causal(d_conv):
     torch.manual_seed(0)
     m = Mamba(16, d_state=4, d_conv=d_conv, backend="torch")
