@@ -456,7 +456,7 @@ def scan_steps(u, dt, A, B, C, D=None, z=None, dt_bias=None, chunk_size=16):
                               B.to(dtype).contiguous()[:, :, None], C.to(dtype).contiguous()[:, :, None],
                               chunk_size, True)[:, :, 0]
         if D is not None:
-            y = y + D.to(dtype) * u
+            y = torch.addcmul(y, u, D.to(dtype))
         return y if z is None else y * F.silu(z.to(dtype))
 
 
