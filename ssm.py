@@ -174,6 +174,11 @@ def _finish(y, u, D, z, out_dtype):
     return y.to(out_dtype)
 
 
+# Steps per chunk of ChunkedScan: its four (T, b, dim, N) buffers of T = 8 steps stay nearer the core than
+# 16 steps' (a DiM-T/2 layer's scan, batch 32, fwd + bwd: ~15% faster than 16, measured; 4 is no faster)
+CHUNK = 8
+
+
 def _chunk_states(deltas, dus, Bs, At, h0, decays, Hs):
     """The states of one chunk from the state h0 before it, written into the buffers decays
     (= exp(delta A)) and Hs. Lists of one view per step: deltas, dus (= delta u): (b, G, 1, dg);
@@ -266,12 +271,12 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     would need a (b, dim, T, T, N) decay matrix, and a cumsum-based scan divides by cumulative decays that
     overflow; a parallel scan over chunks (all chunks from a zero state, then the borders) costs several more
     passes over (b, dim, L, N) tensors, which is what limits a CPU. The loop's step is a few ops on a (b, dim, N)
-    state that stays in cache; the sums over N and dim run once per chunk of T ~ 16 steps, as batched products.
+    state that stays in cache; the sums over N and dim run once per chunk of T = CHUNK steps, as batched products.
     """
     out_dtype = u.dtype
     dtype = torch.promote_types(u.dtype, torch.float32)
     b, dim, L = u.shape
-    T = max(1, min(chunk_size or 16, L))
+    T = max(1, min(chunk_size or CHUNK, L))
     with torch.autocast(u.device.type, enabled=False):  # keep the scan in fp32 under bf16 autocast
         u, delta, A = u.to(dtype), delta.to(dtype), A.to(dtype)
         if delta_bias is not None:
@@ -443,7 +448,7 @@ def scan_reference(u, delta, A, B, C, D, z, dt_bias, order, scan=None):
     return torch.stack(outs, 2)
 
 
-def scan_steps(u, dt, A, B, C, D=None, z=None, dt_bias=None, chunk_size=16):
+def scan_steps(u, dt, A, B, C, D=None, z=None, dt_bias=None, chunk_size=CHUNK):
     """The selective scan (softplus on dt + dt_bias) in the steps-first layout ChunkedScan reads:
     u, dt, z: (L, batch, dim), B, C: (L, batch, N), any strides; A: (dim, N); D, dt_bias: (dim,).
     Returns y (L, batch, dim) in fp32 (fp64 for fp64 inputs), fp32 under bf16 autocast too."""
@@ -460,7 +465,7 @@ def scan_steps(u, dt, A, B, C, D=None, z=None, dt_bias=None, chunk_size=16):
         return y if z is None else y * F.silu(z.to(dtype))
 
 
-def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=16):
+def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=CHUNK):
     """mamba_scan in PyTorch on a CPU: each direction gathered straight from the token layout into
     the steps-first one, (L, batch, ch), contiguous, with one copy (index_select in scan order),
     scanned (scan_steps), and put back in token order. Arguments as scan_reference's."""
