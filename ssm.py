@@ -545,15 +545,41 @@ def causal_conv_silu(x, weight, bias=None, order=None, backend=None):
     return conv_reference(x, weight, bias, order)
 
 
+class ConvSiluSteps(torch.autograd.Function):
+    """silu(causal depthwise conv) along L in the steps-first layout, as W shifted multiply-adds: x (L, batch,
+    dim), any strides; weight (dim, W); bias (dim,) or None. One function instead of autograd's graph of
+    pads, slices and accumulations: ~6 fewer passes over (L, batch, dim) per call (measured ~1/3 of the
+    conv's time on a DiM-T/2 layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        W = weight.shape[1]
+        y = x * weight[:, W - 1] if bias is None else torch.addcmul(bias, x, weight[:, W - 1])
+        for k in range(W - 1):  # tap k reads the step s = W - 1 - k before; zeros before the start
+            s = W - 1 - k
+            y[s:].addcmul_(x[:-s], weight[:, k])
+        ctx.save_for_backward(x, weight, y)
+        ctx.has_bias = bias is not None
+        return F.silu(y)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, y = ctx.saved_tensors
+        W = weight.shape[1]
+        g = torch.ops.aten.silu_backward(dout, y)  # d/dy, (L, batch, dim)
+        dx, dw = g * weight[:, W - 1], torch.empty_like(weight)
+        dw[:, W - 1] = torch.mul(g, x).sum((0, 1))
+        for k in range(W - 1):
+            s = W - 1 - k
+            dx[:-s].addcmul_(g[s:], weight[:, k])
+            dw[:, k] = torch.mul(g[s:], x[:-s]).sum((0, 1))
+        return dx, dw, g.sum((0, 1)) if ctx.has_bias else None
+
+
 def causal_conv_silu_steps(x, weight, bias=None):
     """causal_conv_silu in the steps-first layout: x (L, batch, dim), any strides; weight (dim, W).
-    W shifted multiply-adds along L, no transpose to conv1d's (batch, dim, L). Returns (L, batch, dim)."""
-    W = weight.shape[1]
-    xp = F.pad(x, (0, 0, 0, 0, W - 1, 0))  # W - 1 zero steps in front: causal
-    y = xp[W - 1:] * weight[:, W - 1] if bias is None else torch.addcmul(bias, xp[W - 1:], weight[:, W - 1])
-    for k in range(W - 1):  # tap k reads the step W - 1 - k before
-        y = torch.addcmul(y, xp[k:k + x.shape[0]], weight[:, k])
-    return F.silu(y)
+    No transpose to conv1d's (batch, dim, L). Returns (L, batch, dim)."""
+    return ConvSiluSteps.apply(x, weight, bias)
 
 
 def check_conv_kernel(x):
