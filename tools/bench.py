@@ -25,7 +25,8 @@ keeps what it measured.
 CPU table (--cpu): the README's CPU benchmark, on Fashion-MNIST-shaped batches (pixels, 1 channel, 10
 classes): a train.py training step (the model's diffusion loss, backward, AdamW) of each of CPU_ROWS,
 each in a fresh process so that its peak RSS (ru_maxrss: weights, optimiser, activations, and the
-~0.3 GiB of torch itself) is its own; --threads torch threads; JSON in assets/bench_cpu.json.
+~0.3 GiB of torch itself) is its own; --threads torch threads; --rounds rounds over the rows, each
+row's time the median over them; JSON in assets/bench_cpu.json.
 
     python -m tools.bench --cpu
 
@@ -261,18 +262,27 @@ def cpu_row(name, res, batch, threads, warmup, repeats):
                 peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
 
 
-def cpu_table(rows, threads, warmup, repeats, out):
-    """cpu_row for each (model, res, batch), each in its own fresh process; the JSON is rewritten
-    after every row."""
-    results = []
+def cpu_table(rows, threads, warmup, repeats, out, rounds=1):
+    """cpu_row for each (model, res, batch), each in its own fresh process, in `rounds` rounds that
+    interleave the rows, so that a change of the machine's load (a shared CPU's speed drifts by ~1.5x
+    within minutes) falls on every row alike; a row's time is the median over the rounds, its peak RSS
+    the largest. The JSON is rewritten after every round."""
+    runs = [[] for _ in rows]
     ctx = multiprocessing.get_context("spawn")
-    for name, res, batch in rows:
-        with ctx.Pool(1) as pool:  # a new process per row: ru_maxrss never goes down
-            row = pool.apply(cpu_row, (name, res, batch, threads, warmup, repeats))
-        results.append(row)
-        print(f"[bench] {name} @ {res} px x{batch}, {threads} threads: {row['step_ms']:.0f} ms/step, "
-              f"{row['images_per_s']:.1f} img/s, peak RSS {row['peak_rss_gib']:.2f} GiB",
-              file=sys.stderr)
+    for _ in range(rounds):
+        for (name, res, batch), run in zip(rows, runs):
+            with ctx.Pool(1) as pool:  # a new process per row: ru_maxrss never goes down
+                row = pool.apply(cpu_row, (name, res, batch, threads, warmup, repeats))
+            run.append(row)
+            print(f"[bench] {name} @ {res} px x{batch}, {threads} threads: {row['step_ms']:.0f} ms/step, "
+                  f"{row['images_per_s']:.1f} img/s, peak RSS {row['peak_rss_gib']:.2f} GiB",
+                  file=sys.stderr)
+        results = []
+        for run in runs:
+            ms = statistics.median(r["step_ms"] for r in run)
+            results.append(dict(run[0], step_ms=ms, images_per_s=1e3 * run[0]["batch"] / ms,
+                                peak_rss_gib=max(r["peak_rss_gib"] for r in run),
+                                step_ms_rounds=[r["step_ms"] for r in run]))
         if out:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             with open(out + ".tmp", "w") as f:
@@ -470,13 +480,15 @@ def main(argv=None):
     p.add_argument("--plot", default="bench.png")
     p.add_argument("--cpu", action="store_true",
                    help="the README's CPU table instead (CPU_ROWS, Fashion-MNIST shape, peak RSS)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="with --cpu: rounds over the rows, each row's time the median over them")
     p.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1),
                    help="torch threads with --cpu (default: as train.py with its one loader "
                    "worker, one fewer than the cores)")
     args = p.parse_args(argv)
     if args.cpu:
         return cpu_table(CPU_ROWS, args.threads, args.warmup, args.repeats,
-                         args.out or os.path.join("assets", "bench_cpu.json"))
+                         args.out or os.path.join("assets", "bench_cpu.json"), args.rounds)
     args.out = args.out or "bench.json"
     if args.scan:
         os.environ["DIFFUSION_MAMBA_SCAN"] = args.scan   # ssm reads it at every call
