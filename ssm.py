@@ -112,7 +112,8 @@ class Mamba(nn.Module):
     def forward(self, x, order=None):
         """x: (B, L, d_model) -> (B, L, d_model). order: None (scan the tokens as stored) or an (L,) index
         table: scan step p reads token order[p]; the conv and the scan follow it, the output stays in token
-        order. The linear layers work in the (B, L, channels) layout and the conv and scan read it in place."""
+        order. The linear layers work in the (B, L, channels) layout and the conv and scan read it in place
+        (the GPU kernels; with the PyTorch scan, forward_steps)."""
         if not _flop_counters and token_backend(x, self.d_state, self.backend) == "torch":
             return self.forward_steps(x, order)
         xz = self.in_proj(x)  # (B, L, 2 * d_inner)
@@ -270,8 +271,9 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     Why a loop over L and not a parallel form: A differs per (channel, state), so Mamba-2's quadratic chunk form
     would need a (b, dim, T, T, N) decay matrix, and a cumsum-based scan divides by cumulative decays that
     overflow; a parallel scan over chunks (all chunks from a zero state, then the borders) costs several more
-    passes over (b, dim, L, N) tensors, which is what limits a CPU. The loop's step is a few ops on a (b, dim, N)
-    state that stays in cache; the sums over N and dim run once per chunk of T = CHUNK steps, as batched products.
+    passes over (b, dim, L, N) tensors, which is what limits a CPU. The loop's step is a few ops on a
+    (b, dim, N) state that stays in cache; the sums over N and dim run once per chunk of T = CHUNK steps, as
+    batched products.
     """
     out_dtype = u.dtype
     dtype = torch.promote_types(u.dtype, torch.float32)

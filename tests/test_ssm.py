@@ -466,6 +466,22 @@ def test_mamba_steps_first_path_matches_token_path(d_conv):
         assert rel_err(a, b) < 1e-10, name
 
 
+@pytest.mark.parametrize("L,W,bias", [(9, 4, False), (2, 4, True), (5, 1, True)])
+def test_steps_first_conv_matches_reference(L, W, bias):
+    # ConvSiluSteps against conv_reference (F.conv1d), float64: no bias, fewer steps than taps, one tap
+    g = torch.Generator().manual_seed(2)
+    rn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    x, w, b = rn(2, L, 3), rn(3, W), rn(3) if bias else None
+    dy, results = rn(2, L, 3), []
+    for conv in (lambda x, w, b: ssm.causal_conv_silu_steps(x.transpose(0, 1), w, b).transpose(0, 1),
+                 lambda x, w, b: ssm.conv_reference(x, w, b, None)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+        y = conv(*leaves, *([] if bias else [None]))
+        results.append([y, *torch.autograd.grad(y, leaves, dy)])
+    for a, b_ in zip(*results):
+        assert rel_err(a, b_) < 1e-12
+
+
 @pytest.mark.parametrize("d_conv", [3, 4])
 def test_mamba_is_causal(d_conv):
     torch.manual_seed(0)
