@@ -42,8 +42,8 @@ from data import (FASHION_MNIST_DIR, DataError, build_dataset, build_video_datas
 from diffusion import create_diffusion
 from dim import DiM
 from models import (LATEST, ModelError, build_model, check_finite_weights, checkpoint_blocks,
-                    checkpoint_folder, compile_blocks, init_from_checkpoint, load_newest_checkpoint,
-                    resolve_model_name, takes_clips)
+                    checkpoint_folder, compile_blocks, fastest_compile, init_from_checkpoint,
+                    load_newest_checkpoint, resolve_model_name, takes_clips)
 
 
 class DivergedError(RuntimeError):
@@ -69,7 +69,7 @@ HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout",
 # that).
 RUN_CONTROL = dict(steps=None, ckpt_every=10_000, sample_every=5_000, log_every=100,
                    keep_last=0, num_workers=min(4, len(os.sched_getaffinity(0)) - 1),
-                   compile=False, grad_checkpoint=False, data_dir=None)
+                   compile="auto", grad_checkpoint=False, data_dir=None)
 # The quickstart: a new run without --steps trains for --minutes and ends, sized for the machine.
 # On a GPU the family's default config; on a CPU its tiny config at 16 px, batch 32 (DiM-T/2 trains
 # at ~20 images/s on 2 cores, 3x slower at 32 px: too few steps in 30 minutes to learn garments).
@@ -637,9 +637,12 @@ def train(args, rank, world, device, cleanup):
     raw_model = model
     if args.grad_checkpoint:
         checkpoint_blocks(model)
-    if args.compile == "blocks":  # each block compiled in place (models.compile_blocks)
+    compile_mode = args.compile
+    if compile_mode == "auto":  # each model's fastest on a GPU (README, Speed); eager on a CPU
+        compile_mode = fastest_compile(model) if device.type == "cuda" else "none"
+    if compile_mode == "blocks":  # each block compiled in place (models.compile_blocks)
         compile_blocks(model)
-    elif args.compile:  # "model" (a run stored before the choice existed says True)
+    elif compile_mode not in ("none", False, None):  # "model" (older runs stored True)
         model = torch.compile(model)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -706,7 +709,7 @@ def train(args, rank, world, device, cleanup):
             dist.all_reduce(timed, op=dist.ReduceOp.MAX)
         grid_s, step_s, overdue = timed.tolist()
         plan_run(args, fitted, raw_model.train_defaults, -overdue, step_s, grid_s)
-        t_plan, plan_step = time.time(), step
+        t_plan, plan_step, paced = time.time(), step, False
         if master:
             write_args(run_dir, args)
             print(f"quickstart: {args.minutes:g} minutes on {device.type}: {args.steps} steps "
@@ -756,8 +759,11 @@ def train(args, rank, world, device, cleanup):
             # stays true and it ends in time, with its EMA horizon (not its warm-up: that would
             # lower the lr again). Every rank plans from the slowest pace and least time left.
             if planned and step % args.log_every == 0 and step < args.steps:
-                timing = torch.tensor([(time.time() - t_plan) / (step - plan_step),
-                                       time.time() - end + grid_s], device=device)
+                if not paced:  # the first interval held compilation (~20 s on a GPU) and the
+                    # loader's start, one-off costs already in the time left: pace from here on
+                    t_plan, plan_step, paced = time.time(), step, True
+                pace = (time.time() - t_plan) / (step - plan_step) if step > plan_step else step_s
+                timing = torch.tensor([pace, time.time() - end + grid_s], device=device)
                 if world > 1:
                     dist.all_reduce(timing, op=dist.ReduceOp.MAX)
                 pace, overdue = timing.tolist()
@@ -900,10 +906,12 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=None,
                         help=f"data loader processes (default {rc['num_workers']} here: at most 4, "
                         "and one fewer than this machine's cores)")
-    parser.add_argument("--compile", nargs="?", const="model", choices=["model", "blocks"], default=None,
-                        help="torch.compile: the whole model (bare --compile), or each block (the Mamba "
-                             "models: as fast as whole on an H200, ~20 s of compiling instead of ~110; DiT "
-                             "gains more whole); default off")
+    parser.add_argument("--compile", nargs="?", const="model",
+                        choices=["auto", "none", "model", "blocks"], default=None,
+                        help="torch.compile: the whole model (bare --compile), each block, or none; "
+                             "default auto: on a GPU the Mamba models per block (as fast as whole on "
+                             "an H200, ~20 s of compiling instead of ~110) and DiT whole (its fastest), "
+                             "on a CPU none")
     parser.add_argument("--grad-checkpoint", action="store_true", default=None,
                         help="recompute each block's activations in the backward (less memory, about "
                              "one more forward of time); for the large configs at high resolution; "

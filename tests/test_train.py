@@ -346,6 +346,14 @@ def test_tile_weights_sum_to_one():
         assert torch.equal(out, torch.ones_like(out))
 
 
+def test_compile_default_is_each_models_fastest():
+    # --compile auto on a GPU (README, Speed): every model with a selective scan per block, DiT whole.
+    from models import fastest_compile
+    for name, mode in [("DiM-T/2", "blocks"), ("BiDiM-T/2", "blocks"), ("DiMSUM-T/2", "blocks"),
+                       ("LaMamba-T", "blocks"), ("DiT-T/2", "model")]:
+        assert fastest_compile(build_model(name, input_size=8, in_channels=1, num_classes=10)) == mode
+
+
 def test_divergence_stops_the_run_before_a_broken_checkpoint(tmp_path):
     # An absurd learning rate: the loss goes non-finite within a few steps. The run must stop with
     # one line naming the step, and every checkpoint on disk must hold finite weights.

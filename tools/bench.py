@@ -16,8 +16,9 @@ grid, 1000 classes. Per model and resolution:
   ms/img     step time / B (in sample mode: per image and sampling step); img/s = B / step time
   peak GiB   torch.cuda.max_memory_allocated during the steps: weights, gradients, optimiser state, activations
 
-Timing: --warmup untimed steps, then the median of --repeats steps, each timed with CUDA events
-(perf_counter on the CPU); bf16 autocast and TF32 on GPUs, fp32 on the CPU. Out of memory gives an
+Timing: --warmup untimed steps, then on a GPU the median over 3 rounds of --repeats back-to-back
+steps timed with CUDA events (as training and sampling loops run: the CPU queues ahead), on the CPU
+the median of --repeats steps (perf_counter); bf16 autocast and TF32 on GPUs, fp32 on the CPU. Out of memory gives an
 "OOM" row and the run goes on; a load (batch x pixels) at least as large as one that ran out of
 memory is not tried ("OOM*"). JSON and plot are rewritten after every row, so an interrupted run
 keeps what it measured.
@@ -115,23 +116,28 @@ def timesteps(model, n, device):
 
 
 def median_time(step, warmup, repeats, cuda):
-    """Median seconds of `repeats` calls after `warmup` untimed ones."""
+    """Seconds per call after `warmup` untimed ones. On a GPU: the median over 3 rounds of `repeats`
+    back-to-back calls timed by CUDA events, as a training loop or sampler runs them (the CPU queues
+    the next step's kernels while the GPU works, so launch overhead shows only where the GPU waits
+    for it); on a CPU: the median of `repeats` calls."""
     for _ in range(warmup):
         step()
     times = []
-    for _ in range(repeats):
-        if cuda:
+    if cuda:
+        torch.cuda.synchronize()
+        for _ in range(3):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
             start.record()
-            step()
+            for _ in range(repeats):
+                step()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+            times.append(start.elapsed_time(end) / 1e3 / repeats)
+        return statistics.median(times)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 

@@ -28,7 +28,8 @@ checkpoint writes excluded), times the number of GPUs. The first interval after 
 holds process start, data loader start and compilation, one-off costs that a longer run pays once:
 it is counted at the run's median speed instead (the excess is reported as startup seconds). Each
 model trains alone on the GPU (concurrent runs would share it and blur each other's timing), on its
-fastest path: bf16, the Triton scan, torch.compile where --compile lists it.
+fastest path: bf16, the Triton scan and train.py's default compilation on a GPU (each Mamba
+model's blocks, DiT whole).
 """
 import argparse
 import glob
@@ -109,7 +110,7 @@ def settings(args):
             "eval_epochs": args.eval_at, "sampler": args.sampler, "sample_steps": args.sample_steps,
             "x0_clip": args.x0_clip, "num_samples": args.num_samples,
             "sweep_samples": args.sweep_samples, "gpus": args.gpus,
-            "compiled": args.compile, "reference": "Fashion-MNIST test set (10,000 images)"}
+            "compiled": "train.py default", "reference": "Fashion-MNIST test set (10,000 images)"}
 
 
 def run_folder(out, name):
@@ -264,7 +265,6 @@ def train_to(args, results, name, target, deadline):
             cmd = [os.path.join(ROOT, "train.py"), "--model", name, "--res", "32",
                    "--global-batch-size", str(args.batch_size), *RECIPE,
                    "--results-dir", os.path.join(args.out, "runs", tag(name)), *common]
-            cmd += ["--compile"] if name in args.compile else []
         start = time.time()
         finished = run_command([*launcher(args), *cmd], log, deadline)
         run = run_folder(args.out, name)
@@ -601,9 +601,6 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size")
     parser.add_argument("--gpus", type=int, default=1,
                         help="processes (GPUs) per training and sampling run, through torchrun")
-    parser.add_argument("--compile", type=comma_list(str), default="DiT-S/2,DiM-S/2",
-                        help="models trained with train.py --compile (whole-model "
-                        "torch.compile; measured fastest for these two)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="train.py's data loader processes (default: train.py's)")
     parser.add_argument("--num-samples", type=int, default=10_000, help="samples per FID of the "
@@ -629,7 +626,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     try:
         args.models = [resolve_model_name(m) for m in args.models]
-        args.compile = [resolve_model_name(m) for m in args.compile]
     except ModelError as e:
         parser.error(str(e))
     for flag, ok, what in [("--epochs", args.epochs > 0, "> 0"),
