@@ -203,11 +203,12 @@ def test_a_run_planned_on_a_slow_timing_plans_again_from_its_pace(tmp_path, monk
 
 
 def test_a_run_without_steps_under_torchrun(tmp_path, fake_fmnist, free_port):
-    # the ranks plan, re-plan and stop together (one step apart, a collective would hang)
+    # the ranks plan, re-plan and stop together (one step apart, a collective would hang); 18 s, so
+    # that a loaded 2-core machine still has time for more than one step after the start
     fake_fmnist(tmp_path / "data", n=16)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={free_port}", os.path.join(ROOT, "train.py"), "--model",
-                          "DiT-T/2", "--res", "8", "--global-batch-size", "4", "--minutes", "0.1",
+                          "DiT-T/2", "--res", "8", "--global-batch-size", "4", "--minutes", "0.3",
                           "--sample-every", "0", "--num-workers", "0", "--data-dir",
                           str(tmp_path / "data"), "--results-dir", str(tmp_path / "results")],
                          capture_output=True, text=True, timeout=120, env={**os.environ,
