@@ -82,7 +82,8 @@ import torch.nn as nn
 
 from dit import (DiT, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
                  adaln_zero, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed)
-from ssm import Mamba, causal_conv_silu, count_scan_flops, mamba_scan
+from ssm import (Mamba, causal_conv_silu, count_scan_flops, mamba_scan, recompute_around_scan,
+                 token_backend)
 
 
 #################################################################################
@@ -114,12 +115,16 @@ class BiMamba(Mamba):
     def forward(self, x):
         """x: (N, L, D) -> (N, L, D)."""
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (N, L, d_inner) views
+        # with the Triton scan each branch keeps only its inputs and its scan's output for the
+        # backward (ssm.recompute_around_scan)
+        run = (recompute_around_scan if token_backend(x, self.d_state, self.backend) == "triton"
+               else lambda fn, *args: fn(*args))
         # the backward branch reads the tokens last to first (its conv too) and writes each output
         # back in place: no flipped copies of x, z or y
         reverse = torch.arange(x.shape[1] - 1, -1, -1, device=x.device, dtype=torch.int32)
-        y = self.branch(x, z, None, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_b = self.branch(x, z, reverse, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
-                          self.D_b)
+        y = run(self.branch, x, z, None, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        y_b = run(self.branch, x, z, reverse, self.conv1d_b, self.x_proj_b, self.dt_proj_b,
+                  self.A_b_log, self.D_b)
         return self.out_proj(y + y_b)
 
 

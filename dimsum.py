@@ -61,8 +61,10 @@ class RMSNorm(nn.Module):
 
 def drop_path(x, p, training):
     """Stochastic depth: drop the whole branch output for a random subset of samples (kept ones
-    scaled by 1/(1-p))."""
-    if p == 0.0 or not training:
+    scaled by 1/(1-p)). p is a 0-dim tensor, and a rate of 0 takes the same path (it keeps every
+    sample exactly): each block has its own rate, and as Python floats they would make
+    torch.compile build one graph per block instead of one for all."""
+    if not training:
         return x
     keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1 - p)
     return x * keep / (1 - p)
@@ -258,7 +260,8 @@ class DiMSUMBlock(nn.Module):
     (DiMBlockCombined)."""
     def __init__(self, dim, d_state=16, d_conv=4, fusion_heads=8, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
-        self.drop_path = drop_path
+        # its stochastic-depth rate, a tensor (see drop_path); not saved: it is fixed by the config
+        self.register_buffer("drop_rate", torch.tensor(float(drop_path)), persistent=False)
         self.norm = RMSNorm(dim)
         self.spatial_mamba = MambaBranch(dim // 2, dim, d_state, d_conv)
         self.freq_mamba = MambaBranch(dim // 2, dim, d_state, d_conv)
@@ -271,7 +274,8 @@ class DiMSUMBlock(nn.Module):
         """hidden: (N, L, D) previous block output; residual: (N, L, D) fp32 stream or None (first
         block); c: (N, D); grid: (h, w). Returns (output, residual)."""
         # Vim/Mamba "add -> norm": the stream sums every block's input, the block sees its RMSNorm.
-        residual = hidden if residual is None else residual + drop_path(hidden, self.drop_path, self.training)
+        residual = (hidden if residual is None
+                    else residual + drop_path(hidden, self.drop_rate, self.training))
         residual = residual.float() if residual.dtype != torch.float64 else residual
         # (N, L, D)
         h = self.norm(residual)

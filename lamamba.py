@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit import LabelEmbedder, TimestepEmbedder
-from ssm import count_scan_flops, init_dt_A_D, mamba_scan
+from ssm import count_scan_flops, init_dt_A_D, mamba_scan, recompute_around_scan, token_backend
 
 
 def modulate(x, shift, scale):
@@ -182,8 +182,26 @@ class SS2D(nn.Module):
     def forward(self, x):
         """x: (B, H, W, dim) -> (B, H, W, dim)."""
         B, H, W, _ = x.shape
-        D, R, K, N, L = self.d_inner, self.dt_rank, self.K, self.d_state, H * W
         x, z = self.in_proj(x).chunk(2, dim=-1)                                       # (B, H, W, D)
+        # (K, L)
+        paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)
+        # with the Triton scan only x and the scans' output are kept for the backward: the conv,
+        # the projections and the fp32 copies run again (ssm.recompute_around_scan)
+        # (checked in the scan's dtype, fp32 or wider, outside the region)
+        scan_dtype = torch.promote_types(x.dtype, torch.float32)
+        if token_backend(x.new_empty(0, dtype=scan_dtype), self.d_state) == "triton":
+            ys = recompute_around_scan(self.scans, x, paths)
+        else:
+            ys = self.scans(x, paths)
+        # the four summed
+        y = self.out_norm(ys.sum(2)).view(B, H, W, self.d_inner).to(z.dtype)
+        return self.out_proj(y * F.silu(z))
+
+    def scans(self, x, paths):
+        """x: (B, H, W, D), in_proj's half; paths: (K, H*W) snake orders -> the four scans' outputs
+        (B, H*W, K, D), in fp32."""
+        B, H, W, _ = x.shape
+        D, R, K, N, L = self.d_inner, self.dt_rank, self.K, self.d_state, H * W
         # the depthwise conv reads and writes channels-last memory, so the tokens stay (B, L, D)
         # rows
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, L, D)
@@ -203,14 +221,9 @@ class SS2D(nn.Module):
         # every output back to the pixel it was read from; in fp32 (as the official code forces) or
         # higher, so a float64 model stays float64
         f = lambda a: a.to(torch.promote_types(x.dtype, torch.float32))
-        # (K, L)
-        paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)
-        ys = mamba_scan(f(x), f(dts), -torch.exp(f(self.A_logs)).view(K, D, N), f(Bs), f(Cs),
-                        # (B, L, K, D)
-                        f(self.Ds).view(K, D), dt_bias=f(self.dt_projs_bias), order=paths)
-        # the four summed
-        y = self.out_norm(ys.sum(2)).view(B, H, W, D).to(z.dtype)
-        return self.out_proj(y * F.silu(z))
+        return mamba_scan(f(x), f(dts), -torch.exp(f(self.A_logs)).view(K, D, N), f(Bs), f(Cs),
+                          # (B, L, K, D)
+                          f(self.Ds).view(K, D), dt_bias=f(self.dt_projs_bias), order=paths)
 
 
 class WindowAttention(nn.Module):

@@ -16,7 +16,7 @@ Backends (`SCANS`, a dict of name -> function with selective_scan's arguments):
   torch   the chunked pure-PyTorch scan (CPU, or a GPU without either kernel; much slower there);
   ref     the sequential loop, the test oracle.
 Choice: the `backend=` argument, else the environment variable DIFFUSION_MAMBA_SCAN=cuda|triton|torch|ref, else
-automatic: on CUDA tensors the first usable kernel of AUTO_GPU (cuda, then triton), else torch. A kernel chosen
+automatic: on CUDA tensors the first usable kernel of AUTO_GPU (triton, then cuda), else torch. A kernel chosen
 automatically is checked once per (kernel, device, dtype) at its first call: forward AND backward on small inputs
 against the reference loop. A kernel that fails or disagrees is dropped (with a warning) and the next one is
 used. A forced backend is never checked and never replaced.
@@ -27,6 +27,7 @@ lamamba.flops use it; torch's FlopCounterMode cannot see inside the scan).
 """
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -34,6 +35,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 import ssm_triton
 from ssm_triton import selective_scan_triton, triton, triton_interpreted  # noqa: F401 (re-exported)
@@ -50,6 +52,28 @@ except Exception:
 # -----------------------------------------------------------------------------
 # Mamba mixer (parameter names and init as mamba_ssm/modules/mamba_simple.py)
 # -----------------------------------------------------------------------------
+
+def _keep_the_scan(ctx, op, *args, **kwargs):
+    # selective checkpointing policy: the scan's outputs are kept, everything else runs again
+    keep = op is torch.ops.diffmamba.scan.default
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recompute_around_scan(fn, *args):
+    """fn(*args), the path of a mixer from in_proj's output to its scan's output, keeping for the
+    backward only fn's inputs and the scan's outputs: the causal conv, x_proj, dt_proj and the casts
+    between them run again in the backward instead of keeping their (batch, L, d_inner) outputs.
+    mamba-ssm's fused path recomputes the conv output and delta the same way (mamba_inner_fn,
+    checkpoint_lvl=1). For a DiM-L/2 block that is 2 of its ~7 activations of that size, for a
+    recomputation that costs a few percent of the scan's own time. Only for the Triton scan, whose op
+    the policy can keep (another backend's scan would run twice), and once token_backend has checked
+    it in the scan's dtype: a first-call check inside the region would run again in the backward."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False,
+        context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_the_scan))
+
 
 def init_dt_A_D(dt_proj_weight, d_inner, d_state, dt_rank, dt_min=0.001, dt_max=0.1, dt_init="random",
                 dt_scale=1.0, dt_init_floor=1e-4, copies=1):
@@ -117,14 +141,20 @@ class Mamba(nn.Module):
         if not _flop_counters and token_backend(x, self.d_state, self.backend) == "torch":
             return self.forward_steps(x, order)
         xz = self.in_proj(x)  # (B, L, 2 * d_inner)
+        # (the backend of the scan's dtype is checked here, at its first call: not inside the region)
+        if not _flop_counters and token_backend(xz, self.d_state, self.backend) == "triton":
+            return self.out_proj(recompute_around_scan(self.inner, xz, order))  # (B, L, d_model)
+        return self.out_proj(self.inner(xz, order))
+
+    def inner(self, xz, order=None):
+        """in_proj's output (B, L, 2 * d_inner) -> the gated scan's output (B, L, d_inner)."""
         x, z = xz.chunk(2, dim=-1)  # views
         x = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias, order, self.backend)  # (B, L, d_inner)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj without its bias: the scan adds it before the softplus, in fp32 (as mamba_ssm's slow path)
         dt = dt @ self.dt_proj.weight.t()  # (B, L, d_inner)
-        y = mamba_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
-                       self.dt_proj.bias.float(), order, self.backend)
-        return self.out_proj(y)  # (B, L, d_model)
+        return mamba_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
+                          self.dt_proj.bias.float(), order, self.backend)
 
     def forward_steps(self, x, order=None):
         """forward with the PyTorch scan (a CPU): the tokens are gathered once, into scan order and the

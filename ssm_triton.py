@@ -703,7 +703,10 @@ def scan_backward_op(dout: Tensor, u: Tensor, delta: Tensor, z: Optional[Tensor]
         chunk = _config(u, u.shape[1])["CHUNK"]
         du, ddelta, dz, dB, dC, dA, dD, dbias = scan_bwd(dout, u, delta, z, B, C, A, D, dt_bias, order,
                                                          states, chunk, softplus)
-    return [du, ddelta, none() if dz is None else dz, dB.to(B.dtype), dC.to(C.dtype), dA,
+    # dB, dC contiguous as the fake says: cut from (.., NP) buffers they are not when N < NP (Inductor
+    # checks the strides)
+    return [du, ddelta, none() if dz is None else dz, dB.to(B.dtype).contiguous(),
+            dC.to(C.dtype).contiguous(), dA,
             none() if dD is None else dD, none() if dbias is None else dbias]
 
 

@@ -30,8 +30,8 @@ def oom_family(monkeypatch):
     monkeypatch.setitem(bench.FAMILIES, "oom", ("OOM-{}/2", {}))
 
 
-# The default --compile dit (DiT through torch.compile, Inductor building C++ for each shape) in one
-# mode; the other mode runs every model eager, as the code path of compilation is the same in both.
+# --compile dit (DiT through torch.compile, Inductor building C++ for each shape) in one mode; the
+# other mode runs every model eager, as the code path of compilation is the same in both.
 @pytest.mark.parametrize("mode, compile", [("train", "dit"), ("sample", "none")])
 def test_bench_cpu_tiny(tmp_path, capsys, oom_family, mode, compile):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"

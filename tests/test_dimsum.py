@@ -300,3 +300,24 @@ def test_param_counts_of_named_configs():
         at512 = dimsum.DiMSUM_L_2(input_size=64, num_classes=1000)
     # "461M" at 512 px
     assert abs(count_params(at512) + 16 * 2 * (1024 ** 2 + 1024) - 461e6) < 0.5e6
+
+
+def test_per_block_compilation_traces_few_graphs():
+    # each block has its own stochastic-depth rate; as a tensor it does not make torch.compile trace
+    # every block anew (as Python floats it did: one graph per block, ~190 s of compiling for L/2)
+    import models
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = dimsum.DiMSUM_T_2(input_size=8, in_channels=1, num_classes=10)
+    compiled = models.compile_blocks(model, backend=counting_backend)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 10])
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert torch.isfinite(out).all()
+    # the first block (no residual stream yet), the others, the shared attention block
+    assert compiled == 9 and len(graphs) <= 3, len(graphs)

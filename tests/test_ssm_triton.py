@@ -140,6 +140,11 @@ def _ops_case():
             r(batch, L, K, N), r(batch, L, K, N), -torch.rand(K, dim, N, generator=g) - 0.5, r(K, dim), r(K, dim),
             torch.stack([torch.randperm(L, generator=g) for _ in range(K)]).int(), True)
     torch.library.opcheck(kern.scan_op, args)
+    # the backward op with a state size below its power of two (N 3, NP 4): dB, dC as dense as its fake
+    # says (Inductor asserts the strides)
+    a3 = (*args[:3], r(batch, L, K, 3), r(batch, L, K, 3), -torch.rand(K, dim, 3, generator=g) - 0.5, *args[6:])
+    out, states = kern.scan_op(*a3)
+    torch.library.opcheck(kern.scan_backward_op, (r(*out.shape), *a3[:-1], states, True))
     torch.library.opcheck(kern.conv_op, (r(batch, L, dim), r(dim, 3), r(dim), torch.randperm(L, generator=g).int()))
     # grouped (batch, G, N, L) B and C: G directions with the identity order
     x = [r(2, 3 * dim, L).double().requires_grad_(True) for _ in range(3)]
@@ -183,6 +188,69 @@ def _ops_case():
     return errs
 
 
+def _mixer_case():
+    # ssm.Mamba on the Triton path keeps only in_proj's output and the scan's outputs for the backward
+    # (recompute_around_scan): its output and every parameter's gradient equal those of the same path
+    # kept whole and of the float64 loop, eager and compiled, and the conv's output is freed after the
+    # forward instead of kept
+    import weakref
+
+    import ssm
+    import ssm_triton as kern
+    torch.manual_seed(0)
+    mixer = ssm.Mamba(4, d_state=3, d_conv=3, backend="triton")
+    ref = copy.deepcopy(mixer).double()
+    ref.backend = "ref"
+    x = torch.randn(2, 11, 4)
+    order = torch.randperm(11)
+
+    def kept_whole(m, x):
+        return m.out_proj(m.inner(m.in_proj(x), order))
+
+    conv, freed = ssm.causal_conv_silu, []
+
+    def spy(*args, **kwargs):  # records whether each conv output outlives the forward
+        out = conv(*args, **kwargs)
+        freed.append(weakref.ref(out))
+        return out
+
+    results, errs = {}, {}
+    for name, fn in [("recomputed", lambda m, x: m(x, order)), ("kept whole", kept_whole),
+                     ("compiled", torch.compile(lambda m, x: m(x, order), backend="aot_eager",
+                                                fullgraph=True))]:
+        m = copy.deepcopy(mixer)
+        ssm.causal_conv_silu = spy if name != "compiled" else conv  # (a side effect: graph break)
+        try:
+            y = fn(m, x)
+        finally:
+            ssm.causal_conv_silu = conv
+        if name != "compiled":
+            errs[name + " conv output freed"] = float(freed[-1]() is None)
+        calls = {"scan_fwd": 0, "conv_fwd": 0}  # kernel launches in the backward
+        launchers = {k: getattr(kern, k) for k in calls}
+
+        def counted(k):
+            def launch(*args, **kwargs):
+                calls[k] += 1
+                return launchers[k](*args, **kwargs)
+            return launch
+        for k in calls:
+            setattr(kern, k, counted(k))
+        try:
+            y.square().sum().backward()
+        finally:
+            for k, launch in launchers.items():
+                setattr(kern, k, launch)
+        errs.update({f"{name} {k} in backward": float(v) for k, v in calls.items()})
+        results[name] = [y] + [p.grad for p in m.parameters()]
+    y = kept_whole(ref, x.double())
+    y.square().sum().backward()
+    expect = [y] + [p.grad for p in ref.parameters()]
+    for name, got in results.items():
+        errs[name] = max(_err(a, b) for a, b in zip(got, expect))
+    return errs
+
+
 def _worker():
     import ssm_triton as kern
     DEFAULTS.update(chunk=(kern.CHUNK, kern.SEGMENTS, kern.MIN_SEGMENT_CHUNKS),
@@ -193,6 +261,7 @@ def _worker():
     for name, *case in CONV_CASES:
         results["conv: " + name] = _conv_case(*case)
     results["ops"] = _ops_case()
+    results["mixer"] = _mixer_case()
     print(json.dumps(results))
 
 
@@ -221,3 +290,13 @@ def test_conv_kernel_matches_float64_reference(interpreted, name):
 def test_ops_pass_opcheck_and_grouped_interface_matches(interpreted):
     errs = interpreted["ops"]
     assert errs["opcheck"] == 0.0 and len(errs) == 8 and max(errs.values()) < TOL, errs
+
+
+def test_mixer_recomputes_the_conv_and_delta_and_matches(interpreted):
+    errs = interpreted["mixer"]
+    assert errs["recomputed conv output freed"] == 1.0 and errs["kept whole conv output freed"] == 0.0, errs
+    # the backward runs the conv again but not the scan, eager and compiled
+    for name in ("recomputed", "compiled"):
+        assert errs[f"{name} scan_fwd in backward"] == 0 and errs[f"{name} conv_fwd in backward"] == 1, errs
+    assert errs["kept whole scan_fwd in backward"] == errs["kept whole conv_fwd in backward"] == 0, errs
+    assert max(errs[k] for k in ("recomputed", "kept whole", "compiled")) < TOL, errs

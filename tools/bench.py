@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import ssm
 from diffusion import create_diffusion
-from models import MODELS, checkpoint_blocks, compile_blocks
+from models import MODELS, checkpoint_blocks, compile_blocks, fastest_compile
 
 # family -> (config name for a size letter, size aliases)
 FAMILIES = {
@@ -204,6 +204,7 @@ def measure(name, family, factory, res, batch, args, device, info):
     grid = res // VAE_FACTOR
     row = dict.fromkeys(COLUMNS)
     row.update(model=name, family=family, mode=args.mode, res=res, batch=batch, **info)
+    meta = None
     try:
         with torch.device("meta"):
             meta = factory(input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
@@ -214,12 +215,11 @@ def measure(name, family, factory, res, batch, args, device, info):
         print(f"[bench] {name} @ {res}: no count on the meta device ({type(e).__name__}: {e})",
               file=sys.stderr)
     try:
-        if args.compile == "none" or (args.compile == "dit" and family != "dit"):
-            compile = None
-        elif family == "dit" or args.compile == "all":  # DiT always whole: its fastest
-            compile = "model"
+        if args.compile in ("auto", "dit"):  # each model compiled as it trains fastest
+            fastest = fastest_compile(meta) if meta is not None else None
+            compile = fastest if args.compile == "auto" or family == "dit" else None
         else:
-            compile = "blocks"
+            compile = None if args.compile == "none" else args.compile
         run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row, compile,
                   args.grad_checkpoint)
     except torch.OutOfMemoryError:
@@ -471,10 +471,11 @@ def main(argv=None):
     p.add_argument("--mode", choices=["train", "sample"], default="train")
     p.add_argument("--scan", choices=["cuda", "triton", "torch"], default=None,
                    help="force a selective-scan backend")
-    p.add_argument("--compile", choices=["none", "dit", "blocks", "all"], default="dit",
-                   help="torch.compile: none; DiT only (the baseline at its fastest; default); "
-                        "blocks (DiT whole, the Mamba models per block: about as fast, much "
-                        "quicker to compile); all (every model whole)")
+    p.add_argument("--compile", choices=["auto", "dit", "none", "model", "blocks"], default="auto",
+                   help="torch.compile: auto (every model as train.py compiles it on a GPU, its "
+                        "fastest: DiT whole, a model with Mamba layers per block; default); dit "
+                        "(only DiT, the others eager); none; model (every model whole); blocks "
+                        "(every model per block)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing per block (train mode)")
     p.add_argument("--warmup", type=int, default=2)
