@@ -412,9 +412,8 @@ class NetworkCalls:
         return getattr(self.model, name)
 
 
-# Guidance of the progress grids: 4, the scale DiT's sample.py shows its samples at (FID is measured
-# at 1.5). An early model's classes differ more at 4: after a 30-minute CPU quickstart, tops have
-# sleeves at 4 and are plain boxes at 1.5.
+# Guidance of the progress grids: 4, the scale DiT's sample.py shows its samples at (its FID is
+# measured at 1.5, sample.py's default here)
 GRID_CFG = 4.0
 
 
