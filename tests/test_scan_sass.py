@@ -1,0 +1,24 @@
+"""tools/scan_sass.py: the scan kernels compiled for sm_90 without a GPU, their SASS counted."""
+import json
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton")
+if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                   "ptxas")):
+    pytest.skip("triton without its NVIDIA backend's ptxas", allow_module_level=True)
+
+
+def test_counts_of_the_shipped_kernels(tmp_path):
+    from tools import scan_sass
+    rows = scan_sass.main(["--out", str(tmp_path / "sass.json")])
+    assert json.loads((tmp_path / "sass.json").read_text()) == rows
+    fwd, bwd = rows
+    assert (fwd["kernel"], bwd["kernel"]) == ("fwd", "bwd")
+    for r in rows:
+        assert 0 < r["registers"] <= 255 and r["instructions"] > 100
+        # every state update of a tile takes one exponential in each kernel's loop
+        assert r["MUFU"] >= r["elements_per_thread"]
+    # the backward adds its dB and dC sums atomically, and reduces them across lanes first
+    assert bwd["REDG"] >= 2 and bwd["SHFL"] > fwd["SHFL"]

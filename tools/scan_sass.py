@@ -1,0 +1,122 @@
+"""
+What the scan kernels compile to, without a GPU: ssm_triton's forward and backward kernels compiled for
+an NVIDIA architecture (sm_90 by default) with Triton's own ptxas, and their machine code (SASS)
+counted: registers per thread, spilled bytes, instructions, and the instruction kinds that matter for
+the scan (MUFU: exponentials and other special functions; SHFL: cross-lane moves, which the backward's
+sums of dB and dC over channels need; FFMA/FMUL/FADD: fp32 arithmetic; LDG/STG: global loads and
+stores; REDG: the backward's atomic adds; LDL/STL: spills to local memory).
+
+    python -m tools.scan_sass                             # the shipped launch configurations, bf16
+    python -m tools.scan_sass --bwd-config 8,4,1          # BD channels, T steps, warps of the backward
+    python -m tools.scan_sass --arch 100 --out sass.json  # another architecture; JSON
+
+Counts are static (each instruction once, the loop body once), so they compare code, not time: a
+kernel bound by latency (few warps per SM, as these are: see README, Speed) can speed up or slow down
+with the same counts. Use it to see register pressure and spills before spending GPU time; time on
+the GPU with tools/scan_bench.py. Needs triton with its NVIDIA backend (the pip wheel bundles ptxas
+and nvdisasm); no GPU and no CUDA driver.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import ssm_triton
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+KINDS = ["MUFU", "SHFL", "FFMA", "FMUL", "FADD", "LDG", "STG", "REDG", "LDL", "STL"]
+# the fused options DiM's layers use: an order table, D, the z gate, the delta bias and softplus
+FLAGS = dict(HAS_IDX=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True)
+# unit strides of the token layout (channels and states are contiguous): Triton specialises them
+UNIT_STRIDES = {"su_d", "sd_d", "sz_d", "so_d", "sB_n", "sC_n"}
+FP32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "st_ptr", "scr_ptr", "dB_ptr", "dC_ptr", "dA_ptr",
+                 "dD_ptr", "dbias_ptr", "sum_ptr"}
+
+
+def compile_kernel(kernel, constants, num_warps, arch, dtype="bf16"):
+    """The kernel compiled for sm_<arch>: every pointer 16-byte aligned, activations in `dtype`, the
+    unit strides specialised as a launch on the models' tensors would."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constants or name in UNIT_STRIDES:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = constants.get(name, 1)
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32" if name == "idx_ptr" else "*fp32" if name in FP32_POINTERS \
+                else "*" + dtype
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+
+
+def count(compiled):
+    """Registers, spill bytes and instruction counts of a compiled kernel's SASS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], check=True,
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path], check=True,
+                              capture_output=True, text=True).stdout
+    # an instruction line: /*0a30*/ [@P0] OPCODE.MODIFIERS operands ;
+    opcodes = [m.group(1).split(".")[0] for m in
+               re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)]
+    row = dict(registers=int(re.search(r"REG:(\d+)", usage).group(1)),
+               spill_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)), instructions=len(opcodes))
+    row.update({kind: opcodes.count(kind) for kind in KINDS})
+    return row
+
+
+def config(text):
+    bd, t, warps = (int(v) for v in text.split(","))
+    return dict(BD=bd, T=t, num_warps=warps)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    shipped = {k: ssm_triton.TRITON_CONFIG[k][2] for k in ("fwd", "bwd")}
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default: 90, Hopper)")
+    p.add_argument("--state", type=int, default=16, help="state size N (default: 16, every model's)")
+    for which in ("fwd", "bwd"):
+        c = shipped[which]
+        p.add_argument(f"--{which}-config", type=config, default=dict(c),
+                       help=f"BD,T,warps (default: the shipped bf16 one, {c['BD']},{c['T']},"
+                            f"{c['num_warps']})")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    NP = max(triton.next_power_of_2(args.state), 2)
+    rows = []
+    for which, kernel in (("fwd", ssm_triton._scan_fwd_kernel), ("bwd", ssm_triton._scan_bwd_kernel)):
+        c = getattr(args, f"{which}_config")
+        # MODE 0: the whole sequence in one program (the segments' passes share its loop)
+        constants = dict(FLAGS, MODE=0, NP=NP, BD=c["BD"], T=c["T"], CHUNK=ssm_triton.CHUNK)
+        row = dict(kernel=which, arch=args.arch, **c, state=args.state,
+                   elements_per_thread=c["BD"] * c["T"] * NP // (32 * c["num_warps"]))
+        row.update(count(compile_kernel(kernel, constants, c["num_warps"], args.arch)))
+        rows.append(row)
+    print("| kernel | BD, T, warps | elements per thread | registers | spilled bytes | instructions | "
+          + " | ".join(KINDS) + " |")
+    print("|---" * (6 + len(KINDS)) + "|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['BD']}, {r['T']}, {r['num_warps']} | {r['elements_per_thread']} | "
+              f"{r['registers']} | {r['spill_bytes']} | {r['instructions']} | "
+              + " | ".join(str(r[k]) for k in KINDS) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
