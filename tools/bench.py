@@ -215,9 +215,10 @@ def measure(name, family, factory, res, batch, args, device, info):
         print(f"[bench] {name} @ {res}: no count on the meta device ({type(e).__name__}: {e})",
               file=sys.stderr)
     try:
-        if args.compile in ("auto", "dit"):  # each model compiled as it trains fastest
-            fastest = fastest_compile(meta) if meta is not None else None
-            compile = fastest if args.compile == "auto" or family == "dit" else None
+        if args.compile == "auto":  # as train.py: each model its fastest way on a GPU, none on a CPU
+            compile = fastest_compile(meta) if device.type == "cuda" and meta is not None else None
+        elif args.compile == "dit":  # the baseline at its fastest, the others eager
+            compile = "model" if family == "dit" else None
         else:
             compile = None if args.compile == "none" else args.compile
         run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row, compile,
@@ -472,9 +473,9 @@ def main(argv=None):
     p.add_argument("--scan", choices=["cuda", "triton", "torch"], default=None,
                    help="force a selective-scan backend")
     p.add_argument("--compile", choices=["auto", "dit", "none", "model", "blocks"], default="auto",
-                   help="torch.compile: auto (every model as train.py compiles it on a GPU, its "
-                        "fastest: DiT whole, a model with Mamba layers per block; default); dit "
-                        "(only DiT, the others eager); none; model (every model whole); blocks "
+                   help="torch.compile: auto (as train.py: on a GPU every model its fastest way, "
+                        "DiT whole and a model with Mamba layers per block; on a CPU none; "
+                        "default); dit (only DiT, whole); none; model (every model whole); blocks "
                         "(every model per block)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing per block (train mode)")
