@@ -87,6 +87,15 @@ def fastest_compile(model):
     return "blocks" if has_scan else "model"
 
 
+def compile_choice(choice, model, device):
+    """--compile as train.py and tools/bench.py read it: "auto" is the model's fastest way on a GPU
+    and none on a CPU (Inductor's C++ build costs more there than it gains); other choices as
+    given."""
+    if choice == "auto":
+        return fastest_compile(model) if device.type == "cuda" else "none"
+    return choice
+
+
 def _checkpointed(forward, *args, **kwargs):
     if torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)

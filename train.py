@@ -42,7 +42,7 @@ from data import (FASHION_MNIST_DIR, DataError, build_dataset, build_video_datas
 from diffusion import create_diffusion
 from dim import DiM
 from models import (LATEST, ModelError, build_model, check_finite_weights, checkpoint_blocks,
-                    checkpoint_folder, compile_blocks, fastest_compile, init_from_checkpoint,
+                    checkpoint_folder, compile_blocks, compile_choice, init_from_checkpoint,
                     load_newest_checkpoint, resolve_model_name, takes_clips)
 
 
@@ -642,9 +642,7 @@ def train(args, rank, world, device, cleanup):
     raw_model = model
     if args.grad_checkpoint:
         checkpoint_blocks(model)
-    compile_mode = args.compile
-    if compile_mode == "auto":  # each model's fastest on a GPU (README, Speed); eager on a CPU
-        compile_mode = fastest_compile(model) if device.type == "cuda" else "none"
+    compile_mode = compile_choice(args.compile, model, device)  # auto: README, Speed
     if compile_mode == "blocks":  # each block compiled in place (models.compile_blocks)
         compile_blocks(model)
     elif compile_mode not in ("none", False, None):  # "model" (older runs stored True)

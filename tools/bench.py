@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import ssm
 from diffusion import create_diffusion
-from models import MODELS, checkpoint_blocks, compile_blocks, fastest_compile
+from models import MODELS, checkpoint_blocks, compile_blocks, compile_choice
 
 # family -> (config name for a size letter, size aliases)
 FAMILIES = {
@@ -215,12 +215,13 @@ def measure(name, family, factory, res, batch, args, device, info):
         print(f"[bench] {name} @ {res}: no count on the meta device ({type(e).__name__}: {e})",
               file=sys.stderr)
     try:
-        if args.compile == "auto":  # as train.py: each model its fastest way on a GPU, none on a CPU
-            compile = fastest_compile(meta) if device.type == "cuda" and meta is not None else None
-        elif args.compile == "dit":  # the baseline at its fastest, the others eager
-            compile = "model" if family == "dit" else None
-        else:
-            compile = None if args.compile == "none" else args.compile
+        choice = args.compile
+        if choice == "dit":  # the baseline at its fastest, the others eager
+            choice = "model" if family == "dit" else "none"
+        elif choice == "auto" and meta is None:  # no model on the meta device to ask: eager
+            choice = "none"
+        compile = compile_choice(choice, meta, device)  # auto: as train.py compiles
+        compile = None if compile == "none" else compile
         run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row, compile,
                   args.grad_checkpoint)
     except torch.OutOfMemoryError:
