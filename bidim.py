@@ -83,7 +83,7 @@ import torch.nn as nn
 from dit import (DiT, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
                  adaln_zero, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed)
 from ssm import (Mamba, causal_conv_silu, count_scan_flops, mamba_scan, recompute_around_scan,
-                 token_backend)
+                 scan_dtype, token_backend)
 
 
 #################################################################################
@@ -114,18 +114,21 @@ class BiMamba(Mamba):
 
     def forward(self, x):
         """x: (N, L, D) -> (N, L, D)."""
+        # with the Triton scan the mixer keeps only its input and the two scans' outputs for the
+        # backward: in_proj and both branches up to their scans run again (ssm.recompute_around_scan)
+        if token_backend(x.new_empty(0, dtype=scan_dtype(x)), self.d_state, self.backend) == "triton":
+            return self.out_proj(recompute_around_scan(self.branches, x))
+        return self.out_proj(self.branches(x))
+
+    def branches(self, x):
+        """in_proj, then the forward and the backward branch: (N, L, D) -> (N, L, d_inner)."""
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (N, L, d_inner) views
-        # with the Triton scan each branch keeps only its inputs and its scan's output for the
-        # backward (ssm.recompute_around_scan)
-        run = (recompute_around_scan if token_backend(x, self.d_state, self.backend) == "triton"
-               else lambda fn, *args: fn(*args))
         # the backward branch reads the tokens last to first (its conv too) and writes each output
         # back in place: no flipped copies of x, z or y
         reverse = torch.arange(x.shape[1] - 1, -1, -1, device=x.device, dtype=torch.int32)
-        y = run(self.branch, x, z, None, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_b = run(self.branch, x, z, reverse, self.conv1d_b, self.x_proj_b, self.dt_proj_b,
-                  self.A_b_log, self.D_b)
-        return self.out_proj(y + y_b)
+        y = self.branch(x, z, None, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        return y + self.branch(x, z, reverse, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
+                               self.D_b)
 
 
 #################################################################################

@@ -13,10 +13,13 @@ dispatch. The Triton kernels live in ssm_triton.py.
 Backends (`SCANS`, a dict of name -> function with selective_scan's arguments):
   cuda    mamba-ssm's CUDA kernel (when mamba_ssm imports), for CUDA tensors;
   triton  our Triton kernels (ssm_triton.py), for CUDA tensors;
-  torch   the chunked pure-PyTorch scan (CPU, or a GPU without either kernel; much slower there);
+  cpu     our C kernel (ssm_cpu.py: the recurrence compiled on first use with the machine's C compiler), for CPU
+          tensors;
+  torch   the chunked pure-PyTorch scan (CPU without a C compiler, or a GPU without either kernel);
   ref     the sequential loop, the test oracle.
 Choice: the `backend=` argument, else the environment variable DIFFUSION_MAMBA_SCAN=cuda|triton|torch|ref, else
-automatic: on CUDA tensors the first usable kernel of AUTO_GPU (triton, then cuda), else torch. A kernel chosen
+automatic: on CUDA tensors the first usable kernel of AUTO_GPU (triton, then cuda), on CPU tensors the one of
+AUTO_CPU (cpu), else torch. A kernel chosen
 automatically is checked once per (kernel, device, dtype) at its first call: forward AND backward on small inputs
 against the reference loop. A kernel that fails or disagrees is dropped (with a warning) and the next one is
 used. A forced backend is never checked and never replaced.
@@ -37,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+import ssm_cpu
 import ssm_triton
 from ssm_triton import selective_scan_triton, triton, triton_interpreted  # noqa: F401 (re-exported)
 
@@ -59,15 +63,23 @@ def _keep_the_scan(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def scan_dtype(x):
+    """The dtype of what a linear layer makes of x: autocast's where it is on (the scan runs in it)."""
+    kind = x.device.type
+    on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)  # (not on 'meta')
+    return torch.get_autocast_dtype(kind) if on and x.is_floating_point() else x.dtype
+
+
 def recompute_around_scan(fn, *args):
-    """fn(*args), the path of a mixer from in_proj's output to its scan's output, keeping for the
-    backward only fn's inputs and the scan's outputs: the causal conv, x_proj, dt_proj and the casts
-    between them run again in the backward instead of keeping their (batch, L, d_inner) outputs.
-    mamba-ssm's fused path recomputes the conv output and delta the same way (mamba_inner_fn,
-    checkpoint_lvl=1). For a DiM-L/2 block that is 2 of its ~7 activations of that size, for a
-    recomputation that costs a few percent of the scan's own time. Only for the Triton scan, whose op
-    the policy can keep (another backend's scan would run twice), and once token_backend has checked
-    it in the scan's dtype: a first-call check inside the region would run again in the backward."""
+    """fn(*args), the path of a mixer from its input through in_proj to its scan's output, keeping for
+    the backward only fn's inputs and the scan's outputs: in_proj, the causal conv, x_proj, dt_proj and
+    the casts between them run again in the backward instead of keeping their (batch, L, d_inner)
+    outputs. mamba-ssm's fused path recomputes the conv output and delta the same way (mamba_inner_fn,
+    checkpoint_lvl=1); recomputing in_proj's output as well (2 d_inner channels a token, the largest
+    activation of a DiM block) costs one more matrix product in the backward, a few percent of a step.
+    Only for the Triton scan, whose op the policy can keep (another backend's scan would run twice), and
+    once token_backend has checked it in the scan's dtype: a first-call check inside the region would
+    run again in the backward."""
     if not torch.is_grad_enabled():
         return fn(*args)
     return torch.utils.checkpoint.checkpoint(
@@ -138,17 +150,19 @@ class Mamba(nn.Module):
         table: scan step p reads token order[p]; the conv and the scan follow it, the output stays in token
         order. The linear layers work in the (B, L, channels) layout and the conv and scan read it in place
         (the GPU kernels; with the PyTorch scan, forward_steps)."""
-        if not _flop_counters and token_backend(x, self.d_state, self.backend) == "torch":
-            return self.forward_steps(x, order)
-        xz = self.in_proj(x)  # (B, L, 2 * d_inner)
-        # (the backend of the scan's dtype is checked here, at its first call: not inside the region)
-        if not _flop_counters and token_backend(xz, self.d_state, self.backend) == "triton":
-            return self.out_proj(recompute_around_scan(self.inner, xz, order))  # (B, L, d_model)
-        return self.out_proj(self.inner(xz, order))
+        which = None if _flop_counters else token_backend(x, self.d_state, self.backend)
+        if which in ("cpu", "torch"):
+            return self.forward_steps(x, order, kernel=which == "cpu")
+        # the backend of the scan's dtype (in_proj's output under autocast) is checked here, at its first
+        # call: not inside the recomputed region
+        if not _flop_counters and token_backend(x.new_empty(0, dtype=scan_dtype(x)), self.d_state,
+                                                self.backend) == "triton":
+            return self.out_proj(recompute_around_scan(self.inner, x, order))  # (B, L, d_model)
+        return self.out_proj(self.inner(x, order))
 
-    def inner(self, xz, order=None):
-        """in_proj's output (B, L, 2 * d_inner) -> the gated scan's output (B, L, d_inner)."""
-        x, z = xz.chunk(2, dim=-1)  # views
+    def inner(self, x, order=None):
+        """The mixer's input (B, L, d_model) -> the gated scan's output (B, L, d_inner)."""
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # views of (B, L, 2 * d_inner)
         x = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias, order, self.backend)  # (B, L, d_inner)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj without its bias: the scan adds it before the softplus, in fp32 (as mamba_ssm's slow path)
@@ -156,11 +170,12 @@ class Mamba(nn.Module):
         return mamba_scan(x, dt, -torch.exp(self.A_log.float()), B, C, self.D.float(), z,
                           self.dt_proj.bias.float(), order, self.backend)
 
-    def forward_steps(self, x, order=None):
-        """forward with the PyTorch scan (a CPU): the tokens are gathered once, into scan order and the
-        steps-first layout (L, B, d_model) the scan reads, before in_proj, where the tensor is narrowest;
-        the projections, the conv and the scan then need no gather or transpose of their own (in the
-        token layout they took ~30% of a DiM-T/2 step), and the output is put back once."""
+    def forward_steps(self, x, order=None, kernel=False):
+        """forward on a CPU (the C kernel, or with kernel=False the PyTorch scan): the tokens are
+        gathered once, into scan order and the steps-first layout (L, B, d_model) the scan reads, before
+        in_proj, where the tensor is narrowest; the projections, the conv and the scan then need no gather
+        or transpose of their own (in the token layout they took ~30% of a DiM-T/2 step), and the output
+        is put back once."""
         idx = None if order is None else order.to(x.device).long()
         x = x.transpose(0, 1)
         x = x.contiguous() if idx is None else x.index_select(0, idx)  # (L, B, d_model), scan order
@@ -168,7 +183,7 @@ class Mamba(nn.Module):
         x = causal_conv_silu_steps(x, self.conv1d.weight.view(self.d_inner, -1), self.conv1d.bias)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = scan_steps(x, dt @ self.dt_proj.weight.t(), -torch.exp(self.A_log.float()), B, C, self.D.float(),
-                       z, self.dt_proj.bias.float())
+                       z, self.dt_proj.bias.float(), kernel=kernel)
         y = self.out_proj(y.to(x.dtype)).transpose(0, 1)  # (B, L, d_model), scan order
         return y.contiguous() if idx is None else y.index_select(1, torch.argsort(idx))
 
@@ -292,11 +307,24 @@ class ChunkedScan(torch.autograd.Function):
         return d_du * delta, ddelta, dA.sum(0).transpose(1, 2), dB, dC, None, None
 
 
+def recurrence(u, dt, A, B, C, T, softplus, kernel=False):
+    """ChunkedScan's recurrence and arguments (steps-first, dim in G groups); kernel=True runs the C kernel
+    (ssm_cpu.py) on fp32 CPU tensors instead, with softplus in PyTorch around it."""
+    if not (kernel and u.dtype == torch.float32 and u.device.type == "cpu"):
+        return ChunkedScan.apply(u, dt, A, B, C, T, softplus)
+    L, b, G, dg = u.shape
+    delta = F.softplus(dt) if softplus else dt
+    y = ssm_cpu.scan_op(u.reshape(L, b, G * dg).contiguous(), delta.reshape(L, b, G * dg).contiguous(),
+                        A.reshape(G * dg, -1).contiguous(), B.contiguous(), C.contiguous())
+    return y.view(L, b, G, dg)
+
+
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         chunk_size=None):
+                         chunk_size=None, kernel=False):
     """
     The pure-PyTorch scan (CPU, or a GPU without a kernel), fp32 inside (fp64 for fp64 inputs): ChunkedScan for
-    the recurrence, autograd for the cheap (b, dim, L) parts around it.
+    the recurrence, autograd for the cheap (b, dim, L) parts around it. kernel=True: the C kernel for the
+    recurrence (the 'cpu' backend).
 
     Why a loop over L and not a parallel form: A differs per (channel, state), so Mamba-2's quadratic chunk form
     would need a (b, dim, T, T, N) decay matrix, and a cumsum-based scan divides by cumulative decays that
@@ -317,9 +345,9 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         G, N = B.shape[1:3]
         assert dim % G == 0, f"dim {dim} not divisible into {G} groups"
         steps_first = lambda M: M.permute(2, 0, 1).reshape(L, b, G, dim // G)  # (b, dim, L) -> (L, b, G, dg)
-        y = ChunkedScan.apply(steps_first(u), steps_first(delta), A.view(G, dim // G, N),
-                              B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous(), T,
-                              delta_softplus)
+        y = recurrence(steps_first(u), steps_first(delta), A.view(G, dim // G, N),
+                       B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous(), T,
+                       delta_softplus, kernel)
         y = y.reshape(L, b, dim).permute(1, 2, 0)  # (b, dim, L)
         return _finish(y, u, D, z, out_dtype)
 
@@ -350,10 +378,12 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 SCANS = {
     "cuda": _cuda_scan_fn,
     "triton": selective_scan_triton if triton is not None else None,
+    "cpu": functools.partial(selective_scan_torch, kernel=True),
     "torch": selective_scan_torch,
     "ref": selective_scan_ref,
 }
 AUTO_GPU = ["triton", "cuda"]  # tried in this order on CUDA tensors, each checked at its first call
+AUTO_CPU = ["cpu"]  # likewise on CPU tensors
 BACKENDS = tuple(SCANS)
 _checked, _broken, _warned = set(), set(), set()  # (kernel, device, dtype) that passed; kernels that failed
 
@@ -374,10 +404,10 @@ def scan_backend(x, backend=None):
             raise RuntimeError(f"scan backend {backend!r} requested but it is not installed "
                                f"({'mamba_ssm' if backend == 'cuda' else backend} does not import)")
         return backend
+    for kernel in AUTO_GPU if x.is_cuda else AUTO_CPU if x.device.type == "cpu" else []:
+        if SCANS.get(kernel) is not None and kernel not in _broken:
+            return kernel
     if x.is_cuda:
-        for kernel in AUTO_GPU:
-            if SCANS.get(kernel) is not None and kernel not in _broken:
-                return kernel
         _warn_once("no GPU selective-scan kernel (mamba-ssm, triton) is usable; using the pure-PyTorch scan "
                    "(much slower)")
     return "torch"
@@ -417,13 +447,13 @@ def checked_backend(u, A, B, backend=None):
     (kernel, device, dtype); one that fails is dropped with a warning and the next one is used."""
     forced = backend or os.environ.get("DIFFUSION_MAMBA_SCAN")
     which = scan_backend(u, backend)
-    while not forced and which in AUTO_GPU and (which, u.device, u.dtype) not in _checked:
+    while not forced and which in AUTO_GPU + AUTO_CPU and (which, u.device, u.dtype) not in _checked:
         try:
             check_kernel(which, u, A, B)
             _checked.add((which, u.device, u.dtype))
         except torch.OutOfMemoryError:
             raise
-        except Exception as e:  # mamba-ssm without its extension, a GPU or driver Triton cannot compile for
+        except Exception as e:  # mamba-ssm without its extension, a GPU Triton cannot compile for, no C compiler
             _broken.add(which)
             failed, which = which, scan_backend(u)
             _warn_once(f"the {failed} selective scan failed its first-call check "
@@ -458,7 +488,8 @@ def token_backend(x, d_state, backend=None):
     """The backend of a token-layout call on x: checked_backend's choice (the kernels checked at their first
     call, the Triton one together with the conv kernel; under torch.compile the choice of the eager run)."""
     which = scan_backend(x, backend)
-    if torch.compiler.is_compiling() or which not in AUTO_GPU or (which, x.device, x.dtype) in _checked:
+    hot = which not in AUTO_GPU + AUTO_CPU or (which, x.device, x.dtype) in _checked
+    if torch.compiler.is_compiling() or hot:
         return which  # the hot path: checked already, forced, or no GPU kernel
     return checked_backend(x, torch.empty(1, d_state), torch.empty(1, d_state, 1), backend)
 
@@ -480,24 +511,25 @@ def scan_reference(u, delta, A, B, C, D, z, dt_bias, order, scan=None):
     return torch.stack(outs, 2)
 
 
-def scan_steps(u, dt, A, B, C, D=None, z=None, dt_bias=None, chunk_size=CHUNK):
+def scan_steps(u, dt, A, B, C, D=None, z=None, dt_bias=None, chunk_size=CHUNK, kernel=False):
     """The selective scan (softplus on dt + dt_bias) in the steps-first layout ChunkedScan reads:
     u, dt, z: (L, batch, dim), B, C: (L, batch, N), any strides; A: (dim, N); D, dt_bias: (dim,).
-    Returns y (L, batch, dim) in fp32 (fp64 for fp64 inputs), fp32 under bf16 autocast too."""
+    Returns y (L, batch, dim) in fp32 (fp64 for fp64 inputs), fp32 under bf16 autocast too. kernel: as
+    recurrence's."""
     dtype = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(u.device.type, enabled=False):
         u, dt = u.to(dtype), dt.to(dtype)
         if dt_bias is not None:
             dt = dt + dt_bias.to(dtype)
-        y = ChunkedScan.apply(u[:, :, None], dt[:, :, None], A.to(dtype)[None],
-                              B.to(dtype).contiguous()[:, :, None], C.to(dtype).contiguous()[:, :, None],
-                              chunk_size, True)[:, :, 0]
+        y = recurrence(u[:, :, None], dt[:, :, None], A.to(dtype)[None],
+                       B.to(dtype).contiguous()[:, :, None], C.to(dtype).contiguous()[:, :, None],
+                       chunk_size, True, kernel)[:, :, 0]
         if D is not None:
             y = torch.addcmul(y, u, D.to(dtype))
         return y if z is None else y * F.silu(z.to(dtype))
 
 
-def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=CHUNK):
+def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=CHUNK, kernel=False):
     """mamba_scan in PyTorch on a CPU: each direction gathered straight from the token layout into
     the steps-first one, (L, batch, ch), contiguous, with one copy (index_select in scan order),
     scanned (scan_steps), and put back in token order. Arguments as scan_reference's."""
@@ -509,7 +541,8 @@ def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=CHUNK)
             x = x[:, :, k].transpose(0, 1)
             return x.contiguous() if idx is None else x.index_select(0, idx)
         y = scan_steps(steps(u), steps(delta), A[k], steps(B), steps(C), None if D is None else D[k],
-                       None if z is None else steps(z), None if dt_bias is None else dt_bias[k], chunk_size)
+                       None if z is None else steps(z), None if dt_bias is None else dt_bias[k], chunk_size,
+                       kernel)
         if idx is not None:
             y = y.index_select(0, torch.argsort(idx))
         outs.append(y.transpose(0, 1).to(u.dtype))  # (batch, L, dim)
@@ -522,8 +555,9 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     B, C: (batch, L, N) or (batch, L, K, N), e.g. views of x_proj's output; A: (dim, N) or (K, dim, N) fp32;
     D, dt_bias: (dim,) or (K, dim) fp32; order: None (scan in storage order), an (L,) or (K, L) integer table
     of the token read at each scan step. Returns (batch, L, dim) or (batch, L, K, dim) in u's dtype.
-    On a GPU this is one Triton kernel (ssm_triton.py) with no copy around it; elsewhere the PyTorch scan
-    (scan_torch_tokens), recomputed in the backward instead of storing its (.., L, N) intermediates."""
+    On a GPU this is one Triton kernel (ssm_triton.py) with no copy around it; on a CPU each direction is
+    gathered into scan order and run by the C kernel (ssm_cpu.py) or ChunkedScan (scan_torch_tokens), both
+    recomputing in the backward instead of storing their (.., L, N) intermediates."""
     single = A.dim() == 2
     K = 1 if single else A.shape[0]
     batch, L = u.shape[:2]
@@ -547,8 +581,8 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     which = token_backend(u, A.shape[-1], backend)
     if which == "triton":
         out = ssm_triton.scan_op(u, delta, z, B, C, A, D, dt_bias, order, True)[0]
-    elif which == "torch":  # ChunkedScan: no (.., L, N) tensor kept for the backward
-        out = scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order)
+    elif which in ("cpu", "torch"):  # the C kernel or ChunkedScan: no (.., L, N) tensor kept for the backward
+        out = scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, kernel=which == "cpu")
     else:  # mamba-ssm's kernel (the whole job: gathers and transposes included), or the loop
         out = scan_reference(u, delta, A, B, C, D, z, dt_bias, order, SCANS[which])
     return out[:, :, 0] if single else out

@@ -146,13 +146,20 @@ def plan_run(args, fitted, recipe, seconds_left, step_s, grid_s):
     warm-up and EMA fitted to the steps."""
     grids = GRIDS_PER_RUN if args.sample_every != 0 else 0
     args.steps = max(1, int(0.95 * (seconds_left - grids * grid_s) / step_s))
-    if args.sample_every is None:
-        args.sample_every = math.ceil(args.steps / GRIDS_PER_RUN)
-    if args.ckpt_every is None:
-        args.ckpt_every = math.ceil(args.steps / GRIDS_PER_RUN)
+    fitted += [k for k in ("sample_every", "ckpt_every") if getattr(args, k) is None]
+    space_grids(args, fitted)
     if args.log_every is None:
         args.log_every = max(1, min(100, args.steps // 100))
     fit_to_length(args, fitted, recipe)
+
+
+def space_grids(args, fitted):
+    """A quickstart's grids and checkpoints, those in `fitted`: one every 1/GRIDS_PER_RUN of its steps,
+    spaced again whenever its steps are planned again (the first plan, timed on a step that may hold
+    compilation, can be far off)."""
+    for k in ("sample_every", "ckpt_every"):
+        if k in fitted:
+            setattr(args, k, math.ceil(args.steps / GRIDS_PER_RUN))
 
 
 def fit_to_length(args, fitted, recipe):
@@ -772,6 +779,7 @@ def train(args, rank, world, device, cleanup):
                 pace, overdue = timing.tolist()
                 args.steps = pbar.total = step + max(0, int(-0.97 * overdue / pace))
                 fit_to_length(args, [k for k in fitted if k == "ema"], raw_model.train_defaults)
+                space_grids(args, fitted)
                 if master:
                     write_args(run_dir, args)
                 if master and step == args.steps:

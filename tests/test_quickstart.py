@@ -3,6 +3,7 @@ a GPU, --help showing every default, sample.py without --ckpt, Fashion-MNIST abo
 materialised resized copy, and progress shown for sampling. Tiny models, a few steps."""
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -200,6 +201,9 @@ def test_a_run_planned_on_a_slow_timing_plans_again_from_its_pace(tmp_path, monk
     assert planned < 20 and steps > 2 * planned
     assert args["ema"] >= 1 - 10 / steps - 1e-9  # the EMA horizon follows the new plan
     assert os.path.isfile(os.path.join(run, "checkpoints", f"{steps:07d}.pt"))
+    # and so do the grids: one every sixth of the run, not every sixth of the first plan's steps
+    assert args["sample_every"] == args["ckpt_every"] == math.ceil(steps / train.GRIDS_PER_RUN)
+    assert len(os.listdir(os.path.join(run, "samples"))) <= 2 * train.GRIDS_PER_RUN
 
 
 def test_a_run_without_steps_under_torchrun(tmp_path, fake_fmnist, free_port):

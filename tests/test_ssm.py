@@ -159,7 +159,7 @@ def test_dispatch_matches_direct_call():
 def test_backend_env_var(monkeypatch):
     x = torch.zeros(1, 2, 3)
     monkeypatch.delenv("DIFFUSION_MAMBA_SCAN", raising=False)
-    assert scan_backend(x) == "torch"  # CPU tensors never use the kernel
+    assert scan_backend(x) == "cpu"  # CPU tensors: the C kernel (ssm_cpu.py)
     monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "torch")
     assert scan_backend(x) == "torch"
     monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "ref")
@@ -369,7 +369,7 @@ def test_backend_triton_selection(monkeypatch):
     assert scan_backend(gpu) == "cuda"  # then mamba-ssm, the optional reference
     monkeypatch.setitem(ssm.SCANS, "cuda", None)
     monkeypatch.setitem(ssm.SCANS, "triton", lambda *a: None)
-    assert scan_backend(torch.zeros(1)) == "torch"  # never on CPU tensors unless forced
+    assert scan_backend(torch.zeros(1)) == "cpu"  # never a GPU kernel on CPU tensors unless forced
     assert scan_backend(torch.zeros(1), backend="triton") == "triton"
     monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "triton")
     assert scan_backend(torch.zeros(1)) == "triton"

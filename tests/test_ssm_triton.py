@@ -189,10 +189,10 @@ def _ops_case():
 
 
 def _mixer_case():
-    # ssm.Mamba on the Triton path keeps only in_proj's output and the scan's outputs for the backward
+    # ssm.Mamba on the Triton path keeps only its input and the scan's outputs for the backward
     # (recompute_around_scan): its output and every parameter's gradient equal those of the same path
-    # kept whole and of the float64 loop, eager and compiled, and the conv's output is freed after the
-    # forward instead of kept
+    # kept whole and of the float64 loop, eager and compiled, and the outputs of in_proj and of the conv
+    # are freed after the forward instead of kept
     import weakref
 
     import ssm
@@ -205,7 +205,7 @@ def _mixer_case():
     order = torch.randperm(11)
 
     def kept_whole(m, x):
-        return m.out_proj(m.inner(m.in_proj(x), order))
+        return m.out_proj(m.inner(x, order))
 
     conv, freed = ssm.causal_conv_silu, []
 
@@ -224,12 +224,18 @@ def _mixer_case():
                      ("nested", block_checkpointed)]:
         m = copy.deepcopy(mixer)
         ssm.causal_conv_silu = spy if name != "compiled" else conv  # (a side effect: graph break)
+        projected = []  # likewise in_proj's output (a hook: not under fullgraph compilation)
+        hook = m.in_proj.register_forward_hook(
+            lambda mod, inp, out: projected.append(weakref.ref(out))) if name != "compiled" else None
         try:
             y = fn(m, x)
         finally:
             ssm.causal_conv_silu = conv
+            if hook is not None:
+                hook.remove()
         if name != "compiled":
             errs[name + " conv output freed"] = float(freed[-1]() is None)
+            errs[name + " in_proj output freed"] = float(projected[-1]() is None)
         calls = {"scan_fwd": 0, "conv_fwd": 0}  # kernel launches in the backward
         launchers = {k: getattr(kern, k) for k in calls}
 
@@ -321,9 +327,11 @@ def test_ops_pass_opcheck_and_grouped_interface_matches(interpreted):
     assert errs["opcheck"] == 0.0 and len(errs) == 8 and max(errs.values()) < TOL, errs
 
 
-def test_mixer_recomputes_the_conv_and_delta_and_matches(interpreted):
+def test_mixer_recomputes_in_proj_the_conv_and_delta_and_matches(interpreted):
     errs = interpreted["mixer"]
     assert errs["recomputed conv output freed"] == 1.0 and errs["kept whole conv output freed"] == 0.0, errs
+    assert errs["recomputed in_proj output freed"] == 1.0, errs
+    assert errs["kept whole in_proj output freed"] == 0.0, errs
     # the backward runs the conv again but not the scan, eager and compiled
     for name in ("recomputed", "compiled"):
         assert errs[f"{name} scan_fwd in backward"] == 0 and errs[f"{name} conv_fwd in backward"] == 1, errs
