@@ -307,15 +307,18 @@ class ChunkedScan(torch.autograd.Function):
         return d_du * delta, ddelta, dA.sum(0).transpose(1, 2), dB, dC, None, None
 
 
-def recurrence(u, dt, A, B, C, T, softplus, kernel=False):
+def recurrence(u, dt, A, B, C, T, softplus, kernel=False, D=None, z=None):
     """ChunkedScan's recurrence and arguments (steps-first, dim in G groups); kernel=True runs the C kernel
-    (ssm_cpu.py) on fp32 CPU tensors instead, with softplus in PyTorch around it."""
+    (ssm_cpu.py) on fp32 CPU tensors instead, with softplus in PyTorch around it and, if given, the D skip
+    and the SiLU gate z (L, b, G * dg) fused into it (else they are the caller's)."""
     if not (kernel and u.dtype == torch.float32 and u.device.type == "cpu"):
+        assert D is None and z is None
         return ChunkedScan.apply(u, dt, A, B, C, T, softplus)
     L, b, G, dg = u.shape
     delta = F.softplus(dt) if softplus else dt
-    y = ssm_cpu.scan_op(u.reshape(L, b, G * dg).contiguous(), delta.reshape(L, b, G * dg).contiguous(),
-                        A.reshape(G * dg, -1).contiguous(), B.contiguous(), C.contiguous())
+    flat = lambda x: x.reshape(L, b, G * dg).contiguous()
+    y, _ = ssm_cpu.scan_op(flat(u), flat(delta), A.reshape(G * dg, -1).contiguous(), B.contiguous(),
+                           C.contiguous(), None if D is None else D.contiguous(), None if z is None else flat(z))
     return y.view(L, b, G, dg)
 
 
@@ -521,9 +524,11 @@ def scan_steps(u, dt, A, B, C, D=None, z=None, dt_bias=None, chunk_size=CHUNK, k
         u, dt = u.to(dtype), dt.to(dtype)
         if dt_bias is not None:
             dt = dt + dt_bias.to(dtype)
-        y = recurrence(u[:, :, None], dt[:, :, None], A.to(dtype)[None],
-                       B.to(dtype).contiguous()[:, :, None], C.to(dtype).contiguous()[:, :, None],
-                       chunk_size, True, kernel)[:, :, 0]
+        B, C = B.to(dtype).contiguous()[:, :, None], C.to(dtype).contiguous()[:, :, None]
+        if kernel and dtype == torch.float32 and u.device.type == "cpu":  # D and the gate inside the kernel
+            return recurrence(u[:, :, None], dt[:, :, None], A.to(dtype)[None], B, C, chunk_size, True, kernel,
+                              None if D is None else D.to(dtype), None if z is None else z.to(dtype))[:, :, 0]
+        y = recurrence(u[:, :, None], dt[:, :, None], A.to(dtype)[None], B, C, chunk_size, True)[:, :, 0]
         if D is not None:
             y = torch.addcmul(y, u, D.to(dtype))
         return y if z is None else y * F.silu(z.to(dtype))

@@ -9,17 +9,17 @@ so on a CPU the scan runs far below what the arithmetic needs: it was ~2/3 of a 
 one loop does a step's whole update while the state of a channel, N floats, sits in one vector register.
 
 What it computes (Gu & Dao 2023, Alg. 2, with delta already positive, i.e. after softplus):
-    h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,      y_t = C_t . h_t
-for every (batch, channel), steps-first: u, delta, y (L, batch, dim); B, C (L, batch, G, N), the dim channels
-split into G groups that share B and C; A (dim, N). The D skip, the gate and softplus stay in PyTorch around
-it.
+    h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t,      out_t = (C_t . h_t + D u_t) silu(z_t)
+for every (batch, channel), steps-first: u, delta, z, out (L, batch, dim); B, C (L, batch, G, N), the dim
+channels split into G groups that share B and C; A (dim, N); D (dim,). D and z are optional; softplus stays in
+PyTorch around it.
 
-Backward: per batch item, a forward pass keeps the state entering each chunk of T steps (T ~ sqrt(L)); the
-chunks are then visited in reverse, each one's states and decays recomputed into a small scratch, and the
-adjoint g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1} runs backwards through them. a_t h_{t-1} (for the gradients
-of delta and A) is read from the recomputed states, never as h_t - delta_t u_t B_t, which cancels. Nothing but
-the inputs is saved between forward and backward. Work is split over the batch across torch's threads (ctypes
-releases the GIL), so dB and dC, summed over channels, need no atomics.
+Backward: the forward keeps the state entering each chunk of T steps (T ~ sqrt(L)); the chunks are visited
+in reverse, each one's states and decays recomputed from its border into a small scratch, and the adjoint
+g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1} runs backwards through them. a_t h_{t-1} (for the gradients of
+delta and A) is read from the recomputed states, never as h_t - delta_t u_t B_t, which cancels. Work is split
+over the batch across torch's threads (ctypes releases the GIL), so dB and dC, summed over channels, need no
+atomics.
 """
 
 import ctypes
@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -57,8 +58,8 @@ static inline float exp_f(float x) {
     return p * scale;
 }
 
-/* One step of one channel's recurrence, h = exp(dt A) h + x B (x = dt u), in three variants: returning
-   C . h (forward), only updating h (the backward's border pass), keeping the decays (its recompute). */
+/* One step of one channel's recurrence, h = exp(dt A) h + x B (x = dt u), in two variants: returning
+   C . h (forward), and keeping the decays (the backward's recompute). */
 static inline float step_out(float *restrict h, const float *restrict A, const float *restrict B,
                              const float *restrict C, float dt, float x) {
     for (int n = 0; n < NS; n++) h[n] = exp_f(dt * A[n]) * h[n] + x * B[n];
@@ -66,11 +67,6 @@ static inline float step_out(float *restrict h, const float *restrict A, const f
     #pragma omp simd reduction(+:acc)
     for (int n = 0; n < NS; n++) acc += C[n] * h[n];
     return acc;
-}
-
-static inline void step_state(float *restrict h, const float *restrict A, const float *restrict B,
-                              float dt, float x) {
-    for (int n = 0; n < NS; n++) h[n] = exp_f(dt * A[n]) * h[n] + x * B[n];
 }
 
 static inline void step_keep(float *restrict h, const float *restrict h_prev, float *restrict a_out,
@@ -86,60 +82,70 @@ static inline void step_keep(float *restrict h, const float *restrict h_prev, fl
    would cost as much as the step's arithmetic). */
 #define GROUP(d) (G == 1 ? 0 : (d) / dg)
 
-/* y = scan(u, delta, A, B, C) for batch items [b_lo, b_hi). */
-int scan_fwd(const float *u, const float *delta, const float *A, const float *B, const float *C, float *y,
-             int64_t L, int64_t batch, int64_t dim, int64_t G, int64_t b_lo, int64_t b_hi) {
-    const int64_t N = NS;
-    int64_t dg = dim / G;
-    float *h = malloc(sizeof(float) * dim * N);
-    if (!h) return 1;
-    for (int64_t b = b_lo; b < b_hi; b++) {
-        memset(h, 0, sizeof(float) * dim * N);
-        for (int64_t t = 0; t < L; t++) {
-            int64_t row = (t * batch + b) * dim, brow = (t * batch + b) * G * N;
-            for (int64_t d = 0; d < dim; d++) {  /* channel d reads group d / dg of B and C */
-                float dt = delta[row + d];
-                int64_t g = brow + GROUP(d) * N;
-                y[row + d] = step_out(h + d * N, A + d * N, B + g, C + g, dt, dt * u[row + d]);
-            }
-        }
+/* The SiLU gate of a row of channels and, for the backward, its derivative (vectorized over the row). */
+static void gate_row(const float *restrict z, float *restrict gate, float *restrict dgate, int64_t dim) {
+    for (int64_t d = 0; d < dim; d++) {
+        float s = 1.0f / (1.0f + exp_f(-z[d]));
+        gate[d] = z[d] * s;
+        if (dgate) dgate[d] = s * (1.0f + z[d] * (1.0f - s));
     }
-    free(h);
-    return 0;
 }
 
-/* Gradients for batch items [b_lo, b_hi): du, ddelta (written), dB, dC (added into zeroed buffers: summed
-   over the channels of a group), dA (added into this call's own zeroed (dim, N) partial). */
-int scan_bwd(const float *u, const float *delta, const float *A, const float *B, const float *C,
-             const float *dy, float *du, float *ddelta, float *dA, float *dB, float *dC,
+/* out = (scan(u, delta, A, B, C) + D u) silu(z) for batch items [b_lo, b_hi) (D, z may be NULL), and the
+   state entering every chunk of T steps, borders (batch, n_chunks, dim, N), for the backward. */
+int scan_fwd(const float *u, const float *delta, const float *A, const float *B, const float *C,
+             const float *D, const float *z, float *out, float *borders,
              int64_t L, int64_t batch, int64_t dim, int64_t G, int64_t T, int64_t b_lo, int64_t b_hi) {
     const int64_t N = NS;
     int64_t dg = dim / G, S = dim * N, n_chunks = (L + T - 1) / T;
-    float *borders = malloc(sizeof(float) * S * n_chunks);  /* state entering each chunk */
-    float *hs = malloc(sizeof(float) * S * T);              /* the chunk's states h_t ... */
-    float *as = malloc(sizeof(float) * S * T);              /* ... and decays a_t = exp(delta_t A) */
-    float *carry = malloc(sizeof(float) * S);               /* a_{t+1} g_{t+1}: what reaches h_t */
-    if (!borders || !hs || !as || !carry) {
-        free(borders); free(hs); free(as); free(carry);
+    float *h = malloc(sizeof(float) * S), *gate = malloc(sizeof(float) * dim);
+    if (!h || !gate) {
+        free(h); free(gate);
         return 1;
     }
     for (int64_t b = b_lo; b < b_hi; b++) {
-        /* forward, keeping the chunk borders (carry is the running state here) */
-        memset(carry, 0, sizeof(float) * S);
+        memset(h, 0, sizeof(float) * S);
         for (int64_t t = 0; t < L; t++) {
-            if (t % T == 0) memcpy(borders + (t / T) * S, carry, sizeof(float) * S);
+            if (t % T == 0) memcpy(borders + (b * n_chunks + t / T) * S, h, sizeof(float) * S);
             int64_t row = (t * batch + b) * dim, brow = (t * batch + b) * G * N;
-            for (int64_t d = 0; d < dim; d++) {
+            if (z) gate_row(z + row, gate, NULL, dim);
+            for (int64_t d = 0; d < dim; d++) {  /* channel d reads group d / dg of B and C */
                 float dt = delta[row + d];
-                step_state(carry + d * N, A + d * N, B + brow + GROUP(d) * N, dt, dt * u[row + d]);
+                int64_t g = brow + GROUP(d) * N;
+                float y = step_out(h + d * N, A + d * N, B + g, C + g, dt, dt * u[row + d]);
+                if (D) y += D[d] * u[row + d];
+                out[row + d] = z ? y * gate[d] : y;
             }
         }
+    }
+    free(h); free(gate);
+    return 0;
+}
+
+/* Gradients for batch items [b_lo, b_hi): du, ddelta, dz (written), dB, dC (added into zeroed buffers:
+   summed over the channels of a group), dA and dD (added into this call's own zeroed partials). */
+int scan_bwd(const float *u, const float *delta, const float *A, const float *B, const float *C,
+             const float *D, const float *z, const float *dout, const float *borders,
+             float *du, float *ddelta, float *dA, float *dB, float *dC, float *dD, float *dz,
+             int64_t L, int64_t batch, int64_t dim, int64_t G, int64_t T, int64_t b_lo, int64_t b_hi) {
+    const int64_t N = NS;
+    int64_t dg = dim / G, S = dim * N, n_chunks = (L + T - 1) / T;
+    float *hs = malloc(sizeof(float) * S * T);              /* the chunk's states h_t ... */
+    float *as = malloc(sizeof(float) * S * T);              /* ... and decays a_t = exp(delta_t A) */
+    float *carry = malloc(sizeof(float) * S);               /* a_{t+1} g_{t+1}: what reaches h_t */
+    float *gate = malloc(sizeof(float) * dim), *dgate = malloc(sizeof(float) * dim);
+    if (!hs || !as || !carry || !gate || !dgate) {
+        free(hs); free(as); free(carry); free(gate); free(dgate);
+        return 1;
+    }
+    for (int64_t b = b_lo; b < b_hi; b++) {
         memset(carry, 0, sizeof(float) * S);
         for (int64_t c = n_chunks - 1; c >= 0; c--) {
+            const float *border = borders + (b * n_chunks + c) * S;
             int64_t t0 = c * T, nt = L - t0 < T ? L - t0 : T;
-            for (int64_t i = 0; i < nt; i++) {  /* recompute the chunk */
+            for (int64_t i = 0; i < nt; i++) {  /* recompute the chunk from the state entering it */
                 int64_t t = t0 + i, row = (t * batch + b) * dim, brow = (t * batch + b) * G * N;
-                const float *h_prev = i ? hs + (i - 1) * S : borders + c * S;
+                const float *h_prev = i ? hs + (i - 1) * S : border;
                 for (int64_t d = 0; d < dim; d++) {
                     float dt = delta[row + d];
                     step_keep(hs + i * S + d * N, h_prev + d * N, as + i * S + d * N, A + d * N,
@@ -148,11 +154,14 @@ int scan_bwd(const float *u, const float *delta, const float *A, const float *B,
             }
             for (int64_t i = nt - 1; i >= 0; i--) {  /* the adjoint, right to left */
                 int64_t t = t0 + i, row = (t * batch + b) * dim, brow = (t * batch + b) * G * N;
-                const float *h_prev = i ? hs + (i - 1) * S : borders + c * S;
+                const float *h_prev = i ? hs + (i - 1) * S : border;
+                if (z) gate_row(z + row, gate, dgate, dim);
                 for (int64_t d = 0; d < dim; d++) {
                     int64_t g = brow + GROUP(d) * N, dn = d * N, at = i * S + dn;
-                    float dt = delta[row + d], x = dt * u[row + d], gy = dy[row + d], gB = 0.0f, wA = 0.0f;
-                    #pragma omp simd reduction(+:gB, wA)
+                    float dt = delta[row + d], ut = u[row + d], x = dt * ut, go = dout[row + d];
+                    float gy = z ? go * gate[d] : go;  /* dL/dy, y = C . h + D u before the gate */
+                    float gB = 0.0f, wA = 0.0f, y = 0.0f;
+                    #pragma omp simd reduction(+:gB, wA, y)
                     for (int n = 0; n < NS; n++) {
                         float gn = carry[dn + n] + C[g + n] * gy;   /* dL/dh_t */
                         float w = gn * as[at + n] * h_prev[dn + n];  /* dL/da_t times a_t */
@@ -161,15 +170,21 @@ int scan_bwd(const float *u, const float *delta, const float *A, const float *B,
                         dA[dn + n] += w * dt;
                         gB += gn * B[g + n];
                         wA += w * A[dn + n];
+                        y += C[g + n] * hs[at + n];
                         carry[dn + n] = gn * as[at + n];
                     }
-                    du[row + d] = dt * gB;
-                    ddelta[row + d] = u[row + d] * gB + wA;
+                    du[row + d] = dt * gB + (D ? D[d] * gy : 0.0f);
+                    ddelta[row + d] = ut * gB + wA;
+                    if (D) {
+                        dD[d] += gy * ut;
+                        y += D[d] * ut;
+                    }
+                    if (z) dz[row + d] = go * y * dgate[d];
                 }
             }
         }
     }
-    free(borders); free(hs); free(as); free(carry);
+    free(hs); free(as); free(carry); free(gate); free(dgate);
     return 0;
 }
 """
@@ -229,8 +244,8 @@ def library(N):
             os.replace(out, path)  # atomic: a concurrent process sees the old state or the whole file
     lib = ctypes.CDLL(path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.scan_fwd.argtypes = [ptr] * 6 + [i64] * 6
-    lib.scan_bwd.argtypes = [ptr] * 11 + [i64] * 7
+    lib.scan_fwd.argtypes = [ptr] * 9 + [i64] * 7
+    lib.scan_bwd.argtypes = [ptr] * 16 + [i64] * 7
     lib.scan_fwd.restype = lib.scan_bwd.restype = ctypes.c_int
     return lib
 
@@ -252,11 +267,14 @@ def _over_batch(fn, batch):
         raise MemoryError("the CPU scan kernel could not allocate its scratch memory")
 
 
-def _checked(u, delta, A, B, C):
+def _checked(u, delta, A, B, C, D=None, z=None):
     L, batch, dim = u.shape
     G, N = B.shape[2:]
     for name, x, shape in (("u", u, (L, batch, dim)), ("delta", delta, (L, batch, dim)), ("A", A, (dim, N)),
-                           ("B", B, (L, batch, G, N)), ("C", C, (L, batch, G, N))):
+                           ("B", B, (L, batch, G, N)), ("C", C, (L, batch, G, N)), ("D", D, (dim,)),
+                           ("z", z, (L, batch, dim))):
+        if x is None:
+            continue
         if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.shape != shape:
             raise ValueError(f"scan_cpu: {name} must be a contiguous float32 CPU tensor of shape {shape}, "
                              f"got {x.dtype} {x.device} {tuple(x.shape)} contiguous={x.is_contiguous()}")
@@ -265,59 +283,73 @@ def _checked(u, delta, A, B, C):
     return L, batch, dim, G, N
 
 
-@torch.library.custom_op("diffmamba::scan_cpu", mutates_args=())
-def scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    """y (L, batch, dim) of the recurrence; u, delta (L, batch, dim), B, C (L, batch, G, N), A (dim, N):
-    contiguous float32, delta > 0 (softplus applied)."""
-    L, batch, dim, G, N = _checked(u, delta, A, B, C)
-    y = torch.empty_like(u)
-    p = lambda x: x.data_ptr()
-    _over_batch(lambda lo, hi, _: library(N).scan_fwd(p(u), p(delta), p(A), p(B), p(C), p(y), L, batch,
-                                                      dim, G, lo, hi), batch)
-    return y
-
-
-@scan_op.register_fake
-def _(u, delta, A, B, C):
-    return torch.empty_like(u)
-
-
 def chunk_length(L, dim, N):
-    """Steps per recomputed chunk in the backward: ~sqrt(L) balances the saved borders (L / T states)
-    against the chunk's scratch (2 T states), capped so the scratch stays near 512 KiB (L2)."""
+    """Steps per chunk (the forward keeps the state entering each, the backward recomputes one at a time):
+    ~sqrt(L) balances the saved borders (L / T states) against the chunk's scratch (2 T states), capped so
+    the scratch stays near 512 KiB (L2)."""
     return max(1, min(round(math.sqrt(L)), (1 << 16) // max(1, dim * N)))
 
 
+def _ptr(x):
+    return None if x is None else x.data_ptr()
+
+
+@torch.library.custom_op("diffmamba::scan_cpu", mutates_args=())
+def scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+            z: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """out = (y + D u) silu(z) (D, z optional), y of the recurrence; u, delta, z (L, batch, dim), B, C
+    (L, batch, G, N), A (dim, N), D (dim,): contiguous float32, delta > 0 (softplus applied). Returns out
+    (L, batch, dim) and the states entering each chunk of chunk_length steps (batch, chunks, dim, N)."""
+    L, batch, dim, G, N = _checked(u, delta, A, B, C, D, z)
+    T = chunk_length(L, dim, N)
+    out, borders = torch.empty_like(u), u.new_empty(batch, (L + T - 1) // T, dim, N)
+    p = _ptr
+    _over_batch(lambda lo, hi, _: library(N).scan_fwd(p(u), p(delta), p(A), p(B), p(C), p(D), p(z), p(out),
+                                                      p(borders), L, batch, dim, G, T, lo, hi), batch)
+    return out, borders
+
+
+@scan_op.register_fake
+def _(u, delta, A, B, C, D, z):
+    L, batch, dim = u.shape
+    T = chunk_length(L, dim, A.shape[1])
+    return torch.empty_like(u), u.new_empty(batch, (L + T - 1) // T, dim, A.shape[1])
+
+
 @torch.library.custom_op("diffmamba::scan_cpu_backward", mutates_args=())
-def scan_backward_op(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
-                     C: Tensor) -> list[Tensor]:
-    """Gradients for u, delta, A, B, C."""
-    L, batch, dim, G, N = _checked(u, delta, A, B, C)
-    dy = dy.contiguous()
+def scan_backward_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                     D: Optional[Tensor], z: Optional[Tensor], borders: Tensor) -> list[Tensor]:
+    """Gradients for u, delta, A, B, C, D, z (empty tensors for a D or z that is None)."""
+    L, batch, dim, G, N = _checked(u, delta, A, B, C, D, z)
+    dout = dout.contiguous()
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
+    dz = torch.empty_like(u) if z is not None else u.new_empty(0)
     dB, dC = torch.zeros_like(B), torch.zeros_like(C)
     workers = max(1, min(torch.get_num_threads(), batch))
-    dA = A.new_zeros(workers, dim, N)  # one partial per slice of the batch
-    T = chunk_length(L, dim, N)
-    p = lambda x: x.data_ptr()
+    dA, dD = A.new_zeros(workers, dim, N), A.new_zeros(workers, dim)  # one partial per slice of the batch
+    p = _ptr
     _over_batch(lambda lo, hi, w: library(N).scan_bwd(
-        p(u), p(delta), p(A), p(B), p(C), p(dy), p(du), p(ddelta), p(dA[w]), p(dB), p(dC),
-        L, batch, dim, G, T, lo, hi), batch)
-    return [du, ddelta, dA.sum(0), dB, dC]
+        p(u), p(delta), p(A), p(B), p(C), p(D), p(z), p(dout), p(borders), p(du), p(ddelta), p(dA[w]),
+        p(dB), p(dC), p(dD[w]), p(dz) if z is not None else None, L, batch, dim, G,
+        chunk_length(L, dim, N), lo, hi), batch)
+    return [du, ddelta, dA.sum(0), dB, dC, dD.sum(0) if D is not None else u.new_empty(0), dz]
 
 
 @scan_backward_op.register_fake
-def _(dy, u, delta, A, B, C):
+def _(dout, u, delta, A, B, C, D, z, borders):
+    like = lambda x: u.new_empty(0) if x is None else torch.empty_like(x)
     return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(C)]
+            torch.empty_like(C), like(D), like(z)]
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs, output[1])
 
 
-def _grad(ctx, dy):
-    return tuple(scan_backward_op(dy, *ctx.saved_tensors))
+def _grad(ctx, dout, _dborders):
+    u, delta, A, B, C, D, z, borders = ctx.saved_tensors
+    g = scan_backward_op(dout, u, delta, A, B, C, D, z, borders)
+    return (*g[:5], g[5] if D is not None else None, g[6] if z is not None else None)
 
 
 scan_op.register_autograd(_grad, setup_context=_setup)

@@ -76,20 +76,25 @@ def test_threads_split_the_batch_without_changing_results():
     assert torch.equal(runs[0], runs[1])
 
 
-def test_op_registration():
-    """Fake implementation, autograd and schema of the custom ops agree with the kernel (torch.library)."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_op_registration(fused):
+    """Fake implementation, autograd and schema of the custom ops agree with the kernel (torch.library),
+    with and without the fused D skip and gate."""
     g = torch.Generator().manual_seed(0)
     L, b, dim, G, N = 9, 2, 6, 2, 16
-    args = (torch.randn(L, b, dim, generator=g), F.softplus(torch.randn(L, b, dim, generator=g)),
-            -torch.rand(dim, N, generator=g), torch.randn(L, b, G, N, generator=g),
-            torch.randn(L, b, G, N, generator=g))
-    torch.library.opcheck(ssm_cpu.scan_op, [a.requires_grad_() for a in args])
+    rn = lambda *s: torch.randn(*s, generator=g)
+    args = [rn(L, b, dim), F.softplus(rn(L, b, dim)), -torch.rand(dim, N, generator=g), rn(L, b, G, N),
+            rn(L, b, G, N), rn(dim) if fused else None, rn(L, b, dim) if fused else None]
+    torch.library.opcheck(ssm_cpu.scan_op, [a.requires_grad_() if a is not None else None for a in args])
 
 
 def test_bad_input_is_refused_with_its_name():
     x = torch.zeros(4, 2, 8)
+    B = torch.zeros(4, 2, 1, 16)
     with pytest.raises(ValueError, match="delta must be a contiguous float32"):
-        ssm_cpu.scan_op(x, x.double(), torch.zeros(8, 16), torch.zeros(4, 2, 1, 16), torch.zeros(4, 2, 1, 16))
+        ssm_cpu.scan_op(x, x.double(), torch.zeros(8, 16), B, B, None, None)
+    with pytest.raises(ValueError, match="z must be a contiguous float32 CPU tensor of shape"):
+        ssm_cpu.scan_op(x, x, torch.zeros(8, 16), B, B, None, x[:, :, :4])
 
 
 def test_without_a_compiler_the_pytorch_scan_is_used(monkeypatch):
