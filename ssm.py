@@ -150,13 +150,13 @@ class Mamba(nn.Module):
         table: scan step p reads token order[p]; the conv and the scan follow it, the output stays in token
         order. The linear layers work in the (B, L, channels) layout and the conv and scan read it in place
         (the GPU kernels; with the PyTorch scan, forward_steps)."""
-        which = None if _flop_counters else token_backend(x, self.d_state, self.backend)
+        # the backend, in the scan's dtype (in_proj's output under autocast), is checked here at its
+        # first call: not inside the recomputed region
+        which = None if _flop_counters else token_backend(x.new_empty(0, dtype=scan_dtype(x)),
+                                                          self.d_state, self.backend)
         if which in ("cpu", "torch"):
             return self.forward_steps(x, order, kernel=which == "cpu")
-        # the backend of the scan's dtype (in_proj's output under autocast) is checked here, at its first
-        # call: not inside the recomputed region
-        if not _flop_counters and token_backend(x.new_empty(0, dtype=scan_dtype(x)), self.d_state,
-                                                self.backend) == "triton":
+        if which == "triton":
             return self.out_proj(recompute_around_scan(self.inner, x, order))  # (B, L, d_model)
         return self.out_proj(self.inner(x, order))
 
@@ -308,18 +308,21 @@ class ChunkedScan(torch.autograd.Function):
 
 
 def recurrence(u, dt, A, B, C, T, softplus, kernel=False, D=None, z=None):
-    """ChunkedScan's recurrence and arguments (steps-first, dim in G groups); kernel=True runs the C kernel
-    (ssm_cpu.py) on fp32 CPU tensors instead, with softplus in PyTorch around it and, if given, the D skip
-    and the SiLU gate z (L, b, G * dg) fused into it (else they are the caller's)."""
-    if not (kernel and u.dtype == torch.float32 and u.device.type == "cpu"):
-        assert D is None and z is None
-        return ChunkedScan.apply(u, dt, A, B, C, T, softplus)
+    """(C . h + D u) silu(z) of the recurrence, in ChunkedScan's arguments (steps-first, dim in G groups);
+    D (G * dg,) and z (L, b, G * dg) optional. kernel=True runs the C kernel (ssm_cpu.py, D and the gate
+    fused into it) on fp32 CPU tensors, with softplus in PyTorch around it; else ChunkedScan."""
     L, b, G, dg = u.shape
-    delta = F.softplus(dt) if softplus else dt
-    flat = lambda x: x.reshape(L, b, G * dg).contiguous()
-    y, _ = ssm_cpu.scan_op(flat(u), flat(delta), A.reshape(G * dg, -1).contiguous(), B.contiguous(),
-                           C.contiguous(), None if D is None else D.contiguous(), None if z is None else flat(z))
-    return y.view(L, b, G, dg)
+    flat = lambda x: x.reshape(L, b, G * dg)
+    if kernel and u.dtype == torch.float32 and u.device.type == "cpu":
+        delta = F.softplus(dt) if softplus else dt
+        dense = lambda x: None if x is None else x.contiguous()
+        y, _ = ssm_cpu.scan_op(dense(flat(u)), dense(flat(delta)), dense(A.reshape(G * dg, -1)), dense(B),
+                               dense(C), dense(D), None if z is None else dense(flat(z)))
+        return y.view(L, b, G, dg)
+    y = flat(ChunkedScan.apply(u, dt, A, B, C, T, softplus))
+    if D is not None:
+        y = torch.addcmul(y, flat(u), D)
+    return (y if z is None else y * F.silu(flat(z))).view(L, b, G, dg)
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -493,7 +496,7 @@ def token_backend(x, d_state, backend=None):
     which = scan_backend(x, backend)
     hot = which not in AUTO_GPU + AUTO_CPU or (which, x.device, x.dtype) in _checked
     if torch.compiler.is_compiling() or hot:
-        return which  # the hot path: checked already, forced, or no GPU kernel
+        return which  # the hot path: checked already, forced, or nothing to check
     return checked_backend(x, torch.empty(1, d_state), torch.empty(1, d_state, 1), backend)
 
 
@@ -524,14 +527,10 @@ def scan_steps(u, dt, A, B, C, D=None, z=None, dt_bias=None, chunk_size=CHUNK, k
         u, dt = u.to(dtype), dt.to(dtype)
         if dt_bias is not None:
             dt = dt + dt_bias.to(dtype)
-        B, C = B.to(dtype).contiguous()[:, :, None], C.to(dtype).contiguous()[:, :, None]
-        if kernel and dtype == torch.float32 and u.device.type == "cpu":  # D and the gate inside the kernel
-            return recurrence(u[:, :, None], dt[:, :, None], A.to(dtype)[None], B, C, chunk_size, True, kernel,
-                              None if D is None else D.to(dtype), None if z is None else z.to(dtype))[:, :, 0]
-        y = recurrence(u[:, :, None], dt[:, :, None], A.to(dtype)[None], B, C, chunk_size, True)[:, :, 0]
-        if D is not None:
-            y = torch.addcmul(y, u, D.to(dtype))
-        return y if z is None else y * F.silu(z.to(dtype))
+        return recurrence(u[:, :, None], dt[:, :, None], A.to(dtype)[None],
+                          B.to(dtype).contiguous()[:, :, None], C.to(dtype).contiguous()[:, :, None],
+                          chunk_size, True, kernel, None if D is None else D.to(dtype),
+                          None if z is None else z.to(dtype))[:, :, 0]
 
 
 def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=CHUNK, kernel=False):

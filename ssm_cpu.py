@@ -255,9 +255,14 @@ def _pool(workers):
     return ThreadPoolExecutor(workers, thread_name_prefix="scan_cpu")
 
 
+def _workers(batch):
+    """How many slices the batch is split into: one per torch thread."""
+    return max(1, min(torch.get_num_threads(), batch))
+
+
 def _over_batch(fn, batch):
-    """Run fn(b_lo, b_hi) on slices of the batch, one per torch thread."""
-    workers = max(1, min(torch.get_num_threads(), batch))
+    """Run fn(b_lo, b_hi, slice index) on the _workers(batch) slices of the batch."""
+    workers = _workers(batch)
     cuts = [batch * i // workers for i in range(workers + 1)]
     if workers == 1:
         codes = [fn(0, batch, 0)]
@@ -325,8 +330,8 @@ def scan_backward_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tenso
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
     dz = torch.empty_like(u) if z is not None else u.new_empty(0)
     dB, dC = torch.zeros_like(B), torch.zeros_like(C)
-    workers = max(1, min(torch.get_num_threads(), batch))
-    dA, dD = A.new_zeros(workers, dim, N), A.new_zeros(workers, dim)  # one partial per slice of the batch
+    slices = _workers(batch)  # dA and dD: one partial per slice of the batch
+    dA, dD = A.new_zeros(slices, dim, N), A.new_zeros(slices, dim)
     p = _ptr
     _over_batch(lambda lo, hi, w: library(N).scan_bwd(
         p(u), p(delta), p(A), p(B), p(C), p(D), p(z), p(dout), p(borders), p(du), p(ddelta), p(dA[w]),

@@ -146,8 +146,7 @@ def plan_run(args, fitted, recipe, seconds_left, step_s, grid_s):
     warm-up and EMA fitted to the steps."""
     grids = GRIDS_PER_RUN if args.sample_every != 0 else 0
     args.steps = max(1, int(0.95 * (seconds_left - grids * grid_s) / step_s))
-    fitted += [k for k in ("sample_every", "ckpt_every") if getattr(args, k) is None]
-    space_grids(args, fitted)
+    space_grids(args, [k for k in ("sample_every", "ckpt_every") if getattr(args, k) is None])
     if args.log_every is None:
         args.log_every = max(1, min(100, args.steps // 100))
     fit_to_length(args, fitted, recipe)
@@ -608,7 +607,8 @@ def train(args, rank, world, device, cleanup):
     torch.manual_seed(args.seed)  # same initial weights on every rank and for every world size
     model = build_model(args.model, **model_kwargs).to(device)
     # None means "the model's own recipe"; the checkpoint stores the resolved values
-    fitted = [k for k in ("warmup", "ema") if getattr(args, k) is None]
+    # (a quickstart also fits the spacing of its grids and checkpoints, if not given: space_grids)
+    fitted = [k for k in ("warmup", "ema", "sample_every", "ckpt_every") if getattr(args, k) is None]
     for k in HYPERPARAMETERS:
         if getattr(args, k) is None:
             setattr(args, k, model.train_defaults[k])
