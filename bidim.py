@@ -116,7 +116,7 @@ class BiMamba(Mamba):
         """x: (N, L, D) -> (N, L, D)."""
         # with the Triton scan the mixer keeps only its input and the two scans' outputs for the
         # backward: in_proj and both branches up to their scans run again (ssm.recompute_around_scan)
-        if token_backend(x.new_empty(0, dtype=scan_dtype(x)), self.d_state, self.backend) == "triton":
+        if token_backend(x, self.d_state, self.backend, scan_dtype) == "triton":
             return self.out_proj(recompute_around_scan(self.branches, x))
         return self.out_proj(self.branches(x))
 

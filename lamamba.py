@@ -188,8 +188,8 @@ class SS2D(nn.Module):
         # with the Triton scan only x and the scans' output are kept for the backward: the conv,
         # the projections and the fp32 copies run again (ssm.recompute_around_scan)
         # (checked in the scan's dtype, fp32 or wider, outside the region)
-        scan_dtype = torch.promote_types(x.dtype, torch.float32)
-        if token_backend(x.new_empty(0, dtype=scan_dtype), self.d_state) == "triton":
+        fp32_or_wider = lambda t: torch.promote_types(t.dtype, torch.float32)  # SS2D scans in fp32
+        if token_backend(x, self.d_state, dtype_of=fp32_or_wider) == "triton":
             ys = recompute_around_scan(self.scans, x, paths)
         else:
             ys = self.scans(x, paths)

@@ -152,8 +152,7 @@ class Mamba(nn.Module):
         (the GPU kernels; with the PyTorch scan, forward_steps)."""
         # the backend, in the scan's dtype (in_proj's output under autocast), is checked here at its
         # first call: not inside the recomputed region
-        which = None if _flop_counters else token_backend(x.new_empty(0, dtype=scan_dtype(x)),
-                                                          self.d_state, self.backend)
+        which = None if _flop_counters else token_backend(x, self.d_state, self.backend, scan_dtype)
         if which in ("cpu", "torch"):
             return self.forward_steps(x, order, kernel=which == "cpu")
         if which == "triton":
@@ -490,12 +489,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 # Scan and conv in the token layout (what the models call)
 # -----------------------------------------------------------------------------
 
-def token_backend(x, d_state, backend=None):
+def token_backend(x, d_state, backend=None, dtype_of=None):
     """The backend of a token-layout call on x: checked_backend's choice (the kernels checked at their first
-    call, the Triton one together with the conv kernel; under torch.compile the choice of the eager run)."""
+    call, the Triton one together with the conv kernel; under torch.compile the choice of the eager run).
+    dtype_of: a function of x giving the dtype the scan will run in, when it is not x's (scan_dtype, for a
+    mixer's input under autocast); called only outside torch.compile, whose torch 2.11 cannot trace
+    autocast's queries (a graph break in every block, measured: 2x slower DiM-L/2 steps)."""
     which = scan_backend(x, backend)
-    hot = which not in AUTO_GPU + AUTO_CPU or (which, x.device, x.dtype) in _checked
-    if torch.compiler.is_compiling() or hot:
+    if torch.compiler.is_compiling():
+        return which
+    if dtype_of is not None:
+        x = x.new_empty(0, dtype=dtype_of(x))
+    if which not in AUTO_GPU + AUTO_CPU or (which, x.device, x.dtype) in _checked:
         return which  # the hot path: checked already, forced, or nothing to check
     return checked_backend(x, torch.empty(1, d_state), torch.empty(1, d_state, 1), backend)
 

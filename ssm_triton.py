@@ -432,8 +432,11 @@ def _scan_bwd_kernel(
 # -----------------------------------------------------------------------------
 
 # channels per program BD, steps per tile T, warps; CHUNK = steps between saved states (the backward's
-# recompute span). Chosen per element size of u (2 = bf16/fp16, 4 = fp32).
-TRITON_CONFIG = {"fwd": {2: dict(BD=16, T=8, num_warps=1), 4: dict(BD=16, T=4, num_warps=1)},
+# recompute span). Chosen per element size of u (2 = bf16/fp16, 4 = fp32). bf16: the fastest of the
+# configurations `tools/scan_bench.py --sweep` tries at the models' four shapes on an H200 (README, Speed
+# I): the backward's 8 x 8 x 1 at every shape; the forward's 32 x 4 x 1 at three (3-7% ahead of 16 x 8 x 1),
+# 4% behind it at DiM-L/2's 1024 px shape.
+TRITON_CONFIG = {"fwd": {2: dict(BD=32, T=4, num_warps=1), 4: dict(BD=16, T=4, num_warps=1)},
           "bwd": {2: dict(BD=8, T=8, num_warps=1), 4: dict(BD=8, T=4, num_warps=1)}}
 CHUNK = 64
 
@@ -464,7 +467,9 @@ def _segments(batch, K, n_db, n_chunks, device):
     return triton.cdiv(n_chunks, seg_chunks), seg_chunks
 
 
-SEGMENT_TARGET, MIN_SEGMENT_CHUNKS, SEGMENTS = 32, 4, None
+# segment target 64 (programs per multiprocessor): the backward 5-7% faster than with 32 at DiM-L/2's 1024
+# px shape and (8, 1536, 4096), the same elsewhere
+SEGMENT_TARGET, MIN_SEGMENT_CHUNKS, SEGMENTS = 64, 4, None
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,7 @@ and parity of ssm.Mamba with mamba-ssm's module.
 1. Accuracy: every backend against an fp64 run of the sequential reference (outputs and all
    gradients); the Mamba mixer with each backend against the cuda one (fp32 and bf16 autocast);
    mamba_ssm.modules.mamba_simple.Mamba's state dict loaded strictly into ssm.Mamba.
-2. --sweep: launch configurations of the token-layout kernels at DiM-L/2's 1024 px shape.
+2. --sweep: launch configurations of the token-layout kernels at the models' shapes (below).
 3. The models' shapes (DiM-L/2 at 1024 and 2048 px, DiM-S/2 at 32 px, scan.md's B8 D1536 L4096):
    the whole job as the models run it. Ours: ssm.mamba_scan on the (b, L, dim) views that the linear
    layers produce, in DiM's column order. mamba-ssm: gather into scan order, (b, dim, L) and (b, N, L)
@@ -263,7 +263,7 @@ if not args.no_accuracy:
                   + " | ".join(f"{row[b]:.1e}" for b in available) + " |")
 
 # -----------------------------------------------------------------------------
-# 2. launch-configuration sweep of the Triton kernels (token layout, DiM-L/2 at 1024 px)
+# 2. launch-configuration sweep of the Triton kernels (token layout, the models' shapes)
 # -----------------------------------------------------------------------------
 
 def token_inputs(b, dim, L, N=16, dtype=torch.bfloat16, seed=0):
@@ -322,47 +322,63 @@ def mamba_ssm_job(x, grad, kernel_only=False):
     return lambda: torch.autograd.grad(job(), [leaves[k] for k in names], dy)
 
 
-if args.sweep and has_triton:
-    b_, d_, L_ = (1, 16, 64) if args.smoke else (2, 2048, 4489)
-    x = token_inputs(b_, d_, L_)
+# the models' shapes (sections 2 and 3): (label, batch, channels, L)
+SHAPES = [("DiM-L/2, 1024 px", 2, 2048, 4489), ("DiM-L/2, 2048 px", 1, 2048, 16900),
+          ("DiM-S/2, 32 px", 128, 1024, 361), ("scan.md main", 8, 1536, 4096)]
+if args.smoke:
+    SHAPES = [("smoke", 1, 16, 36)]
+# (BD channels, T steps, warps) tried per kernel; then chunk and segment target around the best
+SWEEP = {"fwd": [(16, 8, 1), (8, 8, 1), (16, 4, 1), (32, 4, 1), (32, 8, 2), (16, 8, 2), (32, 8, 4)],
+         "bwd": [(8, 8, 1), (8, 4, 1), (4, 8, 1), (8, 8, 2), (16, 4, 2), (16, 8, 4), (4, 4, 1), (8, 4, 2)]}
+
+
+def sweep_one(x, which, cfg, chunk, target):
+    """ms of one kernel (scan_fwd or scan_bwd launched directly) under one launch configuration."""
     default = (copy.deepcopy(ssm_triton.TRITON_CONFIG), ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET)
-    print(f"\n## Triton launch sweep, token layout, (b, dim, L) = {(b_, d_, L_)} bf16\n")
-    print("| kernel | config (BD, T, warps) | chunk | segment target | ms |")
-    print("|---|---|---|---|---|")
+    ssm_triton.TRITON_CONFIG[which][2] = dict(BD=cfg[0], T=cfg[1], num_warps=cfg[2])
+    ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET = chunk, target
+    try:
+        u4 = {k: (v.unsqueeze(2) if v.dim() == 3 else v[None]) for k, v in x.items() if k != "order"}
+        fargs = (u4["u"], u4["delta"], u4["z"], u4["B"], u4["C"], u4["A"], u4["D"], u4["dt_bias"],
+                 x["order"].int()[None].contiguous())
+        if which == "fwd":
+            return time_ms(lambda: ssm_triton.scan_fwd(*fargs), budget_ms=150)
+        _, states, ch = ssm_triton.scan_fwd(*fargs)
+        dout = torch.randn_like(u4["u"])
+        return time_ms(lambda: ssm_triton.scan_bwd(dout, *fargs, states, ch), budget_ms=150)
+    finally:
+        ssm_triton.TRITON_CONFIG = default[0]
+        ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET = default[1], default[2]
+
+
+if args.sweep and has_triton:
+    print("\n## Triton launch sweep at the models' shapes, token layout, bf16\n")
+    print("| shape (b, dim, L) | kernel | config (BD, T, warps) | chunk | segment target | ms |")
+    print("|---|---|---|---|---|---|")
     results["sweep"] = []
-    space = [(bd, t, w) for bd, t, w in ((8, 8, 1), (16, 8, 1), (4, 8, 1), (16, 8, 2), (8, 4, 1))]
-    for which in ("fwd", "bwd"):
-        for (bd, t, w), chunk, target in [(c, 64, 32) for c in space] + [(space[0], 32, 32), (space[0], 64, 16)]:
-            ssm_triton.TRITON_CONFIG[which][2] = dict(BD=bd, T=t, num_warps=w)
-            ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET = chunk, target
-            try:
-                u4 = {k: (v.unsqueeze(2) if v.dim() == 3 else v[None]) for k, v in x.items() if k != "order"}
-                fargs = (u4["u"], u4["delta"], u4["z"], u4["B"], u4["C"], u4["A"], u4["D"], u4["dt_bias"],
-                         x["order"].int()[None].contiguous())
-                if which == "fwd":
-                    ms = time_ms(lambda: ssm_triton.scan_fwd(*fargs), budget_ms=100)
-                else:
-                    _, states, ch = ssm_triton.scan_fwd(*fargs)
-                    dout = torch.randn_like(u4["u"])
-                    ms = time_ms(lambda: ssm_triton.scan_bwd(dout, *fargs, states, ch), budget_ms=100)
-                row = dict(kernel=which, config=[bd, t, w], chunk=chunk, target=target, ms=ms)
-            except Exception as e:
-                row = dict(kernel=which, config=[bd, t, w], chunk=chunk, target=target,
-                           error=f"{type(e).__name__}: {str(e)[:80]}")
-            ssm_triton.TRITON_CONFIG = copy.deepcopy(default[0])
-            ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET = default[1], default[2]
-            results["sweep"].append(row)
-            print(f"| {which} | {row['config']} | {chunk} | {target} | {fmt(row.get('ms'))} "
-                  f"{row.get('error', '')}|")
+    for label, b_, d_, L_ in SHAPES:
+        x = token_inputs(b_, d_, L_)
+        for which, space in SWEEP.items():
+            def run(cfg, chunk=ssm_triton.CHUNK, target=ssm_triton.SEGMENT_TARGET):
+                row = dict(shape=label, kernel=which, config=list(cfg), chunk=chunk, target=target)
+                try:
+                    row["ms"] = sweep_one(x, which, cfg, chunk, target)
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+                results["sweep"].append(row)
+                print(f"| {label} ({b_}, {d_}, {L_}) | {which} | {tuple(cfg)} | {chunk} | {target} | "
+                      f"{fmt(row.get('ms'))} {row.get('error', '')}|")
+                return row.get("ms", math.inf)
+
+            best = min(space, key=run)
+            for chunk, target in ((32, None), (128, None), (None, 16), (None, 32)):
+                run(best, chunk or ssm_triton.CHUNK, target or ssm_triton.SEGMENT_TARGET)
+        del x
 
 # -----------------------------------------------------------------------------
 # 3. the models' shapes: the whole job against mamba-ssm's
 # -----------------------------------------------------------------------------
 
-SHAPES = [("DiM-L/2, 1024 px", 2, 2048, 4489), ("DiM-L/2, 2048 px", 1, 2048, 16900),
-          ("DiM-S/2, 32 px", 128, 1024, 361), ("scan.md main", 8, 1536, 4096)]
-if args.smoke:
-    SHAPES = [("smoke", 1, 16, 36)]
 # the exponential-bound floor (one MUFU ex2 per state update forward, at least two backward): 16 ex2 per
 # clock per SM at the boost clock (Hopper: 1.98 GHz)
 ex2_per_s = 16 * 1.98e9 * (torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1)
