@@ -170,6 +170,28 @@ def test_backend_env_var(monkeypatch):
         scan_backend(x)
 
 
+def test_mixer_asks_no_dtype_under_compile(monkeypatch):
+    """The mixer asks for the scan's dtype (scan_dtype: autocast's queries) only in eager calls: torch
+    2.11's dynamo cannot trace those queries, and a graph break in every block made DiM-L/2 2x slower."""
+    monkeypatch.delenv("DIFFUSION_MAMBA_SCAN", raising=False)
+    asked = []
+
+    def recording_scan_dtype(x):
+        asked.append(x.dtype)
+        return x.dtype
+
+    monkeypatch.setattr(ssm, "scan_dtype", recording_scan_dtype)
+    torch.manual_seed(0)
+    mixer = Mamba(8, d_state=4)
+    x = torch.randn(2, 6, 8)
+    expected = mixer(x)
+    assert asked == [torch.float32]  # eager: asked
+    torch._dynamo.reset()
+    out = torch.compile(mixer, backend="eager", fullgraph=True)(x)
+    assert asked == [torch.float32]  # traced without asking
+    torch.testing.assert_close(out, expected)
+
+
 def test_backend_forced_cuda(monkeypatch):
     x = torch.zeros(1, 2, 3)
     monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "cuda")
