@@ -115,9 +115,15 @@ class BiMamba(Mamba):
     def forward(self, x):
         """x: (N, L, D) -> (N, L, D)."""
         # with the Triton scan the mixer keeps only its input and the two scans' outputs for the
-        # backward: in_proj and both branches up to their scans run again (ssm.recompute_around_scan)
+        # backward: in_proj, both branches up to their scans and out_proj run again
+        # (ssm.recompute_around_scan). out_proj inside, so that its input, the sum of the branches, is
+        # added again rather than kept (N, L, d_inner); out_proj's product is repeated instead.
         if token_backend(x, self.d_state, self.backend, scan_dtype) == "triton":
-            return self.out_proj(recompute_around_scan(self.branches, x))
+            return recompute_around_scan(self.mix, x)
+        return self.mix(x)
+
+    def mix(self, x):
+        """in_proj, the forward and the backward branch, summed, then out_proj: (N, L, D) -> (N, L, D)."""
         return self.out_proj(self.branches(x))
 
     def branches(self, x):

@@ -71,10 +71,10 @@ def scan_dtype(x):
 
 
 def recompute_around_scan(fn, *args):
-    """fn(*args), the path of a mixer from its input through in_proj to its scan's output, keeping for
-    the backward only fn's inputs and the scan's outputs: in_proj, the causal conv, x_proj, dt_proj and
-    the casts between them run again in the backward instead of keeping their (batch, L, d_inner)
-    outputs. mamba-ssm's fused path recomputes the conv output and delta the same way (mamba_inner_fn,
+    """fn(*args), the path of a mixer from its input through in_proj to its scan's output (BiDiM's: on
+    through out_proj), keeping for the backward only fn's inputs and the scan's outputs: in_proj, the
+    causal conv, x_proj, dt_proj and the casts between them run again in the backward instead of keeping
+    their (batch, L, d_inner) outputs. mamba-ssm's fused path recomputes the conv output and delta the same way (mamba_inner_fn,
     checkpoint_lvl=1); recomputing in_proj's output as well (2 d_inner channels a token, the largest
     activation of a DiM block) costs one more matrix product in the backward, a few percent of a step.
     Only for the Triton scan, whose op the policy can keep (another backend's scan would run twice), and

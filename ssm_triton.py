@@ -132,11 +132,65 @@ if triton is not None:
         return m2, u.to(tl.float32), tl.where(m2, dt, 0.0), sig, Bt.to(tl.float32)
 
     @triton.jit
+    def _swap(x, M: tl.constexpr):
+        """x[t, n, d ^ M] of a (T, NP, BD) tile: the flip of a size-2 axis, which Triton lowers to one lane
+        shuffle where the channels lie across lanes (and to register moves where they do not)."""
+        A0: tl.constexpr = x.shape[0]
+        A1: tl.constexpr = x.shape[1]
+        BD: tl.constexpr = x.shape[2]
+        return tl.reshape(tl.flip(tl.reshape(x, (A0, A1, BD // (2 * M), 2, M)), 3), (A0, A1, BD))
+
+    @triton.jit
+    def _halves(x, upper):
+        """The two halves of a (T, NP, BD) tile along T, (T / 2, NP, BD) each: (kept, given away), where a
+        channel keeps the upper half if `upper` and the lower one otherwise."""
+        A0: tl.constexpr = x.shape[0]
+        A1: tl.constexpr = x.shape[1]
+        BD: tl.constexpr = x.shape[2]
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (2, A0 // 2, A1, BD)), (1, 2, 3, 0)))
+        return tl.where(upper, hi, lo), tl.where(upper, lo, hi)
+
+    @triton.jit
+    def _scatter_round(x, t_of, single, d, M: tl.constexpr):
+        """One round of _sum_channels: channels d and d ^ M add what they hold; while the tile has
+        steps to split, each keeps one half (the upper one where bit M of d is set)."""
+        upper = (d & M) != 0
+        if x.shape[0] >= 2:
+            keep, give = _halves(x, upper[None, None, :])
+            return keep + _swap(give, M), t_of + tl.where(upper, x.shape[0] // 2, 0), single
+        else:
+            return x + _swap(x, M), t_of, single & ((d & M) == 0)
+
+    @triton.jit
+    def _sum_channels(xB, xC, BD: tl.constexpr):
+        """The sums over channels of two (T, NP, BD) tiles, as a reduce-scatter: each round adds pairs of
+        channels d, d ^ m and halves what every channel holds, so no sum is computed twice. (tl.sum over
+        channels would leave every sum in all BD channels, at BD / 2 times the shuffles and adds.)
+        Round 1 pairs the two tiles (even channels keep xB's sums, odd ones xC's); the later rounds halve
+        the T axis. Returns the (max(2 T / BD, 1), NP, BD) sums; per channel, the step of its first row;
+        and which channels hold a sum once (all, unless T < BD / 2). Channel d holds tile d % 2."""
+        d = tl.arange(0, BD)
+        odd = (d & 1) != 0
+        x = tl.where(odd[None, None, :], xC, xB) + _swap(tl.where(odd[None, None, :], xB, xC), 1)
+        t_of = tl.zeros((BD,), tl.int32)
+        single = d >= 0
+        if BD >= 4:
+            x, t_of, single = _scatter_round(x, t_of, single, d, 2)
+        if BD >= 8:
+            x, t_of, single = _scatter_round(x, t_of, single, d, 4)
+        if BD >= 16:
+            x, t_of, single = _scatter_round(x, t_of, single, d, 8)
+        if BD >= 32:
+            x, t_of, single = _scatter_round(x, t_of, single, d, 16)
+        return x, t_of, single
+
+    @triton.jit
     def _row(x3, t, j):
         """x3[j] of a (T, NP, BD) tile, j a scalar (an in-thread select: T sits in one thread)."""
         return tl.sum(tl.where(t[:, None, None] == j, x3, 0.0), 0)
 else:
     _pair = _pair_prev = _handoff = _softplus = _rows = _row = _fetch = _prep = None
+    _swap = _halves = _scatter_round = _sum_channels = None
 
 
 # -----------------------------------------------------------------------------
@@ -282,6 +336,8 @@ def _scan_bwd_kernel(
     C_base = C_ptr + b64 * sC_b + k64 * sC_k + n * sC_n
     bc_base = b64 * L * K * NP + k64 * NP + n  # (batch, L, K, NP): row stride K * NP
     bl = K * NP
+    holds_dC = (tl.arange(0, BD) & 1)[None, None, :] != 0  # which sums a channel holds (_sum_channels)
+    TS: tl.constexpr = T * 2 // BD if T * 2 >= BD else 1  # steps per channel after _sum_channels
     idx_base = idx_ptr + k64 * L
     st = st_ptr + ((b64 * K + k) * dim + d)[None, :] * (n_chunks * NP) + n[:, None]
     NT: tl.constexpr = CHUNK // T
@@ -363,7 +419,6 @@ def _scan_bwd_kernel(
             rows_nn = _rows(idx_base, prv - T, (prv >= T) & (prv - T < L), HAS_IDX)
             rows = rows[:, None]
             m2, u, dt, sig, Bt = _prep(u_r, dl_r, B_r, pos, L, bias, dmask, SOFTPLUS, FAST)
-            m3 = (pos < L)[:, None] & nmask[None, :]
             Ct = C_r.to(tl.float32)
             dout = do_r.to(tl.float32)
             a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
@@ -410,11 +465,15 @@ def _scan_bwd_kernel(
                 dbias_acc += tl.sum(ddl, 0)
                 tl.store(du_ptr + g_base[None, :] + rows * gl, du.to(du_ptr.dtype.element_ty), mask=m2)
                 tl.store(ddl_ptr + g_base[None, :] + rows * gl, ddl.to(ddl_ptr.dtype.element_ty), mask=m2)
-                dBp = tl.sum(g * dtu[:, None, :], 2)  # (T, NP): this block's channels summed
-                dCp = tl.sum(hs * dy[:, None, :], 2)
-                pofs = bc_base[None, :] + rows * bl
-                tl.atomic_add(dB_ptr + pofs, dBp, mask=m3, sem="relaxed")
-                tl.atomic_add(dC_ptr + pofs, dCp, mask=m3, sem="relaxed")
+                # dB_t and dC_t: this block's channels summed, then added into the fp32 buffers; channel d
+                # of the sums holds dC if d is odd (dB if even) at steps t_of[d] + (0 .. TS - 1)
+                sums, t_of, single = _sum_channels(g * dtu[:, None, :], hs * dy[:, None, :], BD)
+                p_of = c0 + i * T + t_of[None, None, :] + tl.arange(0, TS)[:, None, None]  # (TS, 1, BD)
+                p_in = (p_of < L) & single[None, None, :]
+                r_of = _rows(idx_base, p_of, p_in, HAS_IDX)
+                ofs = bc_base[None, :, None] + r_of * bl
+                tl.atomic_add(tl.where(holds_dC, dC_ptr + ofs, dB_ptr + ofs), sums,
+                              mask=p_in & nmask[None, :, None], sem="relaxed")
 
     if MODE == 1:
         tl.store(sum_g + s * dim * NP, gcar, mask=nd_mask)
@@ -433,11 +492,12 @@ def _scan_bwd_kernel(
 
 # channels per program BD, steps per tile T, warps; CHUNK = steps between saved states (the backward's
 # recompute span). Chosen per element size of u (2 = bf16/fp16, 4 = fp32). bf16: the fastest of the
-# configurations `tools/scan_bench.py --sweep` tries at the models' four shapes on an H200 (README, Speed
-# I): the backward's 8 x 8 x 1 at every shape; the forward's 32 x 4 x 1 at three (3-7% ahead of 16 x 8 x 1),
-# 4% behind it at DiM-L/2's 1024 px shape.
+# configurations timed at the models' four shapes on an H200 (README, Speed I). The forward's 32 x 4 x 1
+# at three (3-7% ahead of 16 x 8 x 1), 4% behind it at DiM-L/2's 1024 px shape. The backward's 16 x 4 x 1
+# since its sums over channels are a reduce-scatter (_sum_channels): 6-25% ahead of 8 x 8 x 1 at three
+# shapes (half the programs, so half the dB/dC atomics), 1% behind at DiM-L/2's 1024 px shape.
 TRITON_CONFIG = {"fwd": {2: dict(BD=32, T=4, num_warps=1), 4: dict(BD=16, T=4, num_warps=1)},
-          "bwd": {2: dict(BD=8, T=8, num_warps=1), 4: dict(BD=8, T=4, num_warps=1)}}
+          "bwd": {2: dict(BD=16, T=4, num_warps=1), 4: dict(BD=8, T=4, num_warps=1)}}
 CHUNK = 64
 
 

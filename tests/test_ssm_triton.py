@@ -263,7 +263,10 @@ def _mixer_case():
 
 def _branches_case():
     # BiDiM's two branches and LaMamba's four snake scans on the Triton path, with recompute_around_scan
-    # (each keeps its scan's output only): output and every gradient equal to the float64 loop's
+    # (each keeps its scan's output only): output and every gradient equal to the float64 loop's. BiDiM's
+    # out_proj runs inside the region: its input, the sum of the branches, is freed after the forward.
+    import weakref
+
     import bidim
     import lamamba
     torch.manual_seed(0)
@@ -275,11 +278,16 @@ def _branches_case():
         runs = []
         for backend, m, inp in (("triton", mixer, x), ("ref", ref, x.double())):
             os.environ["DIFFUSION_MAMBA_SCAN"] = backend
+            summed = []
+            hook = m.out_proj.register_forward_hook(lambda mod, inp, out: summed.append(weakref.ref(inp[0])))
             try:
                 y = m(inp)
+                if name == "bidim":
+                    errs[f"bidim {backend} out_proj input freed"] = float(summed[0]() is None)
                 y.square().sum().backward()
             finally:
                 del os.environ["DIFFUSION_MAMBA_SCAN"]
+                hook.remove()
             runs.append([y] + [p.grad for p in m.parameters()])
         errs[name] = max(_err(a, b) for a, b in zip(*runs))
     return errs
@@ -340,5 +348,8 @@ def test_mixer_recomputes_in_proj_the_conv_and_delta_and_matches(interpreted):
 
 
 def test_bidim_and_lamamba_mixers_with_recomputation_match(interpreted):
-    errs = interpreted["branches"]
+    errs = dict(interpreted["branches"])
+    # the sum of BiDiM's branches is added again in the backward on the Triton path, kept on the loop's
+    assert errs.pop("bidim triton out_proj input freed") == 1.0, errs
+    assert errs.pop("bidim ref out_proj input freed") == 0.0, errs
     assert max(errs.values()) < TOL, errs
