@@ -535,7 +535,7 @@ def scan_steps(u, dt, A, B, C, D=None, z=None, dt_bias=None, chunk_size=CHUNK, k
         return recurrence(u[:, :, None], dt[:, :, None], A.to(dtype)[None],
                           B.to(dtype).contiguous()[:, :, None], C.to(dtype).contiguous()[:, :, None],
                           chunk_size, True, kernel, None if D is None else D.to(dtype),
-                          None if z is None else z.to(dtype))[:, :, 0]
+                          None if z is None else z.to(dtype)).squeeze(2)
 
 
 def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=CHUNK, kernel=False):
@@ -594,7 +594,8 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
         out = scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, kernel=which == "cpu")
     else:  # mamba-ssm's kernel (the whole job: gathers and transposes included), or the loop
         out = scan_reference(u, delta, A, B, C, D, z, dt_bias, order, SCANS[which])
-    return out[:, :, 0] if single else out
+    # squeeze, not [:, :, 0]: a select's backward would fill a zero tensor and copy the gradient into it
+    return out.squeeze(2) if single else out
 
 
 def conv_reference(x, weight, bias, order):
