@@ -579,7 +579,7 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     def four(x):  # (batch, L, ch) -> (batch, L, K, ch) without copying
         if x is None or x.dim() == 4:
             return x
-        return x.unsqueeze(2).expand(batch, L, K, x.shape[-1])
+        return x.unsqueeze(2) if K == 1 else x.unsqueeze(2).expand(batch, L, K, x.shape[-1])
 
     param = lambda x: None if x is None else (x[None] if single else x).float().contiguous()
     if order is not None:
