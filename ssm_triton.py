@@ -169,6 +169,7 @@ if triton is not None:
         Round 1 pairs the two tiles (even channels keep xB's sums, odd ones xC's); the later rounds halve
         the T axis. Returns the (max(2 T / BD, 1), NP, BD) sums; per channel, the step of its first row;
         and which channels hold a sum once (all, unless T < BD / 2). Channel d holds tile d % 2."""
+        tl.static_assert(BD >= 2, "the backward needs at least 2 channels per program")
         d = tl.arange(0, BD)
         odd = (d & 1) != 0
         x = tl.where(odd[None, None, :], xC, xB) + _swap(tl.where(odd[None, None, :], xB, xC), 1)
@@ -494,8 +495,8 @@ def _scan_bwd_kernel(
 # recompute span). Chosen per element size of u (2 = bf16/fp16, 4 = fp32). bf16: the fastest of the
 # configurations timed at the models' four shapes on an H200 (README, Speed I). The forward's 32 x 4 x 1
 # at three (3-7% ahead of 16 x 8 x 1), 4% behind it at DiM-L/2's 1024 px shape. The backward's 16 x 4 x 1
-# since its sums over channels are a reduce-scatter (_sum_channels): 6-25% ahead of 8 x 8 x 1 at three
-# shapes (half the programs, so half the dB/dC atomics), 1% behind at DiM-L/2's 1024 px shape.
+# since its sums over channels are a reduce-scatter (_sum_channels): 3-19% ahead of 8 x 8 x 1 (same sums)
+# at three shapes (half the programs, so half the dB/dC atomics), level to 1% behind at DiM-L/2's 1024 px.
 TRITON_CONFIG = {"fwd": {2: dict(BD=32, T=4, num_warps=1), 4: dict(BD=16, T=4, num_warps=1)},
           "bwd": {2: dict(BD=16, T=4, num_warps=1), 4: dict(BD=8, T=4, num_warps=1)}}
 CHUNK = 64

@@ -329,7 +329,7 @@ if args.smoke:
     SHAPES = [("smoke", 1, 16, 36)]
 # (BD channels, T steps, warps) tried per kernel; then chunk and segment target around the best
 SWEEP = {"fwd": [(16, 8, 1), (8, 8, 1), (16, 4, 1), (32, 4, 1), (32, 8, 2), (16, 8, 2), (32, 8, 4)],
-         "bwd": [(8, 8, 1), (8, 4, 1), (4, 8, 1), (8, 8, 2), (16, 4, 2), (16, 8, 4), (4, 4, 1), (8, 4, 2)]}
+         "bwd": [(16, 4, 1), (8, 8, 1), (8, 4, 1), (16, 2, 1), (16, 8, 1), (16, 4, 2), (32, 4, 2), (4, 8, 1)]}
 
 
 def sweep_one(x, which, cfg, chunk, target):
