@@ -124,17 +124,14 @@ class BiMamba(Mamba):
 
     def mix(self, x):
         """in_proj, the forward and the backward branch, summed, then out_proj: (N, L, D) -> (N, L, D)."""
-        return self.out_proj(self.branches(x))
-
-    def branches(self, x):
-        """in_proj, then the forward and the backward branch: (N, L, D) -> (N, L, d_inner)."""
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (N, L, d_inner) views
         # the backward branch reads the tokens last to first (its conv too) and writes each output
         # back in place: no flipped copies of x, z or y
         reverse = torch.arange(x.shape[1] - 1, -1, -1, device=x.device, dtype=torch.int32)
         y = self.branch(x, z, None, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        return y + self.branch(x, z, reverse, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
-                               self.D_b)
+        y = y + self.branch(x, z, reverse, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
+                            self.D_b)
+        return self.out_proj(y)
 
 
 #################################################################################

@@ -74,9 +74,10 @@ def recompute_around_scan(fn, *args):
     """fn(*args), the path of a mixer from its input through in_proj to its scan's output (BiDiM's: on
     through out_proj), keeping for the backward only fn's inputs and the scan's outputs: in_proj, the
     causal conv, x_proj, dt_proj and the casts between them run again in the backward instead of keeping
-    their (batch, L, d_inner) outputs. mamba-ssm's fused path recomputes the conv output and delta the same way (mamba_inner_fn,
-    checkpoint_lvl=1); recomputing in_proj's output as well (2 d_inner channels a token, the largest
-    activation of a DiM block) costs one more matrix product in the backward, a few percent of a step.
+    their (batch, L, d_inner) outputs. mamba-ssm's fused path recomputes the conv output and delta the
+    same way (mamba_inner_fn, checkpoint_lvl=1); recomputing in_proj's output as well (2 d_inner
+    channels a token, the largest activation of a DiM block) costs one more matrix product in the
+    backward, a few percent of a step.
     Only for the Triton scan, whose op the policy can keep (another backend's scan would run twice), and
     once token_backend has checked it in the scan's dtype: a first-call check inside the region would
     run again in the backward."""
@@ -579,7 +580,7 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     def four(x):  # (batch, L, ch) -> (batch, L, K, ch) without copying
         if x is None or x.dim() == 4:
             return x
-        return x.unsqueeze(2) if K == 1 else x.unsqueeze(2).expand(batch, L, K, x.shape[-1])
+        return x.unsqueeze(2).expand(batch, L, K, x.shape[-1])
 
     param = lambda x: None if x is None else (x[None] if single else x).float().contiguous()
     if order is not None:

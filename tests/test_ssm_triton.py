@@ -279,7 +279,8 @@ def _branches_case():
         for backend, m, inp in (("triton", mixer, x), ("ref", ref, x.double())):
             os.environ["DIFFUSION_MAMBA_SCAN"] = backend
             summed = []
-            hook = m.out_proj.register_forward_hook(lambda mod, inp, out: summed.append(weakref.ref(inp[0])))
+            hook = m.out_proj.register_forward_hook(
+                lambda mod, inp, out: summed.append(weakref.ref(inp[0])))
             try:
                 y = m(inp)
                 if name == "bidim":
