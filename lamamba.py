@@ -181,18 +181,22 @@ class SS2D(nn.Module):
 
     def forward(self, x):
         """x: (B, H, W, dim) -> (B, H, W, dim)."""
+        # with the Triton scan only x and the scans' output are kept for the backward: in_proj, the
+        # conv, the projections, the fp32 copies, the sum, out_norm, the gate and out_proj run again
+        # (ssm.recompute_around_scan); checked in the scan's dtype, fp32 or wider, outside the region
+        fp32_or_wider = lambda t: torch.promote_types(t.dtype, torch.float32)  # SS2D scans in fp32
+        if token_backend(x, self.d_state, dtype_of=fp32_or_wider) == "triton":
+            return recompute_around_scan(self.mix, x)
+        return self.mix(x)
+
+    def mix(self, x):
+        """in_proj, the four snake scans, summed and normalised, gated, out_proj: (B, H, W, dim) ->
+        (B, H, W, dim)."""
         B, H, W, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)                                       # (B, H, W, D)
         # (K, L)
         paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)
-        # with the Triton scan only x and the scans' output are kept for the backward: the conv,
-        # the projections and the fp32 copies run again (ssm.recompute_around_scan)
-        # (checked in the scan's dtype, fp32 or wider, outside the region)
-        fp32_or_wider = lambda t: torch.promote_types(t.dtype, torch.float32)  # SS2D scans in fp32
-        if token_backend(x, self.d_state, dtype_of=fp32_or_wider) == "triton":
-            ys = recompute_around_scan(self.scans, x, paths)
-        else:
-            ys = self.scans(x, paths)
+        ys = self.scans(x, paths)                                                     # (B, L, K, D)
         # the four summed
         y = self.out_norm(ys.sum(2)).view(B, H, W, self.d_inner).to(z.dtype)
         return self.out_proj(y * F.silu(z))

@@ -263,8 +263,9 @@ def _mixer_case():
 
 def _branches_case():
     # BiDiM's two branches and LaMamba's four snake scans on the Triton path, with recompute_around_scan
-    # (each keeps its scan's output only): output and every gradient equal to the float64 loop's. BiDiM's
-    # out_proj runs inside the region: its input, the sum of the branches, is freed after the forward.
+    # (each keeps its scan's output only): output and every gradient equal to the float64 loop's. Their
+    # out_proj runs inside the region: its input (BiDiM: the branches' sum; LaMamba: the gated, normalised
+    # sum of the four scans) is freed after the forward.
     import weakref
 
     import bidim
@@ -283,8 +284,7 @@ def _branches_case():
                 lambda mod, inp, out: summed.append(weakref.ref(inp[0])))
             try:
                 y = m(inp)
-                if name == "bidim":
-                    errs[f"bidim {backend} out_proj input freed"] = float(summed[0]() is None)
+                errs[f"{name} {backend} out_proj input freed"] = float(summed[0]() is None)
                 y.square().sum().backward()
             finally:
                 del os.environ["DIFFUSION_MAMBA_SCAN"]
@@ -350,7 +350,8 @@ def test_mixer_recomputes_in_proj_the_conv_and_delta_and_matches(interpreted):
 
 def test_bidim_and_lamamba_mixers_with_recomputation_match(interpreted):
     errs = dict(interpreted["branches"])
-    # the sum of BiDiM's branches is added again in the backward on the Triton path, kept on the loop's
-    assert errs.pop("bidim triton out_proj input freed") == 1.0, errs
-    assert errs.pop("bidim ref out_proj input freed") == 0.0, errs
+    # out_proj's input is made again in the backward on the Triton path, kept on the loop's
+    for name in ("bidim", "lamamba"):
+        assert errs.pop(f"{name} triton out_proj input freed") == 1.0, errs
+        assert errs.pop(f"{name} ref out_proj input freed") == 0.0, errs
     assert max(errs.values()) < TOL, errs
