@@ -330,11 +330,17 @@ class GaussianDiffusion:
         # "clipped": log 0 -> log beta-tilde_1
         self.post_logvar = torch.cat([post_var[1:2], post_var[1:]]).log()
         self.log_betas = self.betas.log()
+        self._on_device = {}  # (id(array), device) -> (array, its copy there)
 
     def _extract(self, arr, t, x):
         """arr[t] for a batch of indices t (B,), cast to x's dtype and shaped (B, 1, ..., 1) to
-        broadcast."""
-        return arr.to(t.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        broadcast. The schedule's arrays live on the CPU and are copied to t's device once: a copy at
+        every step would be a host-to-device transfer, which a CUDA graph (train.py --cuda-graph)
+        cannot hold."""
+        key = (id(arr), t.device)
+        if key not in self._on_device:  # arr is kept with its copy, so its id is not reused
+            self._on_device[key] = (arr, arr.to(t.device))
+        return self._on_device[key][1][t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0, t, noise):
         """x_t = alpha_t x0 + sigma_t eps: a draw from q(x_t | x0). x0, noise (B, ...); t (B,) int."""

@@ -29,6 +29,7 @@ The output is the flow-matching velocity (SiT's GVP path, t = 1 is data), never 
 which has no effect on the output (its kernel only uses the projected tensor as an output buffer;
 see load_official_state_dict).
 """
+import functools
 import math
 import re
 
@@ -74,6 +75,9 @@ def drop_path(x, p, training):
 #                  Haar wavelet transform and the wavelet token layout           #
 #################################################################################
 
+# cached per dtype and device: built on the CPU, a copy at every call would be a host-to-device
+# transfer per block, which a CUDA graph cannot hold
+@functools.lru_cache(maxsize=None)
 def haar_filters(dtype, device):
     """The four orthonormal 2x2 Haar filters [LL, LH, HL, HH] as a (4, 1, 2, 2) conv weight (pywt's
     'haar')."""
@@ -102,6 +106,7 @@ def haar_idwt(x):
     return out.view(N, C4 // 4, 2 * h, 2 * w)
 
 
+@functools.lru_cache(maxsize=None)
 def haar_block_matrix(dtype, device):
     """(16, 16): two levels of haar_dwt on one 4 x 4 block, divided by 4. Column p = 4 row + col
     (pixel), row q = 4 b1 + b2 (level-1 band b1, level-2 band b2, each b = r + 2 c where r / c say

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import struct
+import warnings
 
 import torch
 import torch.utils.checkpoint
@@ -94,6 +95,75 @@ def compile_choice(choice, model, device):
     if choice == "auto":
         return fastest_compile(model) if device.type == "cuda" else "none"
     return choice
+
+
+def cuda_graph(fn, *args, warmup=3):
+    """fn(*args) captured as one CUDA graph ("whole-network capture", torch.cuda.graphs), returned as a
+    function that takes new tensors of the same shapes, copies them into the captured inputs and
+    replays every kernel fn launched, without running fn's Python again. A Mamba model's step is
+    thousands of small kernels, each launched through Python (the scan's custom op, autograd, the
+    recomputed region): at small shapes, and for DiM-L/2 even at 1024 px, launching them takes longer
+    than running them (README, Speed). Replaying removes that host time.
+
+    fn must not synchronise with the host (no .item(), no data-dependent shapes) and must draw its
+    random numbers from torch's CUDA generator (replays draw fresh ones). Non-tensor args are fixed at
+    capture. The outputs (and the .grad tensors a backward inside fn creates) are the same tensors at
+    every call, overwritten by each replay: clone what you keep, and do not set those .grad to None.
+    Warm-up calls run first, on a side stream as capture requires: they compile the Triton and
+    torch.compile kernels and run first-call checks, which cannot happen during capture."""
+    if not torch.cuda.is_available() or not any(torch.is_tensor(a) and a.is_cuda for a in args):
+        raise RuntimeError("CUDA graphs need a CUDA GPU and CUDA inputs: run without --cuda-graph on "
+                           "this machine")
+    static = [a.clone() if torch.is_tensor(a) else a for a in args]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    # the graph's tensors live in a pool of their own: hand back what the warm-up left cached, or a
+    # step near the memory limit would hold its activations twice
+    torch.cuda.empty_cache()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the data loader's pin-memory thread may allocate page-locked memory meanwhile
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        out = fn(*static)
+
+    def replay(*new):
+        for s, a in zip(static, new):
+            if torch.is_tensor(s):
+                s.copy_(a, non_blocking=True)
+        graph.replay()
+        return out
+    return replay
+
+
+class GraphedModel:
+    """Stands in for a model in sampling: model(x, t, y) replayed as a CUDA graph (cuda_graph), one
+    per input signature (shapes, dtypes, labels or none, autocast), captured at its first call. A
+    sampler calls the model on same-shaped inputs at every step, so after the first step each call
+    is one graph launch instead of the model's Python. Outputs are copied out of the graph (samplers
+    keep earlier ones). A signature whose capture fails runs eagerly, with one warning."""
+
+    def __init__(self, model):
+        self.model, self.graphs = model, {}
+
+    @torch.no_grad()
+    def __call__(self, x, t, y=None):
+        key = (x.shape, x.dtype, t.shape, t.dtype, None if y is None else (y.shape, y.dtype),
+               torch.is_autocast_enabled(x.device.type))
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = cuda_graph(self.model, x, t, y, warmup=2)
+            except Exception as e:  # noqa: BLE001 (any failure: eager is always correct)
+                warnings.warn(f"could not capture the model as a CUDA graph ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); sampling without one")
+                self.graphs[key] = self.model
+        out = self.graphs[key](x, t, y)
+        return out if self.graphs[key] is self.model else out.clone()
+
+    def __getattr__(self, name):  # patch_size, num_classes, ...: the model's
+        return getattr(self.model, name)
 
 
 def _checkpointed(forward, *args, **kwargs):

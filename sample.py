@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from data import DataError, check_resolution, load_vae, save_frame_strip, save_gif, save_grid, vae_decode, vae_factor
 from diffusion import CLIPPING_SAMPLERS, SAMPLERS, X0_CLIPS, UpsampleGuidance, create_diffusion
-from models import ModelError, load_newest_checkpoint, model_from_checkpoint
+from models import GraphedModel, ModelError, load_newest_checkpoint, model_from_checkpoint
 from train import (RESULTS_DIR, FlagError, HelpFormatter, NetworkCalls, RunError, check_writable,
                    setup_distributed, writing_to)
 
@@ -221,6 +221,8 @@ def main(args):
 def generate(args, rank, world, device):
     torch.backends.cuda.matmul.allow_tf32 = True
     master = rank == 0
+    if args.cuda_graph == "on" and device.type != "cuda":
+        raise FlagError("--cuda-graph on needs a CUDA GPU; use --cuda-graph off (or auto) here")
     if master:  # a full or read-only disk shows now, not after all the sampling
         check_writable(args.out, "--out")
 
@@ -320,6 +322,9 @@ def generate(args, rank, world, device):
               f"{' x 2 (cfg)' if num_classes and cfg != 1 else ''} at {res}px, upsample "
               f"{upsample}: {dry.calls * len(batches)} network evaluations in {len(batches)} "
               f"batch(es) of up to {args.batch_size}" + (" on this process" if world > 1 else ""))
+    # auto: on a GPU each network call is a CUDA graph's replay (models.GraphedModel)
+    graphed = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda")
+    net = GraphedModel(model) if graphed else model
     images = []
     # a bar over every network evaluation of this process, so its ETA covers all batches
     with tqdm(total=dry.calls * len(batches), unit="forward", disable=not master,
@@ -331,7 +336,7 @@ def generate(args, rank, world, device):
             g = torch.Generator(device).manual_seed(STEP_SEED_OFFSET
                                                     + args.seed * NOISE_SEED_STRIDE + idx[0])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                x = denoise(NetworkCalls(model, bar), noises, labels(idx), g)
+                x = denoise(NetworkCalls(net, bar), noises, labels(idx), g)
             if vae is not None:
                 x = vae_decode(vae, x.float())
             if not torch.isfinite(x).all():  # NaN would be written as black images, silently
@@ -411,6 +416,9 @@ def parse_args(argv=None):
                         help="sample i starts from noise seeded by --seed and i")
     parser.add_argument("--out", default="samples", help="folder the samples are written to")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                        help="replay each network call as a CUDA graph (one per batch shape), "
+                             "without the model's Python; default auto: on a GPU")
     parser.add_argument("--format", choices=["png", "npz"], default="png",
                         help="png: one file per sample; npz: "
                         "OUT/samples.npz, uint8 arr_0 (N, H, W, C) (clips: (N, T, H, W, C)), for "

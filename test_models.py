@@ -5,12 +5,16 @@ its objective needs; its parameter count is its config's; and for the tiny confi
 real: a seed fixes the initial weights, a checkpoint round trip reproduces the outputs, and the
 training loss falls. Large configs run on the meta device (shapes only, no memory); their scans are
 counted, not run."""
+import warnings
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import ssm
 from diffusion import create_diffusion
-from models import MODELS, checkpoint_blocks, load_model, takes_clips
+from models import MODELS, GraphedModel, checkpoint_blocks, load_model, takes_clips
 
 # Parameters at input_size 32, 4 channels, 1000 classes. A change here is a change of architecture:
 # the model files' own tests check the papers' counts.
@@ -162,3 +166,51 @@ def test_tiny_grad_checkpoint_gives_the_same_gradients(name, one_thread, perturb
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+
+
+class HostTensors(TorchDispatchMode):
+    """Records every op that reads a CPU tensor (more than a scalar) while the model runs on another
+    device: a host-to-device transfer, which a CUDA graph cannot hold."""
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = tree_leaves((args, kwargs or {}))
+        if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0 for a in leaves):
+            self.ops.append(str(func))
+        return func(*args, **kwargs or {})
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_training_step_reads_nothing_from_the_host(name, monkeypatch):
+    # train.py --cuda-graph (models.cuda_graph) replays the loss, forward and backward as one CUDA
+    # graph: after the first call (caches filled) they must run on the device alone. Checked on
+    # the meta device through the GPU's code path (the Triton ops' shape-only implementations).
+    monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "triton")
+    with torch.device("meta"):
+        model = build(name, input_size=16, in_channels=4)
+    diffusion = create_diffusion(model)
+    x, y = torch.empty(2, 4, 16, 16, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+    diffusion.training_loss(model, x, y).backward()
+    with HostTensors() as mode:
+        diffusion.training_loss(model, x, y).backward()
+        with torch.no_grad():  # a sampling step's call
+            model(x, torch.zeros(2, dtype=torch.long, device="meta") if model.objective == "eps"
+                  else torch.zeros(2, device="meta"), None)
+    assert mode.ops == []
+
+
+def test_graphed_model_without_a_gpu_runs_eagerly_after_one_warning():
+    # sample.py's GraphedModel: a signature that cannot be captured (here: no CUDA) runs the model
+    # itself, with one warning, and gives its outputs
+    model = build("DiM-T/2").eval()
+    graphed = GraphedModel(model)
+    x, t, y = inputs(model)
+    with pytest.warns(UserWarning, match="could not capture the model as a CUDA graph"):
+        out = graphed(x, t, y)
+    with torch.no_grad():
+        assert torch.equal(out, model(x, t, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(graphed(x, t, y), out) and graphed.patch_size == model.patch_size

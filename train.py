@@ -42,8 +42,8 @@ from data import (FASHION_MNIST_DIR, DataError, build_dataset, build_video_datas
 from diffusion import create_diffusion
 from dim import DiM
 from models import (LATEST, ModelError, build_model, check_finite_weights, checkpoint_blocks,
-                    checkpoint_folder, compile_blocks, compile_choice, init_from_checkpoint,
-                    load_newest_checkpoint, resolve_model_name, takes_clips)
+                    checkpoint_folder, compile_blocks, compile_choice, cuda_graph,
+                    init_from_checkpoint, load_newest_checkpoint, resolve_model_name, takes_clips)
 
 
 class DivergedError(RuntimeError):
@@ -69,7 +69,7 @@ HYPERPARAMETERS = ("lr", "weight_decay", "warmup", "grad_clip", "label_dropout",
 # that).
 RUN_CONTROL = dict(steps=None, ckpt_every=10_000, sample_every=5_000, log_every=100,
                    keep_last=0, num_workers=min(4, len(os.sched_getaffinity(0)) - 1),
-                   compile="auto", grad_checkpoint=False, data_dir=None)
+                   compile="auto", grad_checkpoint=False, cuda_graph="auto", data_dir=None)
 # The quickstart: a new run without --steps trains for --minutes and ends, sized for the machine.
 # On a GPU the family's default config; on a CPU its tiny config at 16 px, batch 32 (DiM-T/2 trains
 # at ~20 images/s on 2 cores, 3x slower at 32 px: too few steps in 30 minutes to learn garments).
@@ -87,8 +87,8 @@ GRIDS_PER_RUN = 6  # a quickstart's grids: one every 1/6 of its time, and at ste
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.float(), 1 - decay)
+    # one multi-tensor kernel for all weights, not one launch per weight (the model's are fp32)
+    torch._foreach_lerp_(list(ema.parameters()), [p.float() for p in model.parameters()], 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -572,6 +572,9 @@ def train(args, rank, world, device, cleanup):
             setattr(args, k, default)
     args.model = resolve_model_name(args.model or "dim")
     check_flags(args, world)
+    if args.cuda_graph == "on" and (device.type != "cuda" or world > 1):
+        raise FlagError("--cuda-graph on needs a single CUDA GPU process (a graph cannot hold "
+                        "DistributedDataParallel's gradient exchange); use --cuda-graph off")
     args.res = args.res or (256 if args.vae else 32)
     if device.type == "cpu":
         # at most one thread per core this process may use, less one per loader worker: on a core
@@ -690,6 +693,23 @@ def train(args, rank, world, device, cleanup):
               f"{num_classes} classes; "
               f"{world} process(es) on {device.type}, {precision}; run folder {run_dir}")
 
+    def compute_grads(x, y):
+        """Loss, backward and clipping: the part of a step that --cuda-graph replays as one graph."""
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = diffusion.training_loss(model, x, y)
+        loss.backward()
+        finite = torch.isfinite(loss.detach())
+        if args.grad_clip > 0:  # the gradient norm comes free with clipping
+            finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                    args.grad_clip))
+        return loss.detach(), finite
+
+    # auto: on a single GPU (README, Speed); the optimizer step and EMA run outside the graph, so the
+    # learning rate may change per step
+    graphed = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda"
+                                          and world == 1)
+    run_step = compute_grads
     model.train()
     data = batches(loader, sampler, epoch, batch_in_epoch)
     running_loss, log_steps, t0 = torch.zeros((), device=device), 0, time.time()
@@ -745,14 +765,9 @@ def train(args, rank, world, device, cleanup):
                                 num_classes, y)
             else:
                 y = None
-            with autocast:
-                loss = diffusion.training_loss(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            finite = torch.isfinite(loss.detach())
-            if args.grad_clip > 0:  # the gradient norm comes free with clipping
-                finite &= torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                        args.grad_clip))
+            if graphed and run_step is compute_grads:  # captured at the first step
+                run_step = cuda_graph(compute_grads, x, y)
+            loss, finite = run_step(x, y)
             # warm-up, constant
             lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
             for group in opt.param_groups:
@@ -760,7 +775,7 @@ def train(args, rank, world, device, cleanup):
             opt.step()
             update_ema(ema, raw_model, args.ema)
             step += 1
-            running_loss += loss.detach().float()
+            running_loss += loss.float()
             bad_step = torch.where((bad_step < 0) & ~finite, step, bad_step)
             log_steps += 1
             pbar.update(1)
@@ -927,6 +942,10 @@ def parse_args(argv=None):
                         help="recompute each block's activations in the backward (less memory, about "
                              "one more forward of time); for the large configs at high resolution; "
                              "default off")
+    parser.add_argument("--cuda-graph", choices=["auto", "on", "off"], default=None,
+                        help="replay each step's forward, backward and clipping as one CUDA graph "
+                             "(no Python launch overhead); default auto: on with one GPU process, "
+                             "off on a CPU and under torchrun with several processes")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 autocast on GPU, fp32 on CPU")
     return parser.parse_args(argv)

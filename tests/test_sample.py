@@ -46,6 +46,7 @@ def test_bad_flags_stop_before_the_checkpoint_is_read(tmp_path):
                           (["--cfg", "nan"], "--cfg nan cannot work: it must be a finite"),
                           (["--num-samples", 0], "--num-samples 0"),
                           (["--renoise", 0], "--renoise 0.0"),
+                          (["--cuda-graph", "on"], "--cuda-graph on needs a CUDA GPU"),
                           (["--out", tmp_path / "a_file"], "a_file is a file; samples go into a "
                                                            "folder")]:
         with pytest.raises(FlagError, match=message):

@@ -489,7 +489,8 @@ def test_bad_flags_stop_before_data_and_model_are_built(tmp_path):
                           (["--lr", -1e-4], "--lr -0.0001"), (["--ema", 1.5], "--ema 1.5"),
                           (["--label-dropout", 1], "--label-dropout 1.0"),
                           (["--keep-last", -1], "--keep-last -1"),
-                          (["--video", "--frames", 0], "--frames 0 cannot work")]:
+                          (["--video", "--frames", 0], "--frames 0 cannot work"),
+                          (["--cuda-graph", "on"], "--cuda-graph on needs a single CUDA GPU")]:
         with pytest.raises(train.FlagError, match=message):
             run_train(*QUICK, "--data-dir", tmp_path / "nowhere", "--steps", 2, "--results-dir",
                       tmp_path / "results", *argv)

@@ -52,7 +52,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import ssm
 from diffusion import create_diffusion
-from models import MODELS, checkpoint_blocks, compile_blocks, compile_choice
+from models import MODELS, checkpoint_blocks, compile_blocks, compile_choice, cuda_graph
 
 # family -> (config name for a size letter, size aliases)
 FAMILIES = {
@@ -142,17 +142,19 @@ def median_time(step, warmup, repeats, cuda):
 
 
 def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=False,
-              grad_checkpoint=False):
+              grad_checkpoint=False, graphed=False):
     """Build the model on `device`, time its train or sample step; fills the row's measured
     columns. compile: None, "model" (torch.compile the whole model) or "blocks" (each block,
     models.compile_blocks); compilation happens in the warm-up steps;
-    grad_checkpoint: recompute every block in the backward (models.checkpoint_blocks)."""
+    grad_checkpoint: recompute every block in the backward (models.checkpoint_blocks); graphed: the
+    step's forward and backward (train) or forward (sample) replayed as one CUDA graph
+    (models.cuda_graph), the optimizer step outside it, as train.py --cuda-graph runs them."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     with torch.device(device):
         model = factory(input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
     model.to(device)   # in case a constructor made some tensor on the CPU
-    row["compiled"] = compile or "no"
+    row["compiled"] = (compile or "no") + (" + graph" if graphed else "")
     if grad_checkpoint:
         checkpoint_blocks(model)
     if row["gflops"] is None:   # the model did not run on the meta device: count on the real one
@@ -166,28 +168,40 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
     t = timesteps(model, batch, device)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
+    if cuda:  # before a graph's capture, which allocates the step's tensors once, in its own pool
+        torch.cuda.reset_peak_memory_stats(device)
     if mode == "train":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=cuda)
 
-        def step():
+        def grads(x, t, y):
+            opt.zero_grad(set_to_none=True)
             with autocast:
                 out = net(x, t, y)
             out.float().square().mean().backward()
+
+        if graphed:
+            grads = cuda_graph(grads, x, t, y)
+
+        def step():
+            grads(x, t, y)
             opt.step()
-            opt.zero_grad(set_to_none=True)
     else:
         model.eval()
         # conditional and unconditional halves in one batch
         x, t = torch.cat([x, x]), torch.cat([t, t])
         y = torch.cat([y, torch.full_like(y, getattr(model, "num_classes", NUM_CLASSES))])
 
-        def step():
+        def forward(x, t, y):
             with torch.no_grad(), autocast:
-                net(x, t, y)
+                return net(x, t, y)
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+        if graphed:
+            forward = cuda_graph(forward, x, t, y)
+
+        def step():
+            forward(x, t, y)
+
     seconds = median_time(step, warmup, repeats, cuda)
     # model FLOPs per image and step: forward 2 x MACs, training ~3 forwards, a guided sampling step 2
     flops = 2e9 * (row["gflops"] or 0) * (3 if mode == "train" else 2)
@@ -223,7 +237,7 @@ def measure(name, family, factory, res, batch, args, device, info):
         compile = compile_choice(choice, meta, device)  # auto: as train.py compiles
         compile = None if compile == "none" else compile
         run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row, compile,
-                  args.grad_checkpoint)
+                  args.grad_checkpoint, args.cuda_graph)
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:
@@ -480,6 +494,8 @@ def main(argv=None):
                         "(every model per block)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing per block (train mode)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step as one CUDA graph (models.cuda_graph; GPU only)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=0,
