@@ -334,9 +334,9 @@ class GaussianDiffusion:
 
     def _extract(self, arr, t, x):
         """arr[t] for a batch of indices t (B,), cast to x's dtype and shaped (B, 1, ..., 1) to
-        broadcast. The schedule's arrays live on the CPU and are copied to t's device once: a copy at
-        every step would be a host-to-device transfer, which a CUDA graph (train.py --cuda-graph)
-        cannot hold."""
+        broadcast. The schedule's arrays live on the CPU and are copied to t's device once: a copy
+        at every step would be a host-to-device transfer, which a CUDA graph (train.py
+        --cuda-graph) cannot hold."""
         key = (id(arr), t.device)
         if key not in self._on_device:  # arr is kept with its copy, so its id is not reused
             self._on_device[key] = (arr, arr.to(t.device))

@@ -181,9 +181,10 @@ class SS2D(nn.Module):
 
     def forward(self, x):
         """x: (B, H, W, dim) -> (B, H, W, dim)."""
-        # with the Triton scan only x and the scans' output are kept for the backward: in_proj, the
-        # conv, the projections, the fp32 copies, the sum, out_norm, the gate and out_proj run again
-        # (ssm.recompute_around_scan); checked in the scan's dtype, fp32 or wider, outside the region
+        # with the Triton scan only x and the scans' output are kept for the backward: in_proj,
+        # the conv, the projections, the fp32 copies, the sum, out_norm, the gate and out_proj run
+        # again (ssm.recompute_around_scan); checked in the scan's dtype, fp32 or wider, outside
+        # the region
         fp32_or_wider = lambda t: torch.promote_types(t.dtype, torch.float32)  # SS2D scans in fp32
         if token_backend(x, self.d_state, dtype_of=fp32_or_wider) == "triton":
             return recompute_around_scan(self.mix, x)

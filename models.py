@@ -98,22 +98,23 @@ def compile_choice(choice, model, device):
 
 
 def cuda_graph(fn, *args, warmup=3):
-    """fn(*args) captured as one CUDA graph ("whole-network capture", torch.cuda.graphs), returned as a
-    function that takes new tensors of the same shapes, copies them into the captured inputs and
-    replays every kernel fn launched, without running fn's Python again. A Mamba model's step is
-    thousands of small kernels, each launched through Python (the scan's custom op, autograd, the
-    recomputed region): at small shapes, and for DiM-L/2 even at 1024 px, launching them takes longer
-    than running them (README, Speed). Replaying removes that host time.
+    """fn(*args) captured as one CUDA graph ("whole-network capture", torch.cuda.graphs), returned
+    as a function that takes new tensors of the same shapes, copies them into the captured inputs
+    and replays every kernel fn launched, without running fn's Python again. A Mamba model's step
+    is thousands of small kernels, each launched through Python (the scan's custom op, autograd,
+    the recomputed region): at small shapes, and for DiM-L/2 even at 1024 px, launching them takes
+    longer than running them (README, Speed). Replaying removes that host time.
 
     fn must not synchronise with the host (no .item(), no data-dependent shapes) and must draw its
-    random numbers from torch's CUDA generator (replays draw fresh ones). Non-tensor args are fixed at
-    capture. The outputs (and the .grad tensors a backward inside fn creates) are the same tensors at
-    every call, overwritten by each replay: clone what you keep, and do not set those .grad to None.
-    Warm-up calls run first, on a side stream as capture requires: they compile the Triton and
-    torch.compile kernels and run first-call checks, which cannot happen during capture."""
+    random numbers from torch's CUDA generator (replays draw fresh ones). Non-tensor args are fixed
+    at capture. The outputs (and the .grad tensors a backward inside fn creates) are the same
+    tensors at every call, overwritten by each replay: clone what you keep, and do not set those
+    .grad to None. Warm-up calls run first, on a side stream as capture requires: they compile the
+    Triton and torch.compile kernels and run first-call checks, which cannot happen during
+    capture."""
     if not torch.cuda.is_available() or not any(torch.is_tensor(a) and a.is_cuda for a in args):
-        raise RuntimeError("CUDA graphs need a CUDA GPU and CUDA inputs: run without --cuda-graph on "
-                           "this machine")
+        raise RuntimeError("CUDA graphs need a CUDA GPU and CUDA inputs: run without --cuda-graph "
+                           "on this machine")
     static = [a.clone() if torch.is_tensor(a) else a for a in args]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

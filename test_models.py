@@ -177,7 +177,8 @@ class HostTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         leaves = tree_leaves((args, kwargs or {}))
-        if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0 for a in leaves):
+        if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0
+               for a in leaves):
             self.ops.append(str(func))
         return func(*args, **kwargs or {})
 
