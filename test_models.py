@@ -188,6 +188,7 @@ def test_training_step_reads_nothing_from_the_host(name, monkeypatch):
     # train.py --cuda-graph (models.cuda_graph) replays the loss, forward and backward as one CUDA
     # graph: after the first call (caches filled) they must run on the device alone. Checked on
     # the meta device through the GPU's code path (the Triton ops' shape-only implementations).
+    pytest.importorskip("triton")
     monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "triton")
     with torch.device("meta"):
         model = build(name, input_size=16, in_channels=4)
