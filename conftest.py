@@ -2,10 +2,14 @@
 rootdir conftest's folder), so tests/ and the top-level test_models.py import the library the same
 way."""
 import gzip
+import importlib.util
 import json
 import os
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +125,50 @@ def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Triton's interpreter: kernel cases in a subprocess
+# ------------------------------------------------------------------------------------------------------
+# TRITON_INTERPRET=1 must be set before triton is imported, so tests/test_ssm.py and
+# tests/test_ssm_triton.py each run their kernel cases in one subprocess (minutes on 2 cores) and
+# check its results. Both start when collection ends and run side by side, not one after the other.
+INTERPRETER_WORKERS = {"test_ssm": "_triton_worker", "test_ssm_triton": "_worker"}
+_started = {}
+
+
+def _start_worker(module):
+    tests = str(ROOT / "tests")
+    env = dict(os.environ, TRITON_INTERPRET="1", DIFFUSION_MAMBA_SCAN="",
+               PYTHONPATH=os.pathsep.join([str(ROOT), tests, os.environ.get("PYTHONPATH", "")]))
+    code = f"import {module}; {module}.{INTERPRETER_WORKERS[module]}()"
+    # files, not pipes: a worker must never wait for the test process to read what it writes
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=tests, env=env, stdout=out, stderr=err,
+                            text=True), out, err
+
+
+def pytest_collection_finish(session):
+    if importlib.util.find_spec("triton") is None:
+        return
+    collected = {getattr(getattr(item, "module", None), "__name__", None) for item in session.items}
+    for module in sorted(collected & INTERPRETER_WORKERS.keys()):
+        _started[module] = _start_worker(module)
+
+
+def pytest_sessionfinish(session):
+    for proc, _, _ in _started.values():  # a worker whose tests were deselected or stopped early
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def interpreter_results():
+    """results(module): the JSON line printed by that test module's worker (see above)."""
+    def results(module):
+        proc, out, err = _started.pop(module, None) or _start_worker(module)
+        proc.wait(timeout=1800)
+        out.seek(0)
+        err.seek(0)
+        assert proc.returncode == 0, err.read()[-3000:]
+        return json.loads(out.read().strip().splitlines()[-1])
+    return results

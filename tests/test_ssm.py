@@ -5,9 +5,6 @@ sequential reference, backend selection, and the Mamba mixer.
 
 import json
 import math
-import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -271,7 +268,8 @@ def test_count_scan_flops_counts_instead_of_running():
 
 # -----------------------------------------------------------------------------
 # Triton backend: the kernels run in Triton's CPU interpreter. TRITON_INTERPRET=1 must be set before triton is
-# imported, so all cases run in one subprocess (_triton_worker) and the tests below check its results.
+# imported, so all cases run in one subprocess (_triton_worker, started by conftest.py) and the tests below
+# check its results.
 # -----------------------------------------------------------------------------
 
 # name: (b, dim, L, N), make_inputs options, softplus, fp32 launch config overrides (fwd, bwd)
@@ -351,16 +349,10 @@ def _triton_worker():
 
 
 @pytest.fixture(scope="module")
-def triton_results():
+def triton_results(interpreter_results):
     if ssm_triton.triton is None:
         pytest.skip("triton is not importable")
-    env = dict(os.environ, TRITON_INTERPRET="1", DIFFUSION_MAMBA_SCAN="")
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), env.get("PYTHONPATH", "")])  # the library
-    proc = subprocess.run([sys.executable, "-c", "import test_ssm; test_ssm._triton_worker()"], cwd=here, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = interpreter_results("test_ssm")  # conftest.py: started with the session, beside the other
     if "__skip__" in res:
         pytest.skip(res["__skip__"])
     return res

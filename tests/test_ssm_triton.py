@@ -4,15 +4,11 @@ gradients. TRITON_INTERPRET=1 must be set before triton is imported, so the case
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 TOL = 1e-5  # float32 kernels against float64 references: max error relative to the largest value
 
 # (name, batch, L, K, dim, N, share_u, with_z, with_D, with_bias, order, segments)
@@ -310,13 +306,9 @@ def _worker():
 
 
 @pytest.fixture(scope="module")
-def interpreted():
+def interpreted(interpreter_results):
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + HERE)
-    proc = subprocess.run([sys.executable, "-c", "import test_ssm_triton; test_ssm_triton._worker()"], cwd=HERE,
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreter_results("test_ssm_triton")  # conftest.py: started with the session
 
 
 @pytest.mark.parametrize("name", [c[0] for c in SCAN_CASES])
