@@ -97,7 +97,7 @@ def compile_choice(choice, model, device):
     return choice
 
 
-def cuda_graph(fn, *args, warmup=3):
+def cuda_graph(fn, *args, warmup=3, fallback=False):
     """fn(*args) captured as one CUDA graph ("whole-network capture", torch.cuda.graphs), returned
     as a function that takes new tensors of the same shapes, copies them into the captured inputs
     and replays every kernel fn launched, without running fn's Python again. A Mamba model's step
@@ -111,7 +111,16 @@ def cuda_graph(fn, *args, warmup=3):
     tensors at every call, overwritten by each replay: clone what you keep, and do not set those
     .grad to None. Warm-up calls run first, on a side stream as capture requires: they compile the
     Triton and torch.compile kernels and run first-call checks, which cannot happen during
-    capture."""
+    capture. fallback=True: if the capture fails, warn once and return fn itself (eager is always
+    correct)."""
+    if fallback:
+        try:
+            return cuda_graph(fn, *args, warmup=warmup)
+        except Exception as e:  # noqa: BLE001 (whatever failed, fn itself still works)
+            warnings.warn(f"could not capture a CUDA graph ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); running without one "
+                          "(--cuda-graph off skips the attempt)")
+            return fn
     if not torch.cuda.is_available() or not any(torch.is_tensor(a) and a.is_cuda for a in args):
         raise RuntimeError("CUDA graphs need a CUDA GPU and CUDA inputs: run without --cuda-graph "
                            "on this machine")
@@ -154,12 +163,7 @@ class GraphedModel:
         key = (x.shape, x.dtype, t.shape, t.dtype, None if y is None else (y.shape, y.dtype),
                torch.is_autocast_enabled(x.device.type))
         if key not in self.graphs:
-            try:
-                self.graphs[key] = cuda_graph(self.model, x, t, y, warmup=2)
-            except Exception as e:  # noqa: BLE001 (any failure: eager is always correct)
-                warnings.warn(f"could not capture the model as a CUDA graph ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); sampling without one")
-                self.graphs[key] = self.model
+            self.graphs[key] = cuda_graph(self.model, x, t, y, warmup=2, fallback=True)
         out = self.graphs[key](x, t, y)
         return out if self.graphs[key] is self.model else out.clone()
 

@@ -765,8 +765,10 @@ def train(args, rank, world, device, cleanup):
                                 num_classes, y)
             else:
                 y = None
-            if graphed and run_step is compute_grads:  # captured at the first step
-                run_step = cuda_graph(compute_grads, x, y)
+            if graphed and run_step is compute_grads:  # captured at the first step (auto: or
+                # eager, with a warning, where the capture fails)
+                run_step = cuda_graph(compute_grads, x, y, fallback=args.cuda_graph == "auto")
+                graphed = run_step is not compute_grads
             loss, finite = run_step(x, y)
             # warm-up, constant
             lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
