@@ -187,10 +187,20 @@ if triton is not None:
 
     @triton.jit
     def _row(x3, t, j):
-        """x3[j] of a (T, NP, BD) tile, j a scalar (an in-thread select: T sits in one thread)."""
-        return tl.sum(tl.where(t[:, None, None] == j, x3, 0.0), 0)
+        """x3[j] of a (T, NP, BD) tile, j a scalar (an in-thread select: T sits in one thread). The other
+        rows become -0.0, which x + (-0.0) = x lets the compiler drop: no adds are left."""
+        return tl.sum(tl.where(t[:, None, None] == j, x3, -0.0), 0)
+
+    @triton.jit
+    def _states(a, bx, h, t):
+        """h_t of a tile, (T, NP, BD), from the decays a, the inputs bx = dt B u and the state h entering it.
+        h enters as part of the first step's input (a_0 h + bx_0), so the scan's second component is the
+        state itself; its first (the products of a) is then unused and compiled away."""
+        first = t[:, None, None] == 0
+        _, hs = tl.associative_scan((a, tl.where(first, a * h[None, :, :] + bx, bx)), 0, _pair)
+        return hs
 else:
-    _pair = _pair_prev = _handoff = _softplus = _rows = _row = _fetch = _prep = None
+    _pair = _pair_prev = _handoff = _softplus = _rows = _row = _states = _fetch = _prep = None
     _swap = _halves = _scatter_round = _sum_channels = None
 
 
@@ -273,8 +283,7 @@ def _scan_fwd_kernel(
                 tl.store(st + (t0 // CHUNK) * NP, h, mask=dmask[None, :])  # the state entering the chunk
         m2, u, dt, _, Bt = _prep(u_r, dl_r, B_r, pos, L, bias, dmask, SOFTPLUS, FAST)
         a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
-        aa, hh = tl.associative_scan((a, (dt * u)[:, None, :] * Bt[:, :, None]), 0, _pair)
-        hs = hh + aa * h[None, :, :]
+        hs = _states(a, (dt * u)[:, None, :] * Bt[:, :, None], h, t)
         h = _row(hs, t, T - 1)
         if MODE == 1:
             dt_sum += tl.sum(dt, 0)
@@ -385,8 +394,7 @@ def _scan_bwd_kernel(
                 rows_nn = _rows(idx_base, pos + 2 * T, pos + 2 * T < L, HAS_IDX)
                 _, u, dt, _, Bt = _prep(u_r, dl_r, B_r, pos, L, bias, dmask, SOFTPLUS, FAST)
                 a = tl.exp2(dt[:, None, :] * A2[None, :, :])
-                aa, hh = tl.associative_scan((a, (dt * u)[:, None, :] * Bt[:, :, None]), 0, _pair)
-                h = _row(hh + aa * h[None, :, :], t, T - 1)
+                h = _row(_states(a, (dt * u)[:, None, :] * Bt[:, :, None], h, t), t, T - 1)
                 tl.store(scr + (i + 1) * (NP * BD), h)
         tl.debug_barrier()  # the scratch is read by other threads than those that wrote it
 
@@ -426,11 +434,14 @@ def _scan_bwd_kernel(
             if MODE != 1:
                 dtu = dt * u
                 bx = dtu[:, None, :] * Bt[:, :, None]
-                one = tl.full(a.shape, 1.0, tl.float32)
-                aa, hh, ap, hp = tl.associative_scan((a, bx, one, tl.zeros(a.shape, tl.float32)), 0,
-                                                     _pair_prev)
-                hs = hh + aa * S[None, :, :]  # h_t
-                ah = a * (hp + ap * S[None, :, :])  # a_t h_{t-1}, without cancellation
+                # h_t, and h_{t-1} as the map to the state before each step: S enters the first step as
+                # in _states and is its state before; elsewhere that map is the identity (1, -0.0), whose
+                # products and sums are compiled away, as are the unused products of a
+                first = t[:, None, None] == 0
+                _, hs, _, hp = tl.associative_scan(
+                    (a, tl.where(first, a * S[None, :, :] + bx, bx), tl.full(a.shape, 1.0, tl.float32),
+                     tl.where(first, S[None, :, :], -0.0)), 0, _pair_prev)
+                ah = a * hp  # a_t h_{t-1}, without cancellation
             if HAS_Z:
                 zz = z_r.to(tl.float32)
                 sz = tl.sigmoid(zz)
@@ -444,15 +455,17 @@ def _scan_bwd_kernel(
             else:
                 dy = dout
             # adjoint, right to left: triples (P, Q, a) on the flipped tile, then the carry from the right
-            one = tl.full(a.shape, 1.0, tl.float32)
+            # (the carry enters at the tile's last step, so the scan's Q is g itself and its P unused)
             cy = Ct[:, :, None] * dy[:, None, :]
-            pp, qq, _ = tl.associative_scan((one, tl.flip(cy, 0), tl.flip(a, 0)), 0, _handoff)
-            g = tl.flip(qq, 0) + tl.flip(pp, 0) * (acar * gcar)[None, :, :]
+            cy = tl.where(t[:, None, None] == T - 1, cy + (acar * gcar)[None, :, :], cy)
+            _, qq, _ = tl.associative_scan((tl.full(a.shape, 1.0, tl.float32), tl.flip(cy, 0), tl.flip(a, 0)),
+                                           0, _handoff)
+            g = tl.flip(qq, 0)
             gcar = _row(g, t, 0)
             acar = _row(a, t, 0)
             if MODE == 1:
                 dt_sum += tl.sum(dt, 0)
-                dt_first = tl.sum(tl.where(t[:, None] == 0, dt, 0.0), 0)
+                dt_first = tl.sum(tl.where(t[:, None] == 0, dt, -0.0), 0)
             else:
                 gB = tl.sum(g * Bt[:, :, None], 1)  # (T, BD)
                 w = g * ah  # dL/da_t a_t
@@ -561,7 +574,8 @@ def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True):
             summary, seg_chunks, n_seg, split)
     flags = dict(HAS_IDX=order is not None, HAS_D=D is not None, HAS_Z=z is not None,
                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(softplus), FAST=not triton_interpreted(),
-                 BD=cfg["BD"], NP=NP, T=cfg["T"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"])
+                 BD=cfg["BD"], NP=NP, T=cfg["T"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"],
+                 maxnreg=cfg.get("maxnreg"))
     grid = (n_db, K, batch * n_seg)
     if n_seg > 1:
         _scan_fwd_kernel[grid](*args, MODE=1, **flags)
@@ -602,7 +616,8 @@ def scan_bwd(dout, u, delta, z, B, C, A, D, dt_bias, order, states, chunk, softp
             summary, seg_chunks, n_seg, split)
     flags = dict(HAS_IDX=order is not None, HAS_D=D is not None, HAS_Z=z is not None,
                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(softplus), FAST=not triton_interpreted(),
-                 BD=cfg["BD"], NP=NP, T=T, CHUNK=chunk, num_warps=cfg["num_warps"])
+                 BD=cfg["BD"], NP=NP, T=T, CHUNK=chunk, num_warps=cfg["num_warps"],
+                 maxnreg=cfg.get("maxnreg"))
     grid = (n_db, K, batch * n_seg)
     if n_seg > 1:
         _scan_bwd_kernel[grid](*args, MODE=1, **flags)

@@ -328,14 +328,18 @@ SHAPES = [("DiM-L/2, 1024 px", 2, 2048, 4489), ("DiM-L/2, 2048 px", 1, 2048, 169
 if args.smoke:
     SHAPES = [("smoke", 1, 16, 36)]
 # (BD channels, T steps, warps) tried per kernel; then chunk and segment target around the best
-SWEEP = {"fwd": [(16, 8, 1), (8, 8, 1), (16, 4, 1), (32, 4, 1), (32, 8, 2), (16, 8, 2), (32, 8, 4)],
-         "bwd": [(16, 4, 1), (8, 8, 1), (8, 4, 1), (16, 2, 1), (16, 8, 1), (16, 4, 2), (32, 4, 2), (4, 8, 1)]}
+# (and a fourth number: a cap on registers per thread, ptxas' maxnreg, trading spills for resident warps)
+SWEEP = {"fwd": [(32, 4, 1), (32, 4, 1, 128), (16, 4, 1), (16, 4, 1, 128), (16, 4, 1, 96), (32, 2, 1),
+                 (16, 8, 1), (16, 8, 1, 128)],
+         "bwd": [(16, 4, 1), (16, 4, 1, 168), (16, 4, 1, 128), (16, 2, 1), (16, 2, 1, 128), (8, 4, 1),
+                 (8, 4, 1, 128), (8, 8, 1), (32, 2, 1), (16, 4, 2)]}
 
 
 def sweep_one(x, which, cfg, chunk, target):
     """ms of one kernel (scan_fwd or scan_bwd launched directly) under one launch configuration."""
     default = (copy.deepcopy(ssm_triton.TRITON_CONFIG), ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET)
-    ssm_triton.TRITON_CONFIG[which][2] = dict(BD=cfg[0], T=cfg[1], num_warps=cfg[2])
+    ssm_triton.TRITON_CONFIG[which][2] = dict(BD=cfg[0], T=cfg[1], num_warps=cfg[2],
+                                              maxnreg=cfg[3] if len(cfg) > 3 else None)
     ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET = chunk, target
     try:
         u4 = {k: (v.unsqueeze(2) if v.dim() == 3 else v[None]) for k, v in x.items() if k != "order"}
@@ -353,7 +357,7 @@ def sweep_one(x, which, cfg, chunk, target):
 
 if args.sweep and has_triton:
     print("\n## Triton launch sweep at the models' shapes, token layout, bf16\n")
-    print("| shape (b, dim, L) | kernel | config (BD, T, warps) | chunk | segment target | ms |")
+    print("| shape (b, dim, L) | kernel | config (BD, T, warps[, maxnreg]) | chunk | segment target | ms |")
     print("|---|---|---|---|---|---|")
     results["sweep"] = []
     for label, b_, d_, L_ in SHAPES:
