@@ -402,6 +402,10 @@ def load_newest_checkpoint(path):
         if problems:
             print(f"note: {problems[0]}; using {candidate}, the newest readable checkpoint")
         return ckpt, candidate
+    runs = sorted(glob.glob(os.path.join(folder, "*", "checkpoints")))
+    if not numbered and runs:  # a results folder given instead of one of its runs
+        raise ModelError(f"{path} holds training runs, not checkpoints: pass one of them, e.g. "
+                         f"{os.path.dirname(runs[-1])}")
     raise ModelError(f"no readable checkpoint in {folder}"
                      + (f" ({problems[0]})" if problems else "; the run has not written one yet"))
 

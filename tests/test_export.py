@@ -175,6 +175,10 @@ def test_hub_ids_load_through_snapshot_download(fake_hub, tmp_path, monkeypatch)
     (tmp_path / "me" / "tiny").mkdir(parents=True)
     with pytest.raises(ModelError, match="no readable checkpoint in me/tiny"):
         load_model("me/tiny")
+    # a results folder instead of one of its runs: the error names a run to pass
+    (tmp_path / "me" / "tiny" / "000-DiT-T-2" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ModelError, match="holds training runs.*000-DiT-T-2"):
+        load_model("me/tiny")
     for local in ("me/tinny", "results/0000030.pt"):  # mistyped, never sent to the Hub
         with pytest.raises(ModelError, match="not found"):
             load_model(local)

@@ -22,3 +22,11 @@ def test_counts_of_the_shipped_kernels(tmp_path):
         assert r["MUFU"] >= r["elements_per_thread"]
     # the backward adds its dB and dC sums atomically, and reduces them across lanes first
     assert bwd["REDG"] >= 2 and bwd["SHFL"] > fwd["SHFL"]
+
+
+def test_a_register_cap_is_applied():
+    from tools import scan_sass
+    fwd, bwd = scan_sass.main(["--fwd-config", "16,4,1,96", "--bwd-config", "8,4,1,128"])
+    assert fwd["registers"] <= 96 and bwd["registers"] <= 128
+    # a cap below what the backward takes uncapped makes it spill to local memory
+    assert bwd["LDL"] > 0 and bwd["STL"] > 0

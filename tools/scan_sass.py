@@ -8,6 +8,7 @@ stores; REDG: the backward's atomic adds; LDL/STL: spills to local memory).
 
     python -m tools.scan_sass                             # the shipped launch configurations, bf16
     python -m tools.scan_sass --bwd-config 8,4,1          # BD channels, T steps, warps of the backward
+    python -m tools.scan_sass --bwd-config 8,4,1,128      # ... with at most 128 registers (ptxas' maxnreg)
     python -m tools.scan_sass --arch 100 --out sass.json  # another architecture; JSON
 
 Counts are static (each instruction once, the loop body once), so they compare code, not time: a
@@ -40,7 +41,7 @@ FP32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "st_ptr", "scr_ptr", "dB_ptr", "d
                  "dD_ptr", "dbias_ptr", "sum_ptr"}
 
 
-def compile_kernel(kernel, constants, num_warps, arch, dtype="bf16"):
+def compile_kernel(kernel, constants, num_warps, arch, dtype="bf16", maxnreg=None):
     """The kernel compiled for sm_<arch>: every pointer 16-byte aligned, activations in `dtype`, the
     unit strides specialised as a launch on the models' tensors would."""
     signature, constexprs, attrs = {}, {}, {}
@@ -55,7 +56,8 @@ def compile_kernel(kernel, constants, num_warps, arch, dtype="bf16"):
         else:
             signature[name] = "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    options = dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def count(compiled):
@@ -78,8 +80,12 @@ def count(compiled):
 
 
 def config(text):
-    bd, t, warps = (int(v) for v in text.split(","))
-    return dict(BD=bd, T=t, num_warps=warps)
+    """BD,T,warps or BD,T,warps,maxnreg (a cap on registers per thread)."""
+    values = [int(v) for v in text.split(",")]
+    if len(values) not in (3, 4):
+        raise argparse.ArgumentTypeError(f"{text}: expected BD,T,warps[,maxnreg]")
+    return dict(BD=values[0], T=values[1], num_warps=values[2],
+                maxnreg=values[3] if len(values) == 4 else None)
 
 
 def main(argv=None):
@@ -91,7 +97,7 @@ def main(argv=None):
     for which in ("fwd", "bwd"):
         c = shipped[which]
         p.add_argument(f"--{which}-config", type=config, default=dict(c),
-                       help=f"BD,T,warps (default: the shipped bf16 one, {c['BD']},{c['T']},"
+                       help=f"BD,T,warps[,maxnreg] (default: the shipped bf16 one, {c['BD']},{c['T']},"
                             f"{c['num_warps']})")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -103,7 +109,8 @@ def main(argv=None):
         constants = dict(FLAGS, MODE=0, NP=NP, BD=c["BD"], T=c["T"], CHUNK=ssm_triton.CHUNK)
         row = dict(kernel=which, arch=args.arch, **c, state=args.state,
                    elements_per_thread=c["BD"] * c["T"] * NP // (32 * c["num_warps"]))
-        row.update(count(compile_kernel(kernel, constants, c["num_warps"], args.arch)))
+        row.update(count(compile_kernel(kernel, constants, c["num_warps"], args.arch,
+                                        maxnreg=c.get("maxnreg"))))
         rows.append(row)
     print("| kernel | BD, T, warps | elements per thread | registers | spilled bytes | instructions | "
           + " | ".join(KINDS) + " |")
