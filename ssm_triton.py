@@ -22,7 +22,10 @@ What is different from mamba-ssm's kernel is where the data lives:
 Kernel design (GPU): one program per (batch, direction, block of BD channels). It walks the scan in tiles of T
 steps, keeping h (BD, N) in fp32 registers. Inside a tile the recurrence is a tl.associative_scan over
 (a, b) = (exp(dt A), dt B u) pairs laid out (BD, N, T); the T steps of one (channel, state) pair sit in one
-thread, so the scan is a short in-thread loop. Every exponent is dt A <= 0, so nothing overflows.
+thread, so the scan is a short in-thread loop. The state carried in from the previous tile is added into
+the first step's b (and the adjoint's carry into the last step's, below), so the scan's b is the state
+itself and its other components go unused: the compiler drops them. Every exponent is dt A <= 0, so
+nothing overflows.
 
 Memory: the forward saves only the fp32 states at chunk borders (every CHUNK steps), like mamba-ssm. The
 backward walks chunks in reverse: a forward pre-pass through the chunk writes the states at its tile borders
