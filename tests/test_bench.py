@@ -74,6 +74,13 @@ def test_unknown_model_is_one_line():
         bench.resolve("DiM-Q/2", "L")
 
 
+def test_cuda_graph_on_without_a_gpu_is_one_line(tmp_path):
+    # (auto, the default, runs eagerly on a CPU: test_bench_cpu_tiny's rows say "no")
+    with pytest.raises(SystemExit, match="--cuda-graph on needs a CUDA GPU"):
+        bench.main(["--models", "dit", "--size", "T", "--res", "32", "--device", "cpu", "--cuda-graph",
+                    "on", "--out", str(tmp_path / "bench.json")])
+
+
 def test_compile_blocks_matches_eager(name="DiM-T/2"):
     # regional compilation (bench.py --compile blocks) wraps every outermost block once and leaves
     # outputs and gradients unchanged (dynamo's graphs, fullgraph: no break; no C++ compiler needed)

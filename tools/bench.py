@@ -142,19 +142,21 @@ def median_time(step, warmup, repeats, cuda):
 
 
 def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=False,
-              grad_checkpoint=False, graphed=False):
+              grad_checkpoint=False, graphed="off"):
     """Build the model on `device`, time its train or sample step; fills the row's measured
     columns. compile: None, "model" (torch.compile the whole model) or "blocks" (each block,
     models.compile_blocks); compilation happens in the warm-up steps;
-    grad_checkpoint: recompute every block in the backward (models.checkpoint_blocks); graphed: the
-    step's forward and backward (train) or forward (sample) replayed as one CUDA graph
+    grad_checkpoint: recompute every block in the backward (models.checkpoint_blocks); graphed "on"
+    or "auto": the step's forward and backward (train) or forward (sample) replayed as one CUDA graph
     (models.cuda_graph), the optimizer step outside it, as train.py --cuda-graph runs them."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     with torch.device(device):
         model = factory(input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
     model.to(device)   # in case a constructor made some tensor on the CPU
-    row["compiled"] = (compile or "no") + (" + graph" if graphed else "")
+    row["compiled"] = compile or "no"
+    # auto: a capture that fails warns and leaves the row eager (and says so), as train.py does
+    capture = lambda fn, *args: cuda_graph(fn, *args, fallback=graphed == "auto")
     if grad_checkpoint:
         checkpoint_blocks(model)
     if row["gflops"] is None:   # the model did not run on the meta device: count on the real one
@@ -180,13 +182,15 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
                 out = net(x, t, y)
             out.float().square().mean().backward()
 
-        if graphed:
+        if graphed != "off":
             # one eager step first, so that AdamW's state exists while the capture allocates the
             # activations: the peak then counts what an eager step's does (replays allocate nothing)
             grads(x, t, y)
             opt.step()
             torch.cuda.reset_peak_memory_stats(device)
-            grads = cuda_graph(grads, x, t, y)
+            replay = capture(grads, x, t, y)
+            row["compiled"] += " + graph" if replay is not grads else ""
+            grads = replay
 
         def step():
             grads(x, t, y)
@@ -201,8 +205,10 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
             with torch.no_grad(), autocast:
                 return net(x, t, y)
 
-        if graphed:
-            forward = cuda_graph(forward, x, t, y)
+        if graphed != "off":
+            replay = capture(forward, x, t, y)
+            row["compiled"] += " + graph" if replay is not forward else ""
+            forward = replay
 
         def step():
             forward(x, t, y)
@@ -499,8 +505,9 @@ def main(argv=None):
                         "(every model per block)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing per block (train mode)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each step as one CUDA graph (models.cuda_graph; GPU only)")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                   help="replay each step as one CUDA graph (models.cuda_graph), as train.py and "
+                        "sample.py run them: auto (default) = on a GPU, off on a CPU")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=0,
@@ -530,6 +537,10 @@ def main(argv=None):
         raise SystemExit("--batch needs one value or one per --res; every --res must be a multiple "
                          "of 8")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.cuda_graph == "on" and device.type != "cuda":
+        raise SystemExit("--cuda-graph on needs a CUDA GPU; use --cuda-graph off (or auto) here")
+    if device.type != "cuda":
+        args.cuda_graph = "off"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     info = environment(device)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
