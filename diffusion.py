@@ -330,22 +330,22 @@ class GaussianDiffusion:
         # "clipped": log 0 -> log beta-tilde_1
         self.post_logvar = torch.cat([post_var[1:2], post_var[1:]]).log()
         self.log_betas = self.betas.log()
-        self._on_device = {}  # (id(array), device) -> (array, its copy there)
+        self._on_device = {}  # device -> {name: that array there}
 
-    def _extract(self, arr, t, x):
-        """arr[t] for a batch of indices t (B,), cast to x's dtype and shaped (B, 1, ..., 1) to
-        broadcast. The schedule's arrays live on the CPU and are copied to t's device once: a copy
-        at every step would be a host-to-device transfer, which a CUDA graph (train.py
+    def _extract(self, name, t, x):
+        """self.<name>[t] for a batch of indices t (B,), cast to x's dtype and shaped (B, 1, ..., 1)
+        to broadcast. The schedule's arrays live on the CPU and are copied to t's device once: a
+        copy at every step would be a host-to-device transfer, which a CUDA graph (train.py
         --cuda-graph) cannot hold."""
-        key = (id(arr), t.device)
-        if key not in self._on_device:  # arr is kept with its copy, so its id is not reused
-            self._on_device[key] = (arr, arr.to(t.device))
-        return self._on_device[key][1][t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        there = self._on_device.setdefault(t.device, {})
+        if name not in there:
+            there[name] = getattr(self, name).to(t.device)
+        return there[name][t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0, t, noise):
         """x_t = alpha_t x0 + sigma_t eps: a draw from q(x_t | x0). x0, noise (B, ...); t (B,) int."""
-        return self._extract(self.sqrt_abar, t,
-                             x0) * x0 + self._extract(self.sqrt_one_minus_abar, t, x0) * noise
+        return (self._extract("sqrt_abar", t, x0) * x0
+                + self._extract("sqrt_one_minus_abar", t, x0) * noise)
 
     def training_loss(self, model, x0, y, noise=None, t=None):
         """Epsilon MSE (DDPM eq. 14), mean over all dimensions; with 2C outputs (eps, v) plus L_vb
@@ -376,13 +376,12 @@ class GaussianDiffusion:
         p(x_{t-1} | x_t)) for t > 0, decoder NLL -log p(x0 | x_1) at t = 0. p has the mean implied by eps and the
         learned-range log-variance f log beta_t + (1 - f) log beta-tilde_t, f = (v + 1) / 2 (IDDPM
         eq. 15)."""
-        ex = lambda arr: self._extract(arr, t, x_t)
-        x0_hat = (x_t - ex(self.sqrt_one_minus_abar) * eps) / ex(self.sqrt_abar)
-        mean = ex(self.post_c0) * x0_hat + ex(self.post_ct) * x_t
+        ex = lambda name: self._extract(name, t, x_t)
+        x0_hat = (x_t - ex("sqrt_one_minus_abar") * eps) / ex("sqrt_abar")
+        mean = ex("post_c0") * x0_hat + ex("post_ct") * x_t
         frac = (v + 1) / 2
-        logvar = frac * ex(self.log_betas) + (1 - frac) * ex(self.post_logvar)
-        kl = normal_kl(ex(self.post_c0) * x0 + ex(self.post_ct) * x_t, ex(self.post_logvar), mean,
-                       logvar)
+        logvar = frac * ex("log_betas") + (1 - frac) * ex("post_logvar")
+        kl = normal_kl(ex("post_c0") * x0 + ex("post_ct") * x_t, ex("post_logvar"), mean, logvar)
         # at t = 0: mean = x0_hat, as c0 = 1, ct = 0
         nll = discretized_gaussian_nll(x0, mean, 0.5 * logvar)
         first = (t == 0).view(-1, *([1] * (x0.ndim - 1)))
