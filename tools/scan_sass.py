@@ -56,7 +56,7 @@ def compile_kernel(kernel, constants, num_warps, arch, dtype="bf16", maxnreg=Non
         else:
             signature[name] = "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    options = dict(num_warps=num_warps, **ssm_triton.FUSE_FMA, **({"maxnreg": maxnreg} if maxnreg else {}))
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
