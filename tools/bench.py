@@ -155,8 +155,13 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
         model = factory(input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
     model.to(device)   # in case a constructor made some tensor on the CPU
     row["compiled"] = compile or "no"
-    # auto: a capture that fails warns and leaves the row eager (and says so), as train.py does
-    capture = lambda fn, *args: cuda_graph(fn, *args, fallback=graphed == "auto")
+
+    def capture(fn, *args):
+        # auto: a capture that fails warns and leaves the row eager (and says so), as train.py does
+        replay = cuda_graph(fn, *args, fallback=graphed == "auto")
+        row["compiled"] += " + graph" if replay is not fn else ""
+        return replay
+
     if grad_checkpoint:
         checkpoint_blocks(model)
     if row["gflops"] is None:   # the model did not run on the meta device: count on the real one
@@ -188,9 +193,7 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
             grads(x, t, y)
             opt.step()
             torch.cuda.reset_peak_memory_stats(device)
-            replay = capture(grads, x, t, y)
-            row["compiled"] += " + graph" if replay is not grads else ""
-            grads = replay
+            grads = capture(grads, x, t, y)
 
         def step():
             grads(x, t, y)
@@ -206,9 +209,7 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
                 return net(x, t, y)
 
         if graphed != "off":
-            replay = capture(forward, x, t, y)
-            row["compiled"] += " + graph" if replay is not forward else ""
-            forward = replay
+            forward = capture(forward, x, t, y)
 
         def step():
             forward(x, t, y)
