@@ -455,7 +455,12 @@ def checked_backend(u, A, B, backend=None):
     which = scan_backend(u, backend)
     while not forced and which in AUTO_GPU + AUTO_CPU and (which, u.device, u.dtype) not in _checked:
         try:
-            check_kernel(which, u, A, B)
+            # identity saved-tensor hooks: a first call can come inside a torch.utils.checkpoint region
+            # (a block that is recomputed, or a compiled block's eager fragment), whose hooks would take
+            # the check's own saved tensors as the region's: its recomputation would stop at the first
+            # one and the kernel be dropped as failed (seen on LaMamba-L, which then ran the PyTorch scan)
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                check_kernel(which, u, A, B)
             _checked.add((which, u.device, u.dtype))
         except torch.OutOfMemoryError:
             raise

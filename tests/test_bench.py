@@ -57,6 +57,33 @@ def test_bench_cpu_tiny(tmp_path, capsys, oom_family, mode, compile):
     assert "| DiT-T/2 | 64 | 16 | 1 |" in printed and "| OOM-T/2 | 32 |" in printed
 
 
+def test_profile_categories():
+    cat = bench.profile_category
+    assert cat("_scan_bwd_kernel") == cat("void selective_scan_bwd_kernel<...>") == "scan backward"
+    assert cat("_scan_fwd_kernel") == cat("diffmamba::scan_cpu") == "scan forward"
+    assert cat("diffmamba::scan_cpu_backward") == "scan backward"
+    assert cat("_conv_bwd_kernel") == cat("aten::mkldnn_convolution") == "depthwise conv"
+    assert cat("sm90_xmma_gemm_bf16bf16_bf16f32") == cat("pytorch_flash::flash_fwd_kernel") \
+        == cat("aten::addmm") == "matrix products"
+    assert cat("void at::native::index_elementwise_kernel<...>") == cat("aten::copy_") \
+        == cat("CatArrayBatchedCopy") == "copies, transposes, gathers"
+    assert cat("triton_poi_fused__to_copy_add_mul_0") == cat("aten::silu") == "elementwise"
+
+
+def test_bench_profile_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--models", "DiM-T/2", "--res", "32", "--batch", "2", "--repeats", "2", "--warmup",
+                "1", "--compile", "none", "--profile", "--out", str(out), "--plot", ""])
+    prof = json.loads(out.read_text())[0]["profile"]
+    fractions = {k: v for k, v in prof.items() if k != "busy_ms"}
+    assert set(fractions) == {c for c, _ in bench.PROFILE_CATEGORIES} and prof["busy_ms"] > 0
+    assert sum(fractions.values()) == pytest.approx(1.0)
+    # a DiM step spends time in its scans (forward and backward) and its linear layers
+    assert fractions["scan forward"] > 0 and fractions["scan backward"] > 0
+    assert fractions["matrix products"] > 0
+    assert "| DiM-T/2, 32 px, 2 |" in capsys.readouterr().out
+
+
 def test_scaling_exponent_and_crossover():
     assert bench.scaling_exponent([(1e3, 1.0), (4e3, 16.0), (16e3, 256.0),
                                    (10, 99.0)]) == pytest.approx(2.0)

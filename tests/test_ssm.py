@@ -6,6 +6,7 @@ sequential reference, backend selection, and the Mamba mixer.
 import json
 import math
 import types
+import warnings
 
 import pytest
 import torch
@@ -374,6 +375,28 @@ def test_triton_scan_bf16(triton_results):
 def test_triton_mamba_mixer_matches_reference(triton_results):
     errs = triton_results["mamba_mixer"]
     assert errs["out"] < 1e-5 and max(errs.values()) < 1e-4, errs
+
+
+def test_first_call_check_inside_a_recomputed_region(monkeypatch):
+    # a kernel's first call can come inside torch.utils.checkpoint (a recomputed block): the check's own
+    # forward and backward must not be taken for the region's saved tensors, or the recomputation stops
+    # early, the check "fails" and the slow PyTorch scan runs from then on (seen on the GPU, LaMamba-L)
+    monkeypatch.setitem(ssm.SCANS, "cpu", selective_scan_ref)  # a correct kernel: the check must pass
+    monkeypatch.setattr(ssm, "_checked", set())
+    monkeypatch.setattr(ssm, "_broken", set())
+    monkeypatch.delenv("DIFFUSION_MAMBA_SCAN", raising=False)
+    A, B = torch.empty(1, 4), torch.empty(1, 4, 1)
+
+    def region(x):
+        ssm._checked.clear()  # first calls: in the forward and again in the recomputation
+        assert ssm.checked_backend(x, A, B) == "cpu"
+        return (x * x).sum()
+
+    x = torch.randn(3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed check warns
+        torch.utils.checkpoint.checkpoint(region, x, use_reentrant=False).backward()
+    assert ssm._broken == set() and torch.equal(x.grad, 2 * x.detach())
 
 
 def test_backend_triton_selection(monkeypatch):

@@ -62,7 +62,7 @@ FAMILIES = {
 }
 COLUMNS = ["model", "family", "mode", "res", "tokens", "batch", "params_M", "gflops", "scan_gflops",
            "step_ms", "ms_per_image", "images_per_s", "mfu", "peak_mem_gib", "compiled", "status",
-           "device", "torch", "scan"]
+           "device", "torch", "scan", "profile"]
 # dense bf16 peak of the GPU for MFU (H100/H200 SXM datasheet); None elsewhere
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR = 4, 1000, 8
@@ -141,14 +141,66 @@ def median_time(step, warmup, repeats, cuda):
     return statistics.median(times)
 
 
+# --profile: where a step's time goes, in the categories of the speed issues' tables. Kernel (GPU) or
+# operator (CPU) names, first match wins. Inductor's fused pointwise and reduction kernels (triton_poi,
+# triton_red, triton_per) count as elementwise, also where they copy; everything unmatched too (norms,
+# activations, casts, the optimizer).
+PROFILE_CATEGORIES = [
+    ("scan backward", ("_scan_bwd_kernel", "selective_scan_bwd", "diffmamba::scan_backward",
+                       "diffmamba::scan_cpu_backward")),
+    ("scan forward", ("_scan_fwd_kernel", "selective_scan_fwd", "diffmamba::scan")),
+    ("depthwise conv", ("_conv_fwd_kernel", "_conv_bwd_kernel", "causal_conv1d", "conv_depthwise",
+                        "diffmamba::conv", "conv1d", "convolution")),
+    ("elementwise", ("triton_poi", "triton_red", "triton_per")),
+    ("matrix products", ("triton_tem", "gemm", "xmma", "cutlass", "nvjet", "flash", "fmha", "attention",
+                         "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear",
+                         "matmul")),
+    ("copies, transposes, gathers", ("copy", "memcpy", "memset", "gather", "scatter", "index",
+                                     "cat", "transpose", "permute", "flip", "roll", "clone",
+                                     "contiguous", "fill")),
+]
+
+
+def profile_category(name):
+    """The PROFILE_CATEGORIES entry a kernel or operator name falls in; "elementwise" otherwise
+    (norms, activations, casts, reductions, the optimizer)."""
+    low = name.lower()
+    return next((cat for cat, keys in PROFILE_CATEGORIES if any(k.lower() in low for k in keys)),
+                "elementwise")
+
+
+def profile_steps(step, steps, cuda):
+    """Busy time per step (ms) and its fractions per category over `steps` profiled steps: GPU
+    kernels on a GPU, the operators' own CPU time on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    busy = {}
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0 and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA):
+            cat = profile_category(e.key)
+            busy[cat] = busy.get(cat, 0.0) + us
+    total = sum(busy.values())
+    if not total:
+        return None
+    return dict(busy_ms=total / 1e3 / steps,
+                **{cat: busy.get(cat, 0.0) / total for cat, _ in PROFILE_CATEGORIES})
+
+
 def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=False,
-              grad_checkpoint=False, graphed="off"):
+              grad_checkpoint=False, graphed="off", profile=False):
     """Build the model on `device`, time its train or sample step; fills the row's measured
     columns. compile: None, "model" (torch.compile the whole model) or "blocks" (each block,
     models.compile_blocks); compilation happens in the warm-up steps;
     grad_checkpoint: recompute every block in the backward (models.checkpoint_blocks); graphed "on"
     or "auto": the step's forward and backward (train) or forward (sample) replayed as one CUDA graph
-    (models.cuda_graph), the optimizer step outside it, as train.py --cuda-graph runs them."""
+    (models.cuda_graph), the optimizer step outside it, as train.py --cuda-graph runs them;
+    profile: afterwards, `repeats` steps under torch.profiler (profile_steps) fill row["profile"]."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     with torch.device(device):
@@ -223,6 +275,8 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
                mfu=flops * batch / seconds / (peak * 1e12) if peak and row["gflops"] else None,
                peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None,
                status="ok")
+    if profile:
+        row["profile"] = profile_steps(step, repeats, cuda)
 
 
 def measure(name, family, factory, res, batch, args, device, info):
@@ -249,7 +303,7 @@ def measure(name, family, factory, res, batch, args, device, info):
         compile = compile_choice(choice, meta, device)  # auto: as train.py compiles
         compile = None if compile == "none" else compile
         run_steps(factory, grid, batch, args.mode, device, args.warmup, args.repeats, row, compile,
-                  args.grad_checkpoint, args.cuda_graph)
+                  args.grad_checkpoint, args.cuda_graph, args.profile)
     except torch.OutOfMemoryError:
         row["status"] = "OOM"
     except Exception as e:
@@ -353,6 +407,17 @@ def print_table(rows):
         print("| " + " | ".join(cells) + " |")
     if any(r["status"] == "OOM*" for r in rows):
         print("\nOOM*: not run, a load (batch x pixels) no larger ran out of memory.")
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        cats = [cat for cat, _ in PROFILE_CATEGORIES]
+        print("\nWhere a step's time goes (torch.profiler; GPU kernels, or CPU operators on a CPU):\n")
+        print("| model, res, batch | step ms (busy) | " + " | ".join(cats) + " |")
+        print("|---" * (len(cats) + 2) + "|")
+        for r in profiled:
+            prof = r["profile"]
+            print(f"| {r['model']}, {r['res']} px, {r['batch']} | {fmt(r['step_ms'])} "
+                  f"({fmt(prof['busy_ms'])}) | "
+                  + " | ".join(f"{100 * prof[c]:.0f}%" for c in cats) + " |")
 
 
 def scaling_exponent(points):
@@ -509,6 +574,9 @@ def main(argv=None):
     p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
                    help="replay each step as one CUDA graph (models.cuda_graph), as train.py and "
                         "sample.py run them: auto (default) = on a GPU, off on a CPU")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile --repeats steps of each row: busy time per category (scan, "
+                        "conv, matrix products, copies, elementwise)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget", type=float, default=0,
