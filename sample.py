@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from data import DataError, check_resolution, load_vae, save_frame_strip, save_gif, save_grid, vae_decode, vae_factor
 from diffusion import CLIPPING_SAMPLERS, SAMPLERS, X0_CLIPS, UpsampleGuidance, create_diffusion
-from models import GraphedModel, ModelError, load_newest_checkpoint, model_from_checkpoint
+from models import (GraphedModel, ModelError, compile_blocks, compile_choice, load_newest_checkpoint,
+                    model_from_checkpoint)
 from train import (RESULTS_DIR, FlagError, HelpFormatter, NetworkCalls, RunError, check_writable,
                    setup_distributed, writing_to)
 
@@ -322,6 +323,13 @@ def generate(args, rank, world, device):
               f"{' x 2 (cfg)' if num_classes and cfg != 1 else ''} at {res}px, upsample "
               f"{upsample}: {dry.calls * len(batches)} network evaluations in {len(batches)} "
               f"batch(es) of up to {args.batch_size}" + (" on this process" if world > 1 else ""))
+    # auto: as train.py compiles (a Mamba model per block, DiT whole; nothing on a CPU); each new
+    # input shape (an upsampling route's second size) is compiled at its first call
+    compile_mode = compile_choice(args.compile, model, device)
+    if compile_mode == "blocks":
+        compile_blocks(model)
+    elif compile_mode == "model":
+        model = torch.compile(model)
     # auto: on a GPU each network call is a CUDA graph's replay (models.GraphedModel)
     graphed = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda")
     net = GraphedModel(model) if graphed else model
@@ -416,6 +424,11 @@ def parse_args(argv=None):
                         help="sample i starts from noise seeded by --seed and i")
     parser.add_argument("--out", default="samples", help="folder the samples are written to")
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument("--compile", choices=["none", "auto", "blocks", "model"], default="none",
+                        help="torch.compile the network: auto = as train.py (on a GPU a Mamba model "
+                             "per block, DiT whole; nothing on a CPU), blocks, model, or none "
+                             "(default). Compiling takes 15 s to minutes at the first call of each "
+                             "shape: worth it for long jobs (FID sets), not for a few images")
     parser.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
                         help="replay each network call as a CUDA graph (one per batch shape), "
                              "without the model's Python; default auto: on a GPU")

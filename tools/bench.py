@@ -141,10 +141,10 @@ def median_time(step, warmup, repeats, cuda):
     return statistics.median(times)
 
 
-# --profile: where a step's time goes, in the categories of the speed issues' tables. Kernel (GPU) or
-# operator (CPU) names, first match wins. Inductor's fused pointwise and reduction kernels (triton_poi,
-# triton_red, triton_per) count as elementwise, also where they copy; everything unmatched too (norms,
-# activations, casts, the optimizer).
+# --profile: where a step's time goes, in the categories of the speed issues' tables. Kernel (GPU)
+# or operator (CPU) names, first match wins. Inductor's fused pointwise and reduction kernels
+# (triton_poi, triton_red, triton_per) count as elementwise, also where they copy; everything
+# unmatched too (norms, activations, casts, the optimizer).
 PROFILE_CATEGORIES = [
     ("scan backward", ("_scan_bwd_kernel", "selective_scan_bwd", "diffmamba::scan_backward",
                        "diffmamba::scan_cpu_backward")),
@@ -152,9 +152,9 @@ PROFILE_CATEGORIES = [
     ("depthwise conv", ("_conv_fwd_kernel", "_conv_bwd_kernel", "causal_conv1d", "conv_depthwise",
                         "diffmamba::conv", "conv1d", "convolution")),
     ("elementwise", ("triton_poi", "triton_red", "triton_per")),
-    ("matrix products", ("triton_tem", "gemm", "xmma", "cutlass", "nvjet", "flash", "fmha", "attention",
-                         "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear",
-                         "matmul")),
+    ("matrix products", ("triton_tem", "gemm", "xmma", "cutlass", "nvjet", "flash", "fmha",
+                         "attention", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                         "aten::linear", "matmul")),
     ("copies, transposes, gathers", ("copy", "memcpy", "memset", "gather", "scatter", "index",
                                      "cat", "transpose", "permute", "flip", "roll", "clone",
                                      "contiguous", "fill")),
