@@ -15,8 +15,12 @@ bf16 autocast (--dtype bf16, the training setting) or in fp32.
 Errors are relative: output max|a - b| / max|b|; gradients, per parameter ||a - b|| / ||b||.
 In fp32 the fast path must match the reference path within 1e-3 everywhere. In bf16 the two paths
 round differently (our kernels accumulate the conv and scan in fp32, cuDNN's bf16 conv does not), so
-both are measured against the reference path in fp32, the truth: the fast path passes when its error
-is at most 1.25x the reference path's own bf16 error (+1e-3), for the output and every parameter.
+both are measured against the reference path in fp32, the truth, and the fast path passes when its
+error is at most 1.25x the reference path's own bf16 error (+1e-3) for the output and for all the
+gradients together (one norm over every parameter), and at most 4x for each single parameter. One
+parameter's bf16 error is a noisy number: two scans that are both exact in fp32 (the loop and the
+chunked PyTorch scan, `--fast ref --reference torch`, DiM-S/2 on a CPU) differ by 1.7x on one (A_log
+of one block), while a wrong gradient formula is off by O(1), 50x or more above bf16 rounding.
 Both passes start from the same RNG state, so stochastic depth (DiMSUM) drops the same blocks.
 Prints a table, writes JSON, and exits 1 if a model fails.
 """
@@ -31,6 +35,7 @@ import torch
 from tools.bench import LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR, resolve, timesteps
 
 TOLERANCE = {"bf16": 1.25, "fp32": 1e-3}  # bf16: a ratio to the reference path's error
+PER_PARAMETER_BF16 = 4.0  # bf16: the same ratio for each parameter alone (noisier, module docstring)
 SLACK = 1e-3
 
 
@@ -89,10 +94,16 @@ def compare(name, res, batch, dtype, fast, reference, device):
         fast_t, ref_t = grad_err(grads_f, grads_t), grad_err(grads_r, grads_t)
         ratio = lambda e_fast, e_ref: e_fast / (e_ref + SLACK)
         ratios = {n: ratio(fast_t[n], ref_t[n]) for n in fast_t}
-        row.update(output_vs_fp32=out_err(out_f, out_t), reference_output_vs_fp32=out_err(out_r, out_t))
+        flat = lambda g: torch.cat([g[n].flatten() for n in sorted(grads_t)])
+        all_err = lambda g: ((flat(g) - flat(grads_t)).norm() / flat(grads_t).norm()).item()
+        row.update(output_vs_fp32=out_err(out_f, out_t), reference_output_vs_fp32=out_err(out_r, out_t),
+                   all_gradients_vs_fp32=all_err(grads_f), reference_all_gradients_vs_fp32=all_err(grads_r))
         row["output_ratio"] = ratio(row["output_vs_fp32"], row["reference_output_vs_fp32"])
+        row["all_gradients_ratio"] = ratio(row["all_gradients_vs_fp32"],
+                                           row["reference_all_gradients_vs_fp32"])
         errs = ratios
-        ok = row["output_ratio"] <= TOLERANCE["bf16"] and all(r <= TOLERANCE["bf16"] for r in ratios.values())
+        ok = (row["output_ratio"] <= TOLERANCE["bf16"] and row["all_gradients_ratio"] <= TOLERANCE["bf16"]
+              and all(r <= PER_PARAMETER_BF16 for r in ratios.values()))
     worst = max(errs, key=lambda n: (errs[n] != errs[n], errs[n]))  # NaN first; NaN also fails `ok`
     row.update(worst_parameter=worst, worst_gradient_error=grad_err(grads_f, grads_r)[worst], ok=ok)
     if dtype == "bf16":
@@ -127,7 +138,9 @@ def main(argv=None):
                 f"{r['worst_gradient_error']:.1e} ({r['worst_parameter']})")
         if args.dtype == "bf16":
             line += (f"; against fp32: output {r['output_vs_fp32']:.1e} vs {r['reference_output_vs_fp32']:.1e}"
-                     f", worst gradient {r['fast_vs_fp32']:.1e} vs {r['reference_vs_fp32']:.1e}")
+                     f", all gradients {r['all_gradients_vs_fp32']:.1e} vs "
+                     f"{r['reference_all_gradients_vs_fp32']:.1e}, worst parameter {r['fast_vs_fp32']:.1e} vs "
+                     f"{r['reference_vs_fp32']:.1e}")
         print(f"{line}  {'ok' if r['ok'] else 'FAIL'}", flush=True)
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
