@@ -595,7 +595,7 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     A, D, dt_bias = param(A), param(D), param(dt_bias)
     which = token_backend(u, A.shape[-1], backend)
     if which == "triton":
-        out = ssm_triton.scan_op(u, delta, z, B, C, A, D, dt_bias, order, True)[0]
+        out = ssm_triton.scan(u, delta, z, B, C, A, D, dt_bias, order)
     elif which in ("cpu", "torch"):  # the C kernel or ChunkedScan: no (.., L, N) tensor kept for the backward
         out = scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, kernel=which == "cpu")
     else:  # mamba-ssm's kernel (the whole job: gathers and transposes included), or the loop
@@ -623,7 +623,7 @@ def causal_conv_silu(x, weight, bias=None, order=None, backend=None):
     if order is not None:
         order = order.to(device=x.device, dtype=torch.int32).contiguous()
     if not _flop_counters and token_backend(x, 1, backend) == "triton":
-        return ssm_triton.conv_op(x, weight.contiguous(), bias, order)
+        return ssm_triton.conv(x, weight.contiguous(), bias, order)
     return conv_reference(x, weight, bias, order)
 
 
@@ -672,7 +672,7 @@ def check_conv_kernel(x):
     dy = torch.randn(1, 70, 8, generator=g).to(x.device, x.dtype)
     results = []
     # the kernel gets x in the call's dtype and fp32 weights, as in the mixer; the reference all fp32
-    for fn, dtype in ((ssm_triton.conv_op, x.dtype), (conv_reference, torch.float32)):
+    for fn, dtype in ((ssm_triton.conv, x.dtype), (conv_reference, torch.float32)):
         leaves = [t.to(x.device, dtype if i == 0 else torch.float32).requires_grad_() for i, t in
                   enumerate(inputs)]
         with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):

@@ -521,9 +521,22 @@ CHUNK = 64
 FUSE_FMA = dict(enable_fp_fusion=True)
 
 
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _next_power_of_2(n):
+    # bit arithmetic, so it also takes torch.compile's symbolic sizes (in the fakes); triton's own
+    # helpers of the same names cost ~15 us a call from Python in Triton 3.9, eleven calls per scan
+    n -= 1
+    for shift in (1, 2, 4, 8, 16, 32):
+        n |= n >> shift
+    return n + 1
+
+
 def _config(u, L, which="fwd"):
     cfg = dict(TRITON_CONFIG[which][2 if u.element_size() <= 2 else 4], CHUNK=CHUNK)
-    cfg["CHUNK"] = max(cfg["T"], min(cfg["CHUNK"], triton.next_power_of_2(L)))
+    cfg["CHUNK"] = max(cfg["T"], min(cfg["CHUNK"], _next_power_of_2(L)))
     return cfg
 
 
@@ -541,10 +554,10 @@ def _segments(batch, K, n_db, n_chunks, device):
         n_seg = 1
     else:
         sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-        n_seg = triton.cdiv(SEGMENT_TARGET * sms, batch * K * n_db)
+        n_seg = _cdiv(SEGMENT_TARGET * sms, batch * K * n_db)
     n_seg = max(1, min(n_seg, n_chunks // MIN_SEGMENT_CHUNKS))
-    seg_chunks = triton.cdiv(n_chunks, n_seg)
-    return triton.cdiv(n_chunks, seg_chunks), seg_chunks
+    seg_chunks = _cdiv(n_chunks, n_seg)
+    return _cdiv(n_chunks, seg_chunks), seg_chunks
 
 
 # segment target 64 (programs per multiprocessor): the backward 5-7% faster than with 32 at DiM-L/2's 1024
@@ -563,10 +576,10 @@ def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True):
     chunk borders and the chunk length."""
     batch, L, K, dim = u.shape
     N = A.shape[-1]
-    NP = max(triton.next_power_of_2(N), 2)
+    NP = max(_next_power_of_2(N), 2)
     cfg = _config(u, L)
-    n_chunks = triton.cdiv(L, cfg["CHUNK"])
-    n_db = triton.cdiv(dim, cfg["BD"])
+    n_chunks = _cdiv(L, cfg["CHUNK"])
+    n_db = _cdiv(dim, cfg["BD"])
     n_seg, seg_chunks = _segments(batch, K, n_db, n_chunks, u.device)
     out = torch.empty(batch, L, K, dim, device=u.device, dtype=u.dtype)
     states = torch.empty(batch, K, dim, n_chunks, NP, device=u.device, dtype=torch.float32)
@@ -599,7 +612,7 @@ def scan_bwd(dout, u, delta, z, B, C, A, D, dt_bias, order, states, chunk, softp
     n_chunks = states.shape[3]
     cfg = _config(u, L, "bwd")
     T = min(cfg["T"], chunk)
-    n_db = triton.cdiv(dim, cfg["BD"])
+    n_db = _cdiv(dim, cfg["BD"])
     n_seg, seg_chunks = _segments(batch, K, n_db, n_chunks, u.device)
     dev, f32 = u.device, torch.float32
     shape = (batch, L, K, dim)
@@ -724,7 +737,7 @@ def conv_fwd(x, weight, bias, order):
     batch, L, dim = x.shape
     out = torch.empty(batch, L, dim, device=x.device, dtype=x.dtype)
     c = CONV_CONFIG["fwd"]
-    grid = (triton.cdiv(L, c["TL"]), triton.cdiv(dim, c["BD"]), batch)
+    grid = (_cdiv(L, c["TL"]), _cdiv(dim, c["BD"]), batch)
     _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight,
                            order if order is not None else weight, out, L, dim, *x.stride(), *out.stride(),
                            HAS_IDX=order is not None, HAS_BIAS=bias is not None, W=weight.shape[1],
@@ -738,7 +751,7 @@ def conv_bwd(dout, x, weight, bias, order):
     dw = torch.zeros(dim, weight.shape[1], device=x.device, dtype=torch.float32)
     db = torch.zeros(dim, device=x.device, dtype=torch.float32)
     c = CONV_CONFIG["bwd"]
-    grid = (triton.cdiv(L, c["TL"]), triton.cdiv(dim, c["BD"]), batch)
+    grid = (_cdiv(L, c["TL"]), _cdiv(dim, c["BD"]), batch)
     _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight,
                            order if order is not None else weight, dout, dx, dw, db, L, dim,
                            *x.stride(), *dout.stride(), HAS_IDX=order is not None,
@@ -748,42 +761,46 @@ def conv_bwd(dout, x, weight, bias, order):
 
 
 # -----------------------------------------------------------------------------
-# torch.library ops with autograd
+# torch.library ops, and the autograd functions that call them
 # -----------------------------------------------------------------------------
-# One op per kernel, with a fake (shape-only) implementation and an autograd formula, so torch.compile
-# traces a model through each call as one node. ssm.py calls these on GPUs and the PyTorch reference on CPUs.
+# One op per kernel launch sequence (forward, backward; scan, conv), each with a fake (shape-only)
+# implementation, so torch.compile traces a model through each call as one node, and selective
+# checkpointing can keep the scan's output by its op (ssm._keep_the_scan). Autograd is a plain
+# autograd.Function around the ops (scan, conv: what ssm.py calls), which Dynamo traces too. Not
+# torch.library.custom_op with register_autograd: its Python layers (a generated autograd function that
+# redispatches, default filling, a Dynamo guard around the implementation) cost ~0.6 ms of host time per
+# forward + backward of the scan (kernels stubbed out, measured on a CPU), the order of the GPU time of
+# a small layer, and the cost of every eager step (torchrun, where CUDA graphs are off).
 
-from typing import Optional  # noqa: E402
-
-from torch import Tensor  # noqa: E402
+_lib = torch.library.Library("diffmamba", "FRAGMENT")  # kept: the ops live as long as it does
+_lib.define("scan(Tensor u, Tensor delta, Tensor? z, Tensor B, Tensor C, Tensor A, Tensor? D, "
+            "Tensor? dt_bias, Tensor? order, bool softplus) -> (Tensor, Tensor)")
+_lib.define("scan_backward(Tensor dout, Tensor u, Tensor delta, Tensor? z, Tensor B, Tensor C, Tensor A, "
+            "Tensor? D, Tensor? dt_bias, Tensor? order, Tensor states, bool softplus) -> Tensor[]")
+_lib.define("conv_silu(Tensor x, Tensor weight, Tensor? bias, Tensor? order) -> Tensor")
+_lib.define("conv_silu_backward(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? order) "
+            "-> Tensor[]")
 
 
 def _device(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-@torch.library.custom_op("diffmamba::scan", mutates_args=())
-def scan_op(u: Tensor, delta: Tensor, z: Optional[Tensor], B: Tensor, C: Tensor, A: Tensor,
-            D: Optional[Tensor], dt_bias: Optional[Tensor], order: Optional[Tensor],
-            softplus: bool) -> tuple[Tensor, Tensor]:
+def _scan_impl(u, delta, z, B, C, A, D, dt_bias, order, softplus):
     """The scan on (batch, L, K, dim) views (see scan_fwd); returns (out, chunk states)."""
     with _device(u):
         out, states, _ = scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus)
     return out, states
 
 
-@scan_op.register_fake
-def _(u, delta, z, B, C, A, D, dt_bias, order, softplus):
+def _scan_fake(u, delta, z, B, C, A, D, dt_bias, order, softplus):
     batch, L, K, dim = u.shape
-    NP = max(triton.next_power_of_2(A.shape[-1]), 2)
-    n_chunks = triton.cdiv(L, _config(u, L)["CHUNK"])
+    NP = max(_next_power_of_2(A.shape[-1]), 2)
+    n_chunks = _cdiv(L, _config(u, L)["CHUNK"])
     return u.new_empty(batch, L, K, dim), u.new_empty(batch, K, dim, n_chunks, NP, dtype=torch.float32)
 
 
-@torch.library.custom_op("diffmamba::scan_backward", mutates_args=())
-def scan_backward_op(dout: Tensor, u: Tensor, delta: Tensor, z: Optional[Tensor], B: Tensor, C: Tensor,
-                     A: Tensor, D: Optional[Tensor], dt_bias: Optional[Tensor], order: Optional[Tensor],
-                     states: Tensor, softplus: bool) -> list[Tensor]:
+def _scan_backward_impl(dout, u, delta, z, B, C, A, D, dt_bias, order, states, softplus):
     """Gradients for u, delta, z, B, C, A, D, dt_bias (empty tensors where an input was None)."""
     none = lambda: u.new_empty(0)  # a new one each time: outputs must not alias each other
     with _device(u):
@@ -797,66 +814,91 @@ def scan_backward_op(dout: Tensor, u: Tensor, delta: Tensor, z: Optional[Tensor]
             none() if dD is None else dD, none() if dbias is None else dbias]
 
 
-@scan_backward_op.register_fake
-def _(dout, u, delta, z, B, C, A, D, dt_bias, order, states, softplus):
+def _scan_backward_fake(dout, u, delta, z, B, C, A, D, dt_bias, order, states, softplus):
     like = lambda x: u.new_empty(0) if x is None else x.new_empty(x.shape)
     return [u.new_empty(u.shape), delta.new_empty(u.shape), z.new_empty(u.shape) if z is not None else like(z),
             like(B), like(C), like(A), like(D), like(dt_bias)]
 
 
-def _scan_setup(ctx, inputs, output):
-    u, delta, z, B, C, A, D, dt_bias, order, softplus = inputs
-    ctx.softplus = softplus
-    ctx.save_for_backward(u, delta, z, B, C, A, D, dt_bias, order, output[1])
-
-
-def _scan_grad(ctx, dout, _dstates):
-    u, delta, z, B, C, A, D, dt_bias, order, states = ctx.saved_tensors
-    g = scan_backward_op(dout.contiguous(), u, delta, z, B, C, A, D, dt_bias, order, states, ctx.softplus)
-    keep = lambda i, x: None if x is None else g[i]
-    return (g[0], g[1], keep(2, z), g[3], g[4], g[5], keep(6, D), keep(7, dt_bias), None, None)
-
-
-scan_op.register_autograd(_scan_grad, setup_context=_scan_setup)
-
-
-@torch.library.custom_op("diffmamba::conv_silu", mutates_args=())
-def conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], order: Optional[Tensor]) -> Tensor:
+def _conv_impl(x, weight, bias, order):
     """silu(causal depthwise conv) along the order (see conv_fwd); returns a contiguous (batch, L, dim)."""
     with _device(x):
         return conv_fwd(x, weight, bias, order)
 
 
-@conv_op.register_fake
-def _(x, weight, bias, order):
+def _conv_fake(x, weight, bias, order):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("diffmamba::conv_silu_backward", mutates_args=())
-def conv_backward_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                     order: Optional[Tensor]) -> list[Tensor]:
+def _conv_backward_impl(dout, x, weight, bias, order):
     with _device(x):
         dx, dw, db = conv_bwd(dout, x, weight, bias, order)
     return [dx, dw.to(weight.dtype), x.new_empty(0) if db is None else db.to(bias.dtype)]
 
 
-@conv_backward_op.register_fake
-def _(dout, x, weight, bias, order):
+def _conv_backward_fake(dout, x, weight, bias, order):
     return [x.new_empty(x.shape), weight.new_empty(weight.shape),
             x.new_empty(0) if bias is None else bias.new_empty(bias.shape)]
 
 
-def _conv_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+for _name, _impl, _fake in (("scan", _scan_impl, _scan_fake),
+                            ("scan_backward", _scan_backward_impl, _scan_backward_fake),
+                            ("conv_silu", _conv_impl, _conv_fake),
+                            ("conv_silu_backward", _conv_backward_impl, _conv_backward_fake)):
+    # one implementation for every device: the kernels run on CUDA tensors, or on CPU ones in Triton's
+    # interpreter (the tests); autograd only through the functions below
+    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"diffmamba::{_name}", _fake, lib=_lib)
+
+scan_op = torch.ops.diffmamba.scan.default
+scan_backward_op = torch.ops.diffmamba.scan_backward.default
+conv_op = torch.ops.diffmamba.conv_silu.default
+conv_backward_op = torch.ops.diffmamba.conv_silu_backward.default
 
 
-def _conv_grad(ctx, dout):
-    x, weight, bias, order = ctx.saved_tensors
-    dx, dw, db = conv_backward_op(dout.contiguous(), x, weight, bias, order)
-    return dx, dw, db if bias is not None else None, None
+class _Scan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, z, B, C, A, D, dt_bias, order, softplus):
+        out, states = scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus)
+        ctx.softplus = softplus
+        ctx.save_for_backward(u, delta, z, B, C, A, D, dt_bias, order, states)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, z, B, C, A, D, dt_bias, order, states = ctx.saved_tensors
+        g = scan_backward_op(dout.contiguous(), u, delta, z, B, C, A, D, dt_bias, order, states,
+                             ctx.softplus)
+        keep = lambda i, x: None if x is None else g[i]
+        return g[0], g[1], keep(2, z), g[3], g[4], g[5], keep(6, D), keep(7, dt_bias), None, None
 
 
-conv_op.register_autograd(_conv_grad, setup_context=_conv_setup)
+class _Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, order):
+        ctx.save_for_backward(x, weight, bias, order)
+        return conv_op(x, weight, bias, order)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, order = ctx.saved_tensors
+        dx, dw, db = conv_backward_op(dout.contiguous(), x, weight, bias, order)
+        return dx, dw, db if bias is not None else None, None
+
+
+def scan(u, delta, z, B, C, A, D, dt_bias, order, softplus=True):
+    """The scan with autograd: u, delta, z (batch, L, K, dim) views, B, C (batch, L, K, N) views, A (K, dim,
+    N), D, dt_bias (K, dim) fp32 or None, order (K, L) int32 or None. Returns out (batch, L, K, dim)."""
+    if not torch.is_grad_enabled():  # sampling: the op alone, no autograd function around it
+        return scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus)[0]
+    return _Scan.apply(u, delta, z, B, C, A, D, dt_bias, order, softplus)
+
+
+def conv(x, weight, bias, order):
+    """silu(causal depthwise conv) along the order, with autograd: x (batch, L, dim), weight (dim, W)."""
+    if not torch.is_grad_enabled():
+        return conv_op(x, weight, bias, order)
+    return _Conv.apply(x, weight, bias, order)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -876,6 +918,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     lay = lambda x: None if x is None else x.reshape(batch, G, dim // G, L).permute(0, 3, 1, 2)
     bc = lambda M: (M if M.dim() == 4 else M[:, None]).permute(0, 3, 1, 2)  # (batch, L, G, N)
     par = lambda x: None if x is None else x.float().reshape(G, dim // G, *x.shape[1:]).contiguous()
-    out, _ = scan_op(lay(u), lay(delta), lay(z), bc(B), bc(C), par(A), par(D), par(delta_bias), None,
-                     bool(delta_softplus))
+    out = scan(lay(u), lay(delta), lay(z), bc(B), bc(C), par(A), par(D), par(delta_bias), None,
+               bool(delta_softplus))
     return out.permute(0, 2, 3, 1).reshape(batch, dim, L)
