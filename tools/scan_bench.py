@@ -333,6 +333,11 @@ SWEEP = {"fwd": [(32, 4, 1), (32, 4, 1, 128), (16, 4, 1), (16, 4, 1, 128), (16, 
                  (16, 8, 1), (16, 8, 1, 128)],
          "bwd": [(16, 4, 1), (16, 4, 1, 168), (16, 4, 1, 128), (16, 2, 1), (16, 2, 1, 128), (8, 4, 1),
                  (8, 4, 1, 128), (8, 8, 1), (32, 2, 1), (16, 4, 2)]}
+# the forward with narrow channel blocks and no segments (segment target 1): enough programs without the
+# segment summaries, which take 42% of the forward at DiM-L/2's 1024 px shape (README, session 13), for
+# more per-lane work on (step, channel) values. (Not the backward: its dB/dC sums over a block's channels
+# would become BD-times more atomics.)
+FWD_UNSEGMENTED = [(8, 8, 1), (4, 8, 1), (4, 4, 1), (2, 8, 1)]
 
 
 def sweep_one(x, which, cfg, chunk, target):
@@ -377,6 +382,8 @@ if args.sweep and has_triton:
             best = min(space, key=run)
             for chunk, target in ((32, None), (128, None), (None, 16), (None, 32)):
                 run(best, chunk or ssm_triton.CHUNK, target or ssm_triton.SEGMENT_TARGET)
+            for cfg in FWD_UNSEGMENTED if which == "fwd" else []:
+                run(cfg, target=1)
         del x
 
 # -----------------------------------------------------------------------------
