@@ -66,6 +66,17 @@ def perturb():
 
 
 @pytest.fixture
+def traced_compile(monkeypatch):
+    """torch.compile with backend aot_eager for the test: Dynamo and AOT autograd trace as usual, the graphs
+    run eagerly (Inductor's C++ build of each shape costs tens of seconds on a CPU). Returns the list of
+    functions compiled."""
+    compiled, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: compiled.append(fn) or compile(fn, backend="aot_eager"))
+    return compiled
+
+
+@pytest.fixture
 def relative_error():
     """max |a - b| / max |b|."""
     return lambda a, b: ((a - b).abs().max() / b.abs().max()).item()

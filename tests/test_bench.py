@@ -31,12 +31,10 @@ def oom_family(monkeypatch):
 
 
 # --compile dit (DiT through torch.compile) in one mode; the other mode runs every model eager, as the
-# code path of compilation is the same in both. Dynamo and AOT autograd trace as usual, but the graphs run
-# eagerly (backend aot_eager): Inductor's C++ build of each shape took most of this test's minute on CI.
+# code path of compilation is the same in both. traced_compile (conftest): Inductor's C++ build of each
+# shape took most of this test's minute on CI.
 @pytest.mark.parametrize("mode, compile", [("train", "dit"), ("sample", "none")])
-def test_bench_cpu_tiny(tmp_path, capsys, monkeypatch, oom_family, mode, compile):
-    compile_traced = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_traced(fn, backend="aot_eager"))
+def test_bench_cpu_tiny(tmp_path, capsys, traced_compile, oom_family, mode, compile):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     bench.main(["--models", "dim,dit,oom", "--size", "T", "--res", "32,64", "--batch", "2,1",
                 "--repeats", "1", "--warmup", "0", "--mode", mode, "--compile", compile, "--out",

@@ -163,19 +163,16 @@ def test_sample_grid_and_images(trained, tmp_path):
     assert a.size == (12, 12) and a.tobytes() == b.tobytes()
 
 
-def test_compiled_sampling_matches_eager(trained, tmp_path, monkeypatch):
-    # --compile blocks (GPU's default) on the trained size and an upsampled one (a second shape);
-    # Dynamo and AOT autograd trace as on the GPU, the graphs run eagerly (aot_eager: no C++ build)
-    compile_traced, compiled = torch.compile, []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn)
-                        or compile_traced(fn, backend="aot_eager"))
+def test_compiled_sampling_matches_eager(trained, tmp_path, traced_compile):
+    # --compile blocks (auto's choice on a GPU) on the trained size and an upsampled one (a second
+    # shape); traced as on the GPU, run eagerly (conftest.traced_compile)
     for res in (8, 16):
         images = {mode: run_sample("--ckpt", trained, "--res", res, "--steps", 3, "--num-samples", 2,
                                    "--compile", mode, "--format", "npz", "--out", tmp_path / mode)
                   for mode in ("none", "blocks")}
         assert images["none"].shape == (2, 1, res, res)
         assert (images["blocks"].int() - images["none"].int()).abs().max() <= 1
-    assert len(compiled) == 2 * len(build_model(MODEL, input_size=8, in_channels=1).blocks)
+    assert len(traced_compile) == 2 * len(build_model(MODEL, input_size=8, in_channels=1).blocks)
 
 
 def test_errors(trained, tmp_path, fake_fmnist, image_folder):
