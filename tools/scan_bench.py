@@ -15,7 +15,8 @@ and parity of ssm.Mamba with mamba-ssm's module.
    the whole job as the models run it. Ours: ssm.mamba_scan on the (b, L, dim) views that the linear
    layers produce, in DiM's column order. mamba-ssm: gather into scan order, (b, dim, L) and (b, N, L)
    contiguous copies, its kernel, transpose and scatter back; and its kernel alone. With the fraction
-   of the exponential-bound floor (one exp per state update forward, three forward + backward).
+   of the exponential-bound floor (one exp per state update forward, three forward + backward). Then the
+   causal conv + SiLU at the same shapes: its kernels' time and bandwidth, and cuDNN's conv1d for scale.
 4. Speed and memory of every backend across lengths in selective_scan's (b, dim, L) layout.
 
 Timing: median of CUDA-event timings after warm-up, with the L2 cache flushed before every
@@ -36,6 +37,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 p = argparse.ArgumentParser()
 p.add_argument("--smoke", action="store_true",
@@ -428,6 +430,44 @@ if has_triton:
               f"| {fmt(ratio('ours_fwd', 'kernel_fwd'), '.2f')}x / {fmt(ratio('ours_fb', 'kernel_fb'), '.2f')}x "
               f"| {fmt(row.get('ours_gb'), '.2f')} / {fmt(row.get('job_gb'), '.2f')} "
               f"| {fmt(ratio('floor_fwd', 'ours_fwd'), '.0%')} / {fmt(ratio('floor_fb', 'ours_fb'), '.0%')} |")
+        torch.cuda.empty_cache() if dev == "cuda" else None
+
+# the causal conv + SiLU at the same shapes (its own kernels, ssm_triton.conv), against cuDNN's depthwise
+# conv1d + SiLU on ready (b, dim, L) inputs; GB/s counts the bytes a pass must move at least (forward:
+# x in, out; backward: x and dout in, dx out)
+results["conv"] = []
+if has_triton:
+    print(f"\n## The causal conv + SiLU (width 4) at the models' shapes, bf16, DiM's column order "
+          f"({results['device']})\n")
+    print("| shape (b, dim, L) | ours fwd / fwd+bwd ms | ours GB/s fwd / bwd | cuDNN conv1d + SiLU fwd / fwd+bwd ms |")
+    print("|---|---|---|---|")
+    for label, b, d, L in SHAPES:
+        x = token_inputs(b, d, L)
+        g = torch.Generator(device=dev).manual_seed(1)
+        w = (0.3 * torch.randn(d, 4, device=dev, generator=g)).requires_grad_()
+        bias = torch.randn(d, device=dev, generator=g).requires_grad_()
+        u = x["u"].detach().requires_grad_()
+        order = x["order"].int()
+        dy = torch.randn_like(x["u"])
+        ref_in = x["u"].transpose(1, 2).contiguous().requires_grad_()
+        ref_w = w.detach().to(torch.bfloat16)[:, None].requires_grad_()
+        ref_b = bias.detach().to(torch.bfloat16).requires_grad_()
+
+        def ref():
+            return F.silu(F.conv1d(ref_in, ref_w, ref_b, padding=3, groups=d)[..., :L])
+
+        row = dict(shape=label, b=b, dim=d, L=L)
+        row["fwd"] = time_ms(lambda: ssm_triton.conv(u, w, bias, order))
+        row["fb"] = time_ms(lambda: torch.autograd.grad(ssm_triton.conv(u, w, bias, order), [u, w, bias], dy))
+        row["cudnn_fwd"] = time_ms(ref)
+        row["cudnn_fb"] = time_ms(lambda: torch.autograd.grad(ref(), [ref_in, ref_w, ref_b], dy.transpose(1, 2)))
+        unit = b * L * d * 2 / 1e9  # GB of one bf16 (b, L, dim) tensor
+        row["gbps_fwd"] = 2 * unit / row["fwd"] * 1e3
+        row["gbps_bwd"] = 3 * unit / max(row["fb"] - row["fwd"], 1e-6) * 1e3
+        results["conv"].append(row)
+        print(f"| {label} ({b}, {d}, {L}) | {fmt(row['fwd'])} / {fmt(row['fb'])} | {fmt(row['gbps_fwd'], '.0f')} / "
+              f"{fmt(row['gbps_bwd'], '.0f')} | {fmt(row['cudnn_fwd'])} / {fmt(row['cudnn_fb'])} |")
+        del x, ref_in
         torch.cuda.empty_cache() if dev == "cuda" else None
 
 # -----------------------------------------------------------------------------
