@@ -432,14 +432,15 @@ if has_triton:
               f"| {fmt(ratio('floor_fwd', 'ours_fwd'), '.0%')} / {fmt(ratio('floor_fb', 'ours_fb'), '.0%')} |")
         torch.cuda.empty_cache() if dev == "cuda" else None
 
-# the causal conv + SiLU at the same shapes (its own kernels, ssm_triton.conv), against cuDNN's depthwise
-# conv1d + SiLU on ready (b, dim, L) inputs; GB/s counts the bytes a pass must move at least (forward:
-# x in, out; backward: x and dout in, dx out)
+# the causal conv + SiLU at the same shapes (its own kernels, ssm_triton.conv), against cuDNN's
+# depthwise conv1d + SiLU on ready (b, dim, L) inputs; GB/s counts the bytes a pass must move at
+# least (forward: x in, out; backward: x and dout in, dx out)
 results["conv"] = []
 if has_triton:
     print(f"\n## The causal conv + SiLU (width 4) at the models' shapes, bf16, DiM's column order "
           f"({results['device']})\n")
-    print("| shape (b, dim, L) | ours fwd / fwd+bwd ms | ours GB/s fwd / bwd | cuDNN conv1d + SiLU fwd / fwd+bwd ms |")
+    print("| shape (b, dim, L) | ours fwd / fwd+bwd ms | ours GB/s fwd / bwd "
+          "| cuDNN conv1d + SiLU fwd / fwd+bwd ms |")
     print("|---|---|---|---|")
     for label, b, d, L in SHAPES:
         x = token_inputs(b, d, L)
@@ -458,15 +459,18 @@ if has_triton:
 
         row = dict(shape=label, b=b, dim=d, L=L)
         row["fwd"] = time_ms(lambda: ssm_triton.conv(u, w, bias, order))
-        row["fb"] = time_ms(lambda: torch.autograd.grad(ssm_triton.conv(u, w, bias, order), [u, w, bias], dy))
+        row["fb"] = time_ms(lambda: torch.autograd.grad(ssm_triton.conv(u, w, bias, order),
+                                                        [u, w, bias], dy))
         row["cudnn_fwd"] = time_ms(ref)
-        row["cudnn_fb"] = time_ms(lambda: torch.autograd.grad(ref(), [ref_in, ref_w, ref_b], dy.transpose(1, 2)))
+        row["cudnn_fb"] = time_ms(lambda: torch.autograd.grad(ref(), [ref_in, ref_w, ref_b],
+                                                              dy.transpose(1, 2)))
         unit = b * L * d * 2 / 1e9  # GB of one bf16 (b, L, dim) tensor
         row["gbps_fwd"] = 2 * unit / row["fwd"] * 1e3
         row["gbps_bwd"] = 3 * unit / max(row["fb"] - row["fwd"], 1e-6) * 1e3
         results["conv"].append(row)
-        print(f"| {label} ({b}, {d}, {L}) | {fmt(row['fwd'])} / {fmt(row['fb'])} | {fmt(row['gbps_fwd'], '.0f')} / "
-              f"{fmt(row['gbps_bwd'], '.0f')} | {fmt(row['cudnn_fwd'])} / {fmt(row['cudnn_fb'])} |")
+        print(f"| {label} ({b}, {d}, {L}) | {fmt(row['fwd'])} / {fmt(row['fb'])} "
+              f"| {fmt(row['gbps_fwd'], '.0f')} / {fmt(row['gbps_bwd'], '.0f')} "
+              f"| {fmt(row['cudnn_fwd'])} / {fmt(row['cudnn_fb'])} |")
         del x, ref_in
         torch.cuda.empty_cache() if dev == "cuda" else None
 
