@@ -40,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit import LabelEmbedder, TimestepEmbedder
-from ssm import count_scan_flops, init_dt_A_D, mamba_scan, recompute_around_scan, token_backend
+from ssm import (count_scan_flops, init_dt_A_D, mamba_scan, recompute_around_scan, scan_dtype,
+                 token_backend)
 
 
 def modulate(x, shift, scale):
@@ -182,11 +183,10 @@ class SS2D(nn.Module):
     def forward(self, x):
         """x: (B, H, W, dim) -> (B, H, W, dim)."""
         # with the Triton scan only x and the scans' output are kept for the backward: in_proj,
-        # the conv, the projections, the fp32 copies, the sum, out_norm, the gate and out_proj run
-        # again (ssm.recompute_around_scan); checked in the scan's dtype, fp32 or wider, outside
-        # the region
-        fp32_or_wider = lambda t: torch.promote_types(t.dtype, torch.float32)  # SS2D scans in fp32
-        if token_backend(x, self.d_state, dtype_of=fp32_or_wider) == "triton":
+        # the conv, the projections, the sum, out_norm, the gate and out_proj run again
+        # (ssm.recompute_around_scan); the kernel is checked in the dtype it reads (the
+        # projections', autocast's where it is on), outside the region
+        if token_backend(x, self.d_state, dtype_of=scan_dtype) == "triton":
             return recompute_around_scan(self.mix, x)
         return self.mix(x)
 
@@ -223,12 +223,16 @@ class SS2D(nn.Module):
         dt_proj = F.pad(self.dt_projs_weight, (0, Rp - R))
         dts = torch.einsum("blkr,kdr->blkd", dts, dt_proj)                             # (B, L, K, D)
         # the four snake scans in one call, each reading the tokens through its path and writing
-        # every output back to the pixel it was read from; in fp32 (as the official code forces) or
-        # higher, so a float64 model stays float64
-        f = lambda a: a.to(torch.promote_types(x.dtype, torch.float32))
-        return mamba_scan(f(x), f(dts), -torch.exp(f(self.A_logs)).view(K, D, N), f(Bs), f(Cs),
+        # every output back to the pixel it was read from; in fp32, as the official code forces (or
+        # higher: a float64 model stays float64). out_dtype says so: the Triton kernel reads the
+        # bf16 activations as they are and scans in fp32 (the same numbers as fp32 copies of them,
+        # without the copies: at 2048 px those of dts alone are 512 MiB a layer)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        f = lambda a: a.to(wide)
+        return mamba_scan(x, dts, -torch.exp(f(self.A_logs)).view(K, D, N), Bs, Cs,
                           # (B, L, K, D)
-                          f(self.Ds).view(K, D), dt_bias=f(self.dt_projs_bias), order=paths)
+                          f(self.Ds).view(K, D), dt_bias=f(self.dt_projs_bias), order=paths,
+                          out_dtype=wide)
 
 
 class WindowAttention(nn.Module):

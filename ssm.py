@@ -564,12 +564,15 @@ def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=CHUNK,
     return torch.stack(outs, 2)
 
 
-def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, backend=None):
+def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, backend=None, out_dtype=None):
     """The selective scan (softplus on delta + dt_bias) in the token layout the linear layers use.
     u, delta, z: (batch, L, dim), or (batch, L, K, dim) for K directions (u or z may stay 3-D: shared by all);
     B, C: (batch, L, N) or (batch, L, K, N), e.g. views of x_proj's output; A: (dim, N) or (K, dim, N) fp32;
     D, dt_bias: (dim,) or (K, dim) fp32; order: None (scan in storage order), an (L,) or (K, L) integer table
-    of the token read at each scan step. Returns (batch, L, dim) or (batch, L, K, dim) in u's dtype.
+    of the token read at each scan step. Returns (batch, L, dim) or (batch, L, K, dim) in out_dtype (default
+    u's dtype). A wider out_dtype means the scan of the inputs converted to it (LaMamba's SS2D scans bf16
+    activations in fp32): the Triton kernel computes in fp32 whatever it reads, so it takes the inputs as
+    they are, with no converted copies (nor converted gradients) in memory; the other paths convert them.
     On a GPU this is one Triton kernel (ssm_triton.py) with no copy around it; on a CPU each direction is
     gathered into scan order and run by the C kernel (ssm_cpu.py) or ChunkedScan (scan_torch_tokens), both
     recomputing in the backward instead of storing their (.., L, N) intermediates."""
@@ -580,7 +583,8 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
         for counter in _flop_counters:
             counter.macs += batch * L * K * A.shape[-2] * (9 * A.shape[-1] + 1 + (z is not None))
             counter.calls += K
-        return u.new_zeros(batch, L, A.shape[-2]) if single else u.new_zeros(batch, L, K, A.shape[-2])
+        shape = (batch, L, A.shape[-2]) if single else (batch, L, K, A.shape[-2])
+        return u.new_zeros(shape, dtype=out_dtype or u.dtype)
 
     def four(x):  # (batch, L, ch) -> (batch, L, K, ch) without copying
         if x is None or x.dim() == 4:
@@ -594,8 +598,10 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     u, delta, z, B, C = four(u), four(delta), four(z), four(B), four(C)
     A, D, dt_bias = param(A), param(D), param(dt_bias)
     which = token_backend(u, A.shape[-1], backend)
+    if which != "triton" and out_dtype is not None:
+        u, delta, z, B, C = (None if x is None else x.to(out_dtype) for x in (u, delta, z, B, C))
     if which == "triton":
-        out = ssm_triton.scan(u, delta, z, B, C, A, D, dt_bias, order)
+        out = ssm_triton.scan(u, delta, z, B, C, A, D, dt_bias, order, out_dtype=out_dtype)
     elif which in ("cpu", "torch"):  # the C kernel or ChunkedScan: no (.., L, N) tensor kept for the backward
         out = scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, kernel=which == "cpu")
     else:  # mamba-ssm's kernel (the whole job: gathers and transposes included), or the loop

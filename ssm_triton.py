@@ -570,10 +570,11 @@ def _multiprocessors(index):
     return torch.cuda.get_device_properties(index).multi_processor_count  # once per GPU, not per call
 
 
-def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True):
+def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=None):
     """u, delta, z: (batch, L, K, dim) views; B, C: (batch, L, K, N) views; A: (K, dim, N) fp32; D, dt_bias:
-    (K, dim) fp32 or None; order: (K, L) int32 or None. Returns out (batch, L, K, dim), the fp32 states at
-    chunk borders and the chunk length."""
+    (K, dim) fp32 or None; order: (K, L) int32 or None. Returns out (batch, L, K, dim) in out_dtype (default
+    u's), the fp32 states at chunk borders and the chunk length. Every input is read in its own dtype and
+    the scan runs in fp32 whatever the dtypes."""
     batch, L, K, dim = u.shape
     N = A.shape[-1]
     NP = max(_next_power_of_2(N), 2)
@@ -581,7 +582,7 @@ def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True):
     n_chunks = _cdiv(L, cfg["CHUNK"])
     n_db = _cdiv(dim, cfg["BD"])
     n_seg, seg_chunks = _segments(batch, K, n_db, n_chunks, u.device)
-    out = torch.empty(batch, L, K, dim, device=u.device, dtype=u.dtype)
+    out = torch.empty(batch, L, K, dim, device=u.device, dtype=out_dtype or u.dtype)
     states = torch.empty(batch, K, dim, n_chunks, NP, device=u.device, dtype=torch.float32)
     split = batch * K * n_seg * dim * NP
     summary = torch.empty(split + batch * K * n_seg * dim if n_seg > 1 else 1, device=u.device,
@@ -775,7 +776,8 @@ def conv_bwd(dout, x, weight, bias, order):
 
 _lib = torch.library.Library("diffmamba", "FRAGMENT")  # kept: the ops live as long as it does
 _lib.define("scan(Tensor u, Tensor delta, Tensor? z, Tensor B, Tensor C, Tensor A, Tensor? D, "
-            "Tensor? dt_bias, Tensor? order, bool softplus) -> (Tensor, Tensor)")
+            "Tensor? dt_bias, Tensor? order, bool softplus, ScalarType? out_dtype=None) "
+            "-> (Tensor, Tensor)")
 _lib.define("scan_backward(Tensor dout, Tensor u, Tensor delta, Tensor? z, Tensor B, Tensor C, Tensor A, "
             "Tensor? D, Tensor? dt_bias, Tensor? order, Tensor states, bool softplus) -> Tensor[]")
 _lib.define("conv_silu(Tensor x, Tensor weight, Tensor? bias, Tensor? order) -> Tensor")
@@ -787,18 +789,19 @@ def _device(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _scan_impl(u, delta, z, B, C, A, D, dt_bias, order, softplus):
+def _scan_impl(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype=None):
     """The scan on (batch, L, K, dim) views (see scan_fwd); returns (out, chunk states)."""
     with _device(u):
-        out, states, _ = scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus)
+        out, states, _ = scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype)
     return out, states
 
 
-def _scan_fake(u, delta, z, B, C, A, D, dt_bias, order, softplus):
+def _scan_fake(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype=None):
     batch, L, K, dim = u.shape
     NP = max(_next_power_of_2(A.shape[-1]), 2)
     n_chunks = _cdiv(L, _config(u, L)["CHUNK"])
-    return u.new_empty(batch, L, K, dim), u.new_empty(batch, K, dim, n_chunks, NP, dtype=torch.float32)
+    return (u.new_empty(batch, L, K, dim, dtype=out_dtype or u.dtype),
+            u.new_empty(batch, K, dim, n_chunks, NP, dtype=torch.float32))
 
 
 def _scan_backward_impl(dout, u, delta, z, B, C, A, D, dt_bias, order, states, softplus):
@@ -859,8 +862,8 @@ conv_backward_op = torch.ops.diffmamba.conv_silu_backward.default
 
 class _Scan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, z, B, C, A, D, dt_bias, order, softplus):
-        out, states = scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus)
+    def forward(ctx, u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype):
+        out, states = scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype)
         ctx.softplus = softplus
         ctx.save_for_backward(u, delta, z, B, C, A, D, dt_bias, order, states)
         return out
@@ -871,7 +874,7 @@ class _Scan(torch.autograd.Function):
         g = scan_backward_op(dout.contiguous(), u, delta, z, B, C, A, D, dt_bias, order, states,
                              ctx.softplus)
         keep = lambda i, x: None if x is None else g[i]
-        return g[0], g[1], keep(2, z), g[3], g[4], g[5], keep(6, D), keep(7, dt_bias), None, None
+        return g[0], g[1], keep(2, z), g[3], g[4], g[5], keep(6, D), keep(7, dt_bias), None, None, None
 
 
 class _Conv(torch.autograd.Function):
@@ -887,12 +890,13 @@ class _Conv(torch.autograd.Function):
         return dx, dw, db if bias is not None else None, None
 
 
-def scan(u, delta, z, B, C, A, D, dt_bias, order, softplus=True):
+def scan(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=None):
     """The scan with autograd: u, delta, z (batch, L, K, dim) views, B, C (batch, L, K, N) views, A (K, dim,
-    N), D, dt_bias (K, dim) fp32 or None, order (K, L) int32 or None. Returns out (batch, L, K, dim)."""
+    N), D, dt_bias (K, dim) fp32 or None, order (K, L) int32 or None. Returns out (batch, L, K, dim) in
+    out_dtype (default u's); the gradients come back in their inputs' dtypes."""
     if not torch.is_grad_enabled():  # sampling: the op alone, no autograd function around it
-        return scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus)[0]
-    return _Scan.apply(u, delta, z, B, C, A, D, dt_bias, order, softplus)
+        return scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype)[0]
+    return _Scan.apply(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype)
 
 
 def conv(x, weight, bias, order):

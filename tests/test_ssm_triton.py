@@ -257,6 +257,37 @@ def _mixer_case():
     return errs
 
 
+def _out_dtype_case():
+    """mamba_scan with bf16 inputs and out_dtype=fp32 (LaMamba's SS2D under autocast) on the kernel: the
+    output equals the scan of fp32 copies of the same inputs bit for bit, and each gradient is that
+    scan's gradient rounded to bf16 (the kernel reads the bf16 values, scans in fp32 either way)."""
+    import ssm
+    g = torch.Generator().manual_seed(3)
+    batch, L, K, dim, N = 1, 11, 2, 4, 2
+    r = lambda *s: torch.randn(*s, generator=g).to(torch.bfloat16)
+    inputs = [r(batch, L, K, dim), r(batch, L, K, dim), r(batch, L, K, N), r(batch, L, K, N)]
+    A = -torch.rand(K, dim, N, generator=g) - 0.5
+    D, bias = torch.randn(K, dim, generator=g), torch.randn(K, dim, generator=g)
+    order = torch.stack([torch.randperm(L, generator=g) for _ in range(K)])
+    dout = torch.randn(batch, L, K, dim, generator=g)
+    runs = []
+    for wide in (False, True):
+        leaves = [(t.float() if wide else t).requires_grad_(True) for t in inputs]
+        u, delta, B, C = leaves
+        out = ssm.mamba_scan(u, delta, A, B, C, D, dt_bias=bias, order=order, backend="triton",
+                             out_dtype=torch.float32)
+        runs.append((out, torch.autograd.grad(out, leaves, dout)))
+    (out16, g16), (out32, g32) = runs
+    errs = {"out dtype": float(out16.dtype != torch.float32), "out": (out16 - out32).abs().max().item()}
+    errs.update({f"grad {i} dtype": float(a.dtype != torch.bfloat16) for i, a in enumerate(g16)})
+    # in units of bf16's rounding step at each value: within one (the kernel's conversion on store may
+    # round differently from torch's .to(), e.g. in the interpreter)
+    ulp = lambda b: torch.finfo(torch.bfloat16).eps * b.abs().clamp_min(1e-30)
+    errs.update({f"grad {i}": ((a.float() - b).abs() / ulp(b)).max().item()
+                 for i, (a, b) in enumerate(zip(g16, g32))})
+    return errs
+
+
 def _branches_case():
     # BiDiM's two branches and LaMamba's four snake scans on the Triton path, with recompute_around_scan
     # (each keeps its scan's output only): output and every gradient equal to the float64 loop's. Their
@@ -300,6 +331,7 @@ def _worker():
     for name, *case in CONV_CASES:
         results["conv: " + name] = _conv_case(*case)
     results["ops"] = _ops_case()
+    results["out_dtype"] = _out_dtype_case()
     results["mixer"] = _mixer_case()
     results["branches"] = _branches_case()
     print(json.dumps(results))
@@ -321,6 +353,13 @@ def test_scan_kernel_matches_float64_reference(interpreted, name):
 def test_conv_kernel_matches_float64_reference(interpreted, name):
     errs = interpreted["conv: " + name]
     assert max(errs.values()) < TOL, errs
+
+
+def test_bf16_inputs_scanned_to_fp32_equal_fp32_copies(interpreted):
+    errs = interpreted["out_dtype"]
+    grads = [v for k, v in errs.items() if k.startswith("grad ") and "dtype" not in k]
+    assert len(errs) == 10 and errs["out"] == 0.0 and max(grads) <= 1.0, errs
+    assert max(v for k, v in errs.items() if "dtype" in k) == 0.0, errs
 
 
 def test_ops_pass_opcheck_and_grouped_interface_matches(interpreted):
