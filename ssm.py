@@ -564,7 +564,8 @@ def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=CHUNK,
     return torch.stack(outs, 2)
 
 
-def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, backend=None, out_dtype=None):
+def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, backend=None,
+               out_dtype=None):
     """The selective scan (softplus on delta + dt_bias) in the token layout the linear layers use.
     u, delta, z: (batch, L, dim), or (batch, L, K, dim) for K directions (u or z may stay 3-D: shared by all);
     B, C: (batch, L, N) or (batch, L, K, N), e.g. views of x_proj's output; A: (dim, N) or (K, dim, N) fp32;
