@@ -7,15 +7,16 @@ backward, per token, as a GPU runs the step.
 The step is run as on a GPU: the Triton scan and conv ops (their kernels replaced by stand-ins that
 return zeros of the right shapes: only shapes matter here), bf16 autocast, each model compiled as
 tools/bench.py compiles it (Mamba models per block, DiT whole; LaMamba not at all, as measured) with the
-partitioner Inductor uses (torch.compile's "aot_eager_decomp_partition" backend: the same choice of
-what to keep and what to recompute, without generating code). A saved-tensor hook counts every
-distinct storage the step keeps, parameters excluded. Two small grids give the bytes per token (the
-difference), which scale to the target resolution's tokens; weights, gradients and AdamW's two moments
-add 16 bytes a parameter. What this misses: tensors that live only during the backward (gradients of
-activations, recomputed regions, workspaces), and the CPU's autocast lists, which differ from CUDA's in
-a few ops. Checked against torch.cuda.max_memory_allocated on an H200 at 2048 px (README, Speed,
-session 14): 1-8% above the measured peak for DiT-L/2, DiM-L/2, BiDiM-L/2 and DiMSUM-L/2; 27% below it
-for LaMamba-L, whose peak comes from the backward's temporaries at full latent resolution.
+partitioner Inductor uses (torch.compile's "aot_eager_decomp_partition" backend: the same choice of what
+to keep and what to recompute, without generating code). A saved-tensor hook counts every distinct
+storage the step keeps, parameters excluded. Two small grids give the bytes per token (the difference),
+which scale to the target resolution's tokens; weights, gradients and AdamW's two moments add 16 bytes a
+parameter (4 a frozen one) of the model built for that resolution. What this misses: tensors that live
+only during the backward (gradients of activations, recomputed regions, workspaces), and the CPU's
+autocast lists, which differ from CUDA's in a few ops. Checked against torch.cuda.max_memory_allocated
+on an H200 at 2048 px (README, Speed, session 14): 1-8% above the measured peak for DiT-L/2, DiM-L/2,
+BiDiM-L/2 and DiMSUM-L/2; 27% below it for LaMamba-L, whose peak comes from the backward's temporaries
+at full latent resolution.
 """
 import argparse
 import contextlib
@@ -28,7 +29,8 @@ import ssm_triton
 from models import MODELS, compile_blocks, fastest_compile
 from tools.bench import LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR, resolve
 
-BYTES_PER_PARAMETER = 16  # fp32 weight, its gradient, AdamW's two moments
+# fp32 weight, its gradient and AdamW's two moments; a frozen parameter only its weight
+BYTES_PER_PARAMETER, BYTES_PER_FROZEN_PARAMETER = 16, 4
 
 
 @contextlib.contextmanager
@@ -98,14 +100,18 @@ def kept_bytes(name, grid, compile_mode):
 
 def estimate(name, res, grids=(32, 64)):
     """Kept bytes per latent pixel from two grids, scaled to res (pixels, a res / 8 latent), plus the
-    parameters' 16 bytes each. Returns a dict (GiB)."""
+    parameters of the model built for res (position tables grow with the grid): 16 bytes each, 4 for
+    a frozen one. Returns a dict (GiB)."""
     with torch.device("meta"):
-        mode = fastest_compile(MODELS[name](input_size=grids[0]))
-    mode = "none" if name.startswith("LaMamba") else mode  # as measured: its training is not compiled
-    (small, params), (large, _) = (kept_bytes(name, g, mode) for g in grids)
+        model = MODELS[name](input_size=res // VAE_FACTOR, in_channels=LATENT_CHANNELS,
+                             num_classes=NUM_CLASSES)
+    mode = "none" if name.startswith("LaMamba") else fastest_compile(model)  # LaMamba: as measured
+    params = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    small, large = (kept_bytes(name, g, mode)[0] for g in grids)
     per_pixel = (large - small) / (grids[1] ** 2 - grids[0] ** 2)
     activations = per_pixel * (res // VAE_FACTOR) ** 2 / 2 ** 30
-    weights = BYTES_PER_PARAMETER * params / 2 ** 30
+    weights = (BYTES_PER_PARAMETER * (params - frozen) + BYTES_PER_FROZEN_PARAMETER * frozen) / 2 ** 30
     return dict(model=name, res=res, compiled=mode, grids=list(grids),
                 kept_bytes_per_latent_pixel=per_pixel, activations_gib=activations,
                 params_M=params / 1e6, weights_and_adamw_gib=weights, estimate_gib=activations + weights)
