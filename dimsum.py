@@ -232,9 +232,12 @@ class CrossAttentionFusion(nn.Module):
         """x1, x2: (N, L, D/2) -> (N, L, D)."""
         q1, k1, v1 = split_heads(self.qkv1(x1), self.num_heads)
         q2, k2, v2 = split_heads(self.qkv2(x2), self.num_heads)
-        x12 = F.scaled_dot_product_attention(q1, k2, v2)
-        x21 = F.scaled_dot_product_attention(q2, k1, v1)
-        return self.proj(torch.cat([merge_heads(x12), merge_heads(x21)], dim=-1))
+        x12 = merge_heads(F.scaled_dot_product_attention(q1, k2, v2))  # (N, L, D/2)
+        x21 = merge_heads(F.scaled_dot_product_attention(q2, k1, v1))
+        # proj of [x12, x21] as two products: no concatenated (N, L, D) copy, which the backward
+        # would keep besides the attention outputs it keeps anyway
+        w, half = self.proj.weight, x12.shape[-1]
+        return F.linear(x12, w[:, :half], self.proj.bias) + F.linear(x21, w[:, half:])
 
 
 #################################################################################
