@@ -95,7 +95,7 @@ def kept_bytes(name, grid, compile_mode):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             net(x, t, y)
     torch._dynamo.reset()  # the next model's blocks compile afresh
-    return sum(kept.values()), sum(p.numel() for p in model.parameters())
+    return sum(kept.values())
 
 
 def estimate(name, res, grids=(32, 64)):
@@ -108,7 +108,7 @@ def estimate(name, res, grids=(32, 64)):
     mode = "none" if name.startswith("LaMamba") else fastest_compile(model)  # LaMamba: as measured
     params = sum(p.numel() for p in model.parameters())
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    small, large = (kept_bytes(name, g, mode)[0] for g in grids)
+    small, large = (kept_bytes(name, g, mode) for g in grids)
     per_pixel = (large - small) / (grids[1] ** 2 - grids[0] ** 2)
     activations = per_pixel * (res // VAE_FACTOR) ** 2 / 2 ** 30
     weights = (BYTES_PER_PARAMETER * (params - frozen) + BYTES_PER_FROZEN_PARAMETER * frozen) / 2 ** 30
