@@ -27,7 +27,7 @@ import torch
 
 import ssm_triton
 from models import MODELS, compile_blocks, fastest_compile
-from tools.bench import LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR, resolve
+from tools.bench import LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR, resolve, timesteps
 
 # fp32 weight, its gradient and AdamW's two moments; a frozen parameter only its weight
 BYTES_PER_PARAMETER, BYTES_PER_FROZEN_PARAMETER = 16, 4
@@ -90,7 +90,7 @@ def kept_bytes(name, grid, compile_mode):
         return t
 
     x = torch.randn(1, LATENT_CHANNELS, grid, grid)
-    t, y = torch.rand(1) * 0.999, torch.randint(0, NUM_CLASSES, (1,))
+    t, y = timesteps(model, 1, "cpu"), torch.randint(0, NUM_CLASSES, (1,))
     with stand_in_kernels(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             net(x, t, y)
