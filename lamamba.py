@@ -197,14 +197,13 @@ class SS2D(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)                                       # (B, H, W, D)
         # (K, L)
         paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)
-        ys = self.scans(x, paths)                                                     # (B, L, K, D)
-        # the four summed
-        y = self.out_norm(ys.sum(2)).view(B, H, W, self.d_inner).to(z.dtype)
+        y = self.scans(x, paths)                                     # (B, L, D): the four summed
+        y = self.out_norm(y).view(B, H, W, self.d_inner).to(z.dtype)
         return self.out_proj(y * F.silu(z))
 
     def scans(self, x, paths):
-        """x: (B, H, W, D), in_proj's half; paths: (K, H*W) snake orders -> the four scans' outputs
-        (B, H*W, K, D), in fp32."""
+        """x: (B, H, W, D), in_proj's half; paths: (K, H*W) snake orders -> the sum of the four scans'
+        outputs, (B, H*W, D), in fp32 (the official cross-merge adds them before out_norm)."""
         B, H, W, _ = x.shape
         D, R, K, N, L = self.d_inner, self.dt_rank, self.K, self.d_state, H * W
         # the depthwise conv reads and writes channels-last memory, so the tokens stay (B, L, D)
@@ -226,13 +225,14 @@ class SS2D(nn.Module):
         # every output back to the pixel it was read from; in fp32, as the official code forces (or
         # higher: a float64 model stays float64). out_dtype says so: the Triton kernel reads the
         # bf16 activations as they are and scans in fp32 (the same numbers as fp32 copies of them,
-        # without the copies: at 2048 px those of dts alone are 512 MiB a layer)
+        # without the copies: at 2048 px those of dts alone are 512 MiB a layer). The scan op adds
+        # the four itself (sum_directions), so the backward keeps their sum, not the four: a quarter
+        # of the bytes (at 2048 px 128 MiB instead of 512 in each full-resolution block)
         wide = torch.promote_types(x.dtype, torch.float32)
         f = lambda a: a.to(wide)
         return mamba_scan(x, dts, -torch.exp(f(self.A_logs)).view(K, D, N), Bs, Cs,
-                          # (B, L, K, D)
                           f(self.Ds).view(K, D), dt_bias=f(self.dt_projs_bias), order=paths,
-                          out_dtype=wide)
+                          out_dtype=wide, sum_directions=True)
 
 
 class WindowAttention(nn.Module):

@@ -565,7 +565,7 @@ def scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, chunk_size=CHUNK,
 
 
 def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, backend=None,
-               out_dtype=None):
+               out_dtype=None, sum_directions=False):
     """The selective scan (softplus on delta + dt_bias) in the token layout the linear layers use.
     u, delta, z: (batch, L, dim), or (batch, L, K, dim) for K directions (u or z may stay 3-D: shared by all);
     B, C: (batch, L, N) or (batch, L, K, N), e.g. views of x_proj's output; A: (dim, N) or (K, dim, N) fp32;
@@ -574,6 +574,9 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     u's dtype). A wider out_dtype means the scan of the inputs converted to it (LaMamba's SS2D scans bf16
     activations in fp32): the Triton kernel computes in fp32 whatever it reads, so it takes the inputs as
     they are, with no converted copies (nor converted gradients) in memory; the other paths convert them.
+    sum_directions: return the K scans' sum, (batch, L, dim) (LaMamba's SS2D adds its four): on the
+    Triton path the op itself sums, so that a recomputed region (recompute_around_scan) keeps the sum,
+    not the K outputs, and the backward reads the sum's gradient K times instead of a K-fold copy.
     On a GPU this is one Triton kernel (ssm_triton.py) with no copy around it; on a CPU each direction is
     gathered into scan order and run by the C kernel (ssm_cpu.py) or ChunkedScan (scan_torch_tokens), both
     recomputing in the backward instead of storing their (.., L, N) intermediates."""
@@ -584,7 +587,7 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
         for counter in _flop_counters:
             counter.macs += batch * L * K * A.shape[-2] * (9 * A.shape[-1] + 1 + (z is not None))
             counter.calls += K
-        shape = (batch, L, A.shape[-2]) if single else (batch, L, K, A.shape[-2])
+        shape = (batch, L, A.shape[-2]) if single or sum_directions else (batch, L, K, A.shape[-2])
         return u.new_zeros(shape, dtype=out_dtype or u.dtype)
 
     def four(x):  # (batch, L, ch) -> (batch, L, K, ch) without copying
@@ -602,11 +605,15 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     if which != "triton" and out_dtype is not None:
         u, delta, z, B, C = (None if x is None else x.to(out_dtype) for x in (u, delta, z, B, C))
     if which == "triton":
-        out = ssm_triton.scan(u, delta, z, B, C, A, D, dt_bias, order, out_dtype=out_dtype)
+        out = ssm_triton.scan(u, delta, z, B, C, A, D, dt_bias, order, out_dtype=out_dtype,
+                              sum_directions=sum_directions)
+        return out if sum_directions else out.squeeze(2) if single else out
     elif which in ("cpu", "torch"):  # the C kernel or ChunkedScan: no (.., L, N) tensor kept for the backward
         out = scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, kernel=which == "cpu")
     else:  # mamba-ssm's kernel (the whole job: gathers and transposes included), or the loop
         out = scan_reference(u, delta, A, B, C, D, z, dt_bias, order, SCANS[which])
+    if sum_directions:
+        return out.sum(2)
     # squeeze, not [:, :, 0]: a select's backward would fill a zero tensor and copy the gradient into it
     return out.squeeze(2) if single else out
 

@@ -776,8 +776,8 @@ def conv_bwd(dout, x, weight, bias, order):
 
 _lib = torch.library.Library("diffmamba", "FRAGMENT")  # kept: the ops live as long as it does
 _lib.define("scan(Tensor u, Tensor delta, Tensor? z, Tensor B, Tensor C, Tensor A, Tensor? D, "
-            "Tensor? dt_bias, Tensor? order, bool softplus, ScalarType? out_dtype=None) "
-            "-> (Tensor, Tensor)")
+            "Tensor? dt_bias, Tensor? order, bool softplus, ScalarType? out_dtype=None, "
+            "bool sum_directions=False) -> (Tensor, Tensor)")
 _lib.define("scan_backward(Tensor dout, Tensor u, Tensor delta, Tensor? z, Tensor B, Tensor C, Tensor A, "
             "Tensor? D, Tensor? dt_bias, Tensor? order, Tensor states, bool softplus) -> Tensor[]")
 _lib.define("conv_silu(Tensor x, Tensor weight, Tensor? bias, Tensor? order) -> Tensor")
@@ -789,18 +789,21 @@ def _device(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _scan_impl(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype=None):
-    """The scan on (batch, L, K, dim) views (see scan_fwd); returns (out, chunk states)."""
+def _scan_impl(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype=None, sum_directions=False):
+    """The scan on (batch, L, K, dim) views (see scan_fwd); returns (out, chunk states), out summed over
+    the K directions if sum_directions ((batch, L, dim): what the op keeps for a backward is then the
+    sum, K times smaller)."""
     with _device(u):
         out, states, _ = scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype)
-    return out, states
+    return (out.sum(2) if sum_directions else out), states
 
 
-def _scan_fake(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype=None):
+def _scan_fake(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype=None, sum_directions=False):
     batch, L, K, dim = u.shape
     NP = max(_next_power_of_2(A.shape[-1]), 2)
     n_chunks = _cdiv(L, _config(u, L)["CHUNK"])
-    return (u.new_empty(batch, L, K, dim, dtype=out_dtype or u.dtype),
+    shape = (batch, L, dim) if sum_directions else (batch, L, K, dim)
+    return (u.new_empty(shape, dtype=out_dtype or u.dtype),
             u.new_empty(batch, K, dim, n_chunks, NP, dtype=torch.float32))
 
 
@@ -862,19 +865,25 @@ conv_backward_op = torch.ops.diffmamba.conv_silu_backward.default
 
 class _Scan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype):
-        out, states = scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype)
-        ctx.softplus = softplus
+    def forward(ctx, u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype, sum_directions):
+        out, states = scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype,
+                              sum_directions)
+        ctx.softplus, ctx.sum_directions = softplus, sum_directions
         ctx.save_for_backward(u, delta, z, B, C, A, D, dt_bias, order, states)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         u, delta, z, B, C, A, D, dt_bias, order, states = ctx.saved_tensors
-        g = scan_backward_op(dout.contiguous(), u, delta, z, B, C, A, D, dt_bias, order, states,
-                             ctx.softplus)
+        if ctx.sum_directions:  # every direction gets the sum's gradient: a view, read K times
+            dout = dout.unsqueeze(2).expand(u.shape[:3] + dout.shape[-1:])
+        # the kernel reads dout through its strides (a broadcast one too); only the channels must be
+        # contiguous, for coalesced loads
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        g = scan_backward_op(dout, u, delta, z, B, C, A, D, dt_bias, order, states, ctx.softplus)
         keep = lambda i, x: None if x is None else g[i]
-        return g[0], g[1], keep(2, z), g[3], g[4], g[5], keep(6, D), keep(7, dt_bias), None, None, None
+        return (g[0], g[1], keep(2, z), g[3], g[4], g[5], keep(6, D), keep(7, dt_bias), None, None,
+                None, None)
 
 
 class _Conv(torch.autograd.Function):
@@ -890,13 +899,14 @@ class _Conv(torch.autograd.Function):
         return dx, dw, db if bias is not None else None, None
 
 
-def scan(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=None):
+def scan(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=None, sum_directions=False):
     """The scan with autograd: u, delta, z (batch, L, K, dim) views, B, C (batch, L, K, N) views, A (K, dim,
     N), D, dt_bias (K, dim) fp32 or None, order (K, L) int32 or None. Returns out (batch, L, K, dim) in
-    out_dtype (default u's); the gradients come back in their inputs' dtypes."""
+    out_dtype (default u's), or its sum over K, (batch, L, dim), if sum_directions; the gradients come
+    back in their inputs' dtypes."""
     if not torch.is_grad_enabled():  # sampling: the op alone, no autograd function around it
-        return scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype)[0]
-    return _Scan.apply(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype)
+        return scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype, sum_directions)[0]
+    return _Scan.apply(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype, sum_directions)
 
 
 def conv(x, weight, bias, order):

@@ -288,6 +288,37 @@ def _out_dtype_case():
     return errs
 
 
+def _sum_directions_case():
+    """mamba_scan(..., sum_directions=True) (LaMamba's SS2D): the op's own sum over the K directions, and
+    the backward reading its gradient through a broadcast view, equal the sum taken outside bit for bit,
+    output and every gradient; the op passes opcheck with the sum."""
+    import ssm
+    import ssm_triton as kern
+    g = torch.Generator().manual_seed(4)
+    batch, L, K, dim, N = 2, 13, 3, 4, 2
+    r = lambda *s: torch.randn(*s, generator=g)
+    inputs = [r(batch, L, dim), r(batch, L, K, dim), r(batch, L, K, N), r(batch, L, K, N)]
+    A = -torch.rand(K, dim, N, generator=g) - 0.5
+    D, bias = r(K, dim), r(K, dim)
+    order = torch.stack([torch.randperm(L, generator=g) for _ in range(K)])
+    dout = r(batch, L, dim)
+    runs = []
+    for inside in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        u, delta, B, C = leaves
+        out = ssm.mamba_scan(u, delta, A, B, C, D, dt_bias=bias, order=order, backend="triton",
+                             sum_directions=inside)
+        out = out if inside else out.sum(2)
+        runs.append([out, *torch.autograd.grad(out, leaves, dout)])
+    errs = {f"{i}": (a - b).abs().max().item() for i, (a, b) in enumerate(zip(*runs))}
+    errs["shape"] = float(runs[0][0].shape != (batch, L, dim))
+    four = lambda t: t[:, :, None].expand(batch, L, K, t.shape[-1])
+    torch.library.opcheck(kern.scan_op, (four(inputs[0]), inputs[1], None, *inputs[2:], A, D, bias, order.int(),
+                                         True, None, True))
+    errs["opcheck"] = 0.0
+    return errs
+
+
 def _branches_case():
     # BiDiM's two branches and LaMamba's four snake scans on the Triton path, with recompute_around_scan
     # (each keeps its scan's output only): output and every gradient equal to the float64 loop's. Their
@@ -332,6 +363,7 @@ def _worker():
         results["conv: " + name] = _conv_case(*case)
     results["ops"] = _ops_case()
     results["out_dtype"] = _out_dtype_case()
+    results["sum_directions"] = _sum_directions_case()
     results["mixer"] = _mixer_case()
     results["branches"] = _branches_case()
     print(json.dumps(results))
@@ -360,6 +392,11 @@ def test_bf16_inputs_scanned_to_fp32_equal_fp32_copies(interpreted):
     grads = [v for k, v in errs.items() if k.startswith("grad ") and "dtype" not in k]
     assert len(errs) == 10 and errs["out"] == 0.0 and max(grads) <= 1.0, errs
     assert max(v for k, v in errs.items() if "dtype" in k) == 0.0, errs
+
+
+def test_scan_summed_over_directions_in_the_op_equals_the_sum_outside(interpreted):
+    errs = interpreted["sum_directions"]
+    assert len(errs) == 7 and max(errs.values()) == 0.0, errs
 
 
 def test_ops_pass_opcheck_and_grouped_interface_matches(interpreted):
