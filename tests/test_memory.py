@@ -22,3 +22,23 @@ def test_stand_in_kernels_are_put_back():
     assert memory.kept_bytes("DiM-T/2", 8, "blocks") > 0
     assert all(getattr(ssm_triton, k) is fn for k, fn in before.items())
     assert os.environ.get("DIFFUSION_MAMBA_SCAN") == env
+
+
+def test_live_storages_count_what_a_recomputed_region_keeps():
+    # a selective checkpoint (ssm.recompute_around_scan's kind) keeps its matmul's output outside
+    # autograd's saved tensors: a saved-tensor hook misses it, the live count must not
+    import functools
+
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+    policy = lambda ctx, op, *a, **k: (CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default
+                                       else CheckpointPolicy.PREFER_RECOMPUTE)
+    w, x = torch.randn(64, 32, requires_grad=True), torch.randn(128, 64, requires_grad=True)
+    hooked = []
+    with memory.LiveStorages() as live, torch.autograd.graph.saved_tensors_hooks(
+            lambda t: hooked.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+        y = checkpoint(lambda x: torch.sin(x @ w), x, use_reentrant=False, preserve_rng_state=False,
+                       context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
+        kept = live.nbytes() - y.untyped_storage().nbytes()
+    assert kept == 128 * 32 * 4  # the product, kept by the policy: the sine runs again from it
+    assert 128 * 32 * 4 not in hooked

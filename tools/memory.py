@@ -5,25 +5,34 @@ backward, per token, as a GPU runs the step.
     python -m tools.memory --models dim,bidim,dimsum,lamamba,dit --size L --res 2048
 
 The step is run as on a GPU: the Triton scan and conv ops (their kernels replaced by stand-ins that
-return zeros of the right shapes: only shapes matter here), bf16 autocast, each model compiled as
-tools/bench.py compiles it (Mamba models per block, DiT whole; LaMamba not at all, as measured) with the
-partitioner Inductor uses (torch.compile's "aot_eager_decomp_partition" backend: the same choice of what
-to keep and what to recompute, without generating code). A saved-tensor hook counts every distinct
-storage the step keeps, parameters excluded. Two small grids give the bytes per token (the difference),
-which scale to the target resolution's tokens; weights, gradients and AdamW's two moments add 16 bytes a
-parameter (4 a frozen one) of the model built for that resolution. What this misses: tensors that live
-only during the backward (gradients of activations, recomputed regions, workspaces), and the CPU's
-autocast lists, which differ from CUDA's in a few ops. Checked against torch.cuda.max_memory_allocated
-on an H200 at 2048 px (README, Speed, session 14): 1-8% above the measured peak for DiT-L/2, DiM-L/2,
-BiDiM-L/2 and DiMSUM-L/2; 27% below it for LaMamba-L, whose peak comes from the backward's temporaries
-at full latent resolution.
+return zeros of the right shapes: only shapes matter here), attention as the GPU's fused kernels keep it
+(q, k, v, output, an fp32 log-sum-exp per query; never the probabilities a CPU's attention keeps, nor
+CPU autocast's fp32 copies of its inputs), bf16 autocast, each model compiled as tools/bench.py compiles
+it (Mamba models per block, DiT whole; LaMamba not at all, as measured) with the partitioner Inductor
+uses (torch.compile's "aot_eager_decomp_partition" backend: the same choice of what to keep and what to
+recompute, without generating code). A compiled step's kept tensors are its graphs' saved tensors,
+counted by a saved-tensor hook; an eager step's are every storage still alive after the forward
+(LiveStorages), which includes what a recomputed region holds outside autograd's saved tensors (the
+scan outputs that ssm.recompute_around_scan's policy keeps). Parameters are excluded. Two small grids
+give the bytes per token (the difference), which scale to the target resolution's tokens; weights,
+gradients and AdamW's two moments add 16 bytes a parameter (4 a frozen one) of the model built for that
+resolution. What this misses: tensors that live only during the backward (gradients of activations,
+recomputed regions, workspaces), and the CPU's autocast lists, which differ from CUDA's in a few ops.
+Checked against torch.cuda.max_memory_allocated on an H200 at 2048 px (README, Speed, session 15): 3-8%
+above the measured peak for DiM-L/2 and BiDiM-L/2 and 7% below it for LaMamba-L (eager), but 21-25%
+below it for DiT-L/2 and DiMSUM-L/2 (compiled, attention over all tokens): their GPU steps keep ~12 bytes
+a channel and token per attention layer more than counted here, for a cause not found on a CPU.
 """
 import argparse
 import contextlib
 import json
 import os
+import weakref
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import ssm_triton
 from models import MODELS, compile_blocks, fastest_compile
@@ -33,10 +42,35 @@ from tools.bench import LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR, resolve, times
 BYTES_PER_PARAMETER, BYTES_PER_FROZEN_PARAMETER = 16, 4
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Attention as a GPU's fused kernels run it (flash, or memory-efficient with a bias): the
+    backward keeps q, k, v, the output, an fp32 log-sum-exp per query and the bias, never the
+    (queries, keys) probabilities that a CPU's attention keeps; outputs are zeros."""
+    @staticmethod
+    def forward(ctx, q, k, v, bias):
+        out = torch.zeros_like(q)
+        ctx.save_for_backward(q, k, v, bias, out, q.new_zeros(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias = ctx.saved_tensors[:4]
+        learned = bias is not None and ctx.needs_input_grad[3]
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                torch.zeros_like(bias) if learned else None)
+
+
+def _attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    if dropout_p or is_causal:
+        raise NotImplementedError("the models' attention has no dropout or causal mask")
+    return _FusedAttention.apply(q, k, v, attn_mask)
+
+
 @contextlib.contextmanager
 def stand_in_kernels():
     """The scan and conv kernels replaced by zeros of their outputs' shapes, and the Triton backend
-    forced (unchecked): the ops, their autograd and what they save are the GPU's."""
+    forced (unchecked): the ops, their autograd and what they save are the GPU's. Attention likewise
+    (F.scaled_dot_product_attention): what the GPU's fused kernels keep."""
     def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=None):
         out, states = ssm_triton._scan_fake(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype)
         return out.zero_(), states.zero_(), ssm_triton.CHUNK
@@ -55,6 +89,8 @@ def stand_in_kernels():
                 None if bias is None else torch.zeros(bias.shape))
 
     saved = {k: getattr(ssm_triton, k) for k in ("scan_fwd", "scan_bwd", "conv_fwd", "conv_bwd")}
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _attention
     forced = os.environ.get("DIFFUSION_MAMBA_SCAN")
     ssm_triton.scan_fwd, ssm_triton.scan_bwd, ssm_triton.conv_bwd = scan_fwd, scan_bwd, conv_bwd
     ssm_triton.conv_fwd = lambda x, w, b, o: torch.zeros_like(x, memory_format=torch.contiguous_format)
@@ -64,10 +100,36 @@ def stand_in_kernels():
     finally:
         for k, fn in saved.items():
             setattr(ssm_triton, k, fn)
+        F.scaled_dot_product_attention = sdpa
         if forced is None:
             del os.environ["DIFFUSION_MAMBA_SCAN"]
         else:
             os.environ["DIFFUSION_MAMBA_SCAN"] = forced
+
+
+class LiveStorages(TorchDispatchMode):
+    """Every storage that an op run under this mode creates, counted while it lives (a finalizer
+    takes it off when the last tensor on it goes). What is alive after a forward is what the step
+    keeps for its backward by any route: autograd's saved tensors, and also what a recomputed region
+    (torch.utils.checkpoint, ssm.recompute_around_scan's selective policy) holds outside the saved
+    tensors, which a saved-tensor hook does not see."""
+    def __init__(self):
+        super().__init__()
+        self.live = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata  # the storage's address, unique while it lives
+                if key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    weakref.finalize(storage, self.live.pop, key, None)
+        return out
+
+    def nbytes(self):
+        return sum(self.live.values())
 
 
 def kept_bytes(name, grid, compile_mode):
@@ -75,6 +137,16 @@ def kept_bytes(name, grid, compile_mode):
     backward, parameters excluded; compile_mode: "blocks", "model" or "none"."""
     torch.manual_seed(0)
     model = MODELS[name](input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
+    x = torch.randn(1, LATENT_CHANNELS, grid, grid)
+    t, y = timesteps(model, 1, "cpu"), torch.randint(0, NUM_CLASSES, (1,))
+    if compile_mode == "none":
+        # eager: what is still alive after the forward (the parameters were made before the mode)
+        with stand_in_kernels(), LiveStorages() as live:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x, t, y)
+            return live.nbytes() - out.untyped_storage().nbytes()
+    # compiled: the graphs' saved tensors (Dynamo does not trace under a dispatch mode); a compiled
+    # graph keeps what the partitioner chose, recomputed regions included, as saved tensors
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     net = model
     if compile_mode == "blocks":
@@ -89,8 +161,6 @@ def kept_bytes(name, grid, compile_mode):
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    x = torch.randn(1, LATENT_CHANNELS, grid, grid)
-    t, y = timesteps(model, 1, "cpu"), torch.randint(0, NUM_CLASSES, (1,))
     with stand_in_kernels(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             net(x, t, y)
