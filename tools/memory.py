@@ -168,14 +168,15 @@ def kept_bytes(name, grid, compile_mode):
     return sum(kept.values())
 
 
-def estimate(name, res, grids=(32, 64)):
+def estimate(name, res, grids=(32, 64), as_measured=True):
     """Kept bytes per latent pixel from two grids, scaled to res (pixels, a res / 8 latent), plus the
     parameters of the model built for res (position tables grow with the grid): 16 bytes each, 4 for
-    a frozen one. Returns a dict (GiB)."""
+    a frozen one. as_measured: LaMamba eager, as the GPU rows ran it; else every model as train.py
+    compiles it on a GPU. Returns a dict (GiB)."""
     with torch.device("meta"):
         model = MODELS[name](input_size=res // VAE_FACTOR, in_channels=LATENT_CHANNELS,
                              num_classes=NUM_CLASSES)
-    mode = "none" if name.startswith("LaMamba") else fastest_compile(model)  # LaMamba: as measured
+    mode = "none" if as_measured and name.startswith("LaMamba") else fastest_compile(model)
     params = sum(p.numel() for p in model.parameters())
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     small, large = (kept_bytes(name, g, mode) for g in grids)
@@ -194,6 +195,9 @@ def main(argv=None):
     p.add_argument("--size", default="L")
     p.add_argument("--res", type=int, default=2048, help="pixels (the latent is res / 8)")
     p.add_argument("--grids", default="32,64", help="the two latent grids counted")
+    p.add_argument("--compile", choices=["as-measured", "auto"], default="as-measured",
+                   help="as-measured: as the GPU rows ran (LaMamba eager: its per-block compilation "
+                        "outlasted the device calls); auto: every model as train.py compiles it")
     p.add_argument("--out", default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
     grids = tuple(int(g) for g in args.grids.split(","))
@@ -203,7 +207,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for spec in args.models.split(","):
         name = resolve(spec, args.size)[0]
-        row = estimate(name, args.res, grids)
+        row = estimate(name, args.res, grids, as_measured=args.compile == "as-measured")
         rows.append(row)
         print(f"| {name} | {row['compiled']} | {row['kept_bytes_per_latent_pixel'] / 1024:.1f} "
               f"| {row['activations_gib']:.2f} | {row['weights_and_adamw_gib']:.2f} "
