@@ -295,7 +295,7 @@ def _sum_directions_case():
     import ssm
     import ssm_triton as kern
     g = torch.Generator().manual_seed(4)
-    batch, L, K, dim, N = 2, 13, 3, 4, 2
+    batch, L, K, dim, N = 1, 7, 2, 2, 2
     r = lambda *s: torch.randn(*s, generator=g)
     inputs = [r(batch, L, dim), r(batch, L, K, dim), r(batch, L, K, N), r(batch, L, K, N)]
     A = -torch.rand(K, dim, N, generator=g) - 0.5
