@@ -607,13 +607,12 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     if which == "triton":
         out = ssm_triton.scan(u, delta, z, B, C, A, D, dt_bias, order, out_dtype=out_dtype,
                               sum_directions=sum_directions)
-        return out if sum_directions else out.squeeze(2) if single else out
     elif which in ("cpu", "torch"):  # the C kernel or ChunkedScan: no (.., L, N) tensor kept for the backward
         out = scan_torch_tokens(u, delta, A, B, C, D, z, dt_bias, order, kernel=which == "cpu")
     else:  # mamba-ssm's kernel (the whole job: gathers and transposes included), or the loop
         out = scan_reference(u, delta, A, B, C, D, z, dt_bias, order, SCANS[which])
-    if sum_directions:
-        return out.sum(2)
+    if sum_directions:  # the Triton op has summed them already
+        return out if which == "triton" else out.sum(2)
     # squeeze, not [:, :, 0]: a select's backward would fill a zero tensor and copy the gradient into it
     return out.squeeze(2) if single else out
 

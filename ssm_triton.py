@@ -876,7 +876,7 @@ class _Scan(torch.autograd.Function):
     def backward(ctx, dout):
         u, delta, z, B, C, A, D, dt_bias, order, states = ctx.saved_tensors
         if ctx.sum_directions:  # every direction gets the sum's gradient: a view, read K times
-            dout = dout.unsqueeze(2).expand(u.shape[:3] + dout.shape[-1:])
+            dout = dout.unsqueeze(2).expand(u.shape)
         # the kernel reads dout through its strides (a broadcast one too); only the channels must be
         # contiguous, for coalesced loads
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
