@@ -635,7 +635,8 @@ def causal_conv_silu(x, weight, bias=None, order=None, backend=None):
     weight = weight.reshape(weight.shape[0], -1)
     if order is not None:
         order = order.to(device=x.device, dtype=torch.int32).contiguous()
-    if not _flop_counters and token_backend(x, 1, backend) == "triton":
+    if (not _flop_counters and weight.shape[1] <= ssm_triton.CONV_MAX_WIDTH
+            and token_backend(x, 1, backend) == "triton"):
         return ssm_triton.conv(x, weight.contiguous(), bias, order)
     return conv_reference(x, weight, bias, order)
 

@@ -652,97 +652,158 @@ def scan_bwd(dout, u, delta, z, B, C, A, D, dt_bias, order, states, chunk, softp
 # out[row(p)] = silu(bias + sum_j w[j] x[row(p - W + 1 + j)]), zero before the first step: nn.Conv1d with
 # padding W - 1, cut to L (state-spaces/mamba, mamba_ssm/modules/mamba_simple.py), applied along the scan order.
 # It cannot live inside the scan kernel: x_proj reads its output to make the scan's delta, B and C.
+#
+# One program = BD channels x S consecutive scan steps, walked one step at a time with the window of the last
+# W inputs (and, backward, of the next W - 1 gradients) in registers, as causal-conv1d's CUDA kernels do: each
+# row is read once, plus a halo of W - 1 rows at one end, and rows are fetched four steps (forward; two
+# backward) before they are used. W <= 4: the kernels hold four taps, zero-padded on the left for W < 4
+# (mamba-ssm's conv widths are 2-4).
 
 @_jit
-def _conv_pre(x_base, idx_base, p, L, sx_l, w_ptr, d, dmask, bias, HAS_IDX: tl.constexpr, W: tl.constexpr):
-    """Pre-activation at scan steps p (TL,) for channels d (BD,): (TL, BD) fp32."""
-    acc = tl.zeros((p.shape[0], d.shape[0]), tl.float32) + bias[None, :]
-    for j in tl.static_range(W):
-        q = p - (W - 1) + j
-        qm = (q >= 0) & (q < L)
-        rows = _rows(idx_base, q, qm, HAS_IDX)
-        xv = tl.load(x_base[None, :] + rows[:, None] * sx_l, mask=qm[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
-        wj = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
-        acc += wj[None, :] * xv
-    return acc
+def _conv_row(base, idx_ptr, p, L, stride, dmask, HAS_IDX: tl.constexpr):
+    """Row p of the scan (BD,) in fp32; zeros outside 0 <= p < L."""
+    pv = tl.full(dmask.shape, 0, tl.int32) + p  # a vector: the interpreter rejects scalar & vector masks
+    inside = (pv >= 0) & (pv < L)
+    if HAS_IDX:
+        r = tl.load(idx_ptr + tl.minimum(tl.maximum(p, 0), L - 1)).to(tl.int64)
+    else:
+        r = tl.zeros((), tl.int64) + p
+    return tl.load(base + r * stride, mask=dmask & inside, other=0.0).to(tl.float32)
+
+
+@_jit
+def _conv_tap(w_ptr, d, dmask, j: tl.constexpr, W: tl.constexpr):
+    """Tap j of four (oldest first): the weights, zero-padded on the left when W < 4."""
+    if j >= 4 - W:
+        return tl.load(w_ptr + d * W + (j - (4 - W)), mask=dmask, other=0.0).to(tl.float32)
+    return tl.zeros(d.shape, tl.float32)
+
+
+@_jit
+def _conv_add_tap(dw_ptr, d, dmask, v, j: tl.constexpr, W: tl.constexpr):
+    if j >= 4 - W:
+        tl.atomic_add(dw_ptr + d * W + (j - (4 - W)), v, mask=dmask, sem="relaxed")
 
 
 @_jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, L, dim, sx_b, sx_l, sx_d, so_b, so_l, so_d,
-                     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, W: tl.constexpr, TL: tl.constexpr,
+                     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
                      BD: tl.constexpr):
     pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    p = pid_l * TL + tl.arange(0, TL)
     d = pid_d * BD + tl.arange(0, BD)
-    pm, dmask = p < L, d < dim
+    dmask = d < dim
+    w0, w1 = _conv_tap(w_ptr, d, dmask, 0, W), _conv_tap(w_ptr, d, dmask, 1, W)
+    w2, w3 = _conv_tap(w_ptr, d, dmask, 2, W), _conv_tap(w_ptr, d, dmask, 3, W)
     bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else \
         tl.zeros((BD,), tl.float32)
-    pre = _conv_pre(x_ptr + b.to(tl.int64) * sx_b + d * sx_d, idx_ptr, p, L, sx_l, w_ptr, d, dmask, bias,
-                    HAS_IDX, W)
-    rows = _rows(idx_ptr, p, pm, HAS_IDX)
-    out = pre * tl.sigmoid(pre)
-    tl.store(out_ptr + b.to(tl.int64) * so_b + rows[:, None] * so_l + d[None, :] * so_d,
-             out.to(out_ptr.dtype.element_ty), mask=pm[:, None] & dmask[None, :])
+    b64 = b.to(tl.int64)
+    x_base = x_ptr + b64 * sx_b + d * sx_d
+    o_base = out_ptr + b64 * so_b + d * so_d
+    p0 = pid_l * S
+    p1 = tl.minimum(p0 + S, L)
+    x3 = _conv_row(x_base, idx_ptr, p0 - 3, L, sx_l, dmask, HAS_IDX)  # x at p - 3, p - 2, p - 1
+    x2 = _conv_row(x_base, idx_ptr, p0 - 2, L, sx_l, dmask, HAS_IDX)
+    x1 = _conv_row(x_base, idx_ptr, p0 - 1, L, sx_l, dmask, HAS_IDX)
+    f1 = _conv_row(x_base, idx_ptr, p0, L, sx_l, dmask, HAS_IDX)  # in flight: x at p .. p + 3
+    f2 = _conv_row(x_base, idx_ptr, p0 + 1, L, sx_l, dmask, HAS_IDX)
+    f3 = _conv_row(x_base, idx_ptr, p0 + 2, L, sx_l, dmask, HAS_IDX)
+    f4 = _conv_row(x_base, idx_ptr, p0 + 3, L, sx_l, dmask, HAS_IDX)
+    for p in range(p0, p1):
+        x0 = f1
+        f1, f2, f3 = f2, f3, f4
+        f4 = _conv_row(x_base, idx_ptr, p + 4, L, sx_l, dmask & (tl.full(dmask.shape, 0, tl.int32) + p + 4 < p1),
+                       HAS_IDX)
+        pre = bias + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
+        r = tl.load(idx_ptr + p).to(tl.int64) if HAS_IDX else tl.zeros((), tl.int64) + p
+        tl.store(o_base + r * so_l, (pre * tl.sigmoid(pre)).to(out_ptr.dtype.element_ty), mask=dmask)
+        x3, x2, x1 = x2, x1, x0
 
 
 @_jit
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, dim,
                      sx_b, sx_l, sx_d, so_b, so_l, so_d,
-                     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, W: tl.constexpr, TL: tl.constexpr,
+                     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
                      BD: tl.constexpr):
-    # dx is written as a contiguous (batch, L, dim) tensor; dw (dim, W) and dbias (dim,) are fp32 sums by
-    # atomic adds, one per program and tap.
+    # Right to left from W - 1 steps past the program's last one (their gradients g reach its last dx):
+    # g_p = dout_p silu'(pre_p), dx_p = sum_s w[W - 1 - s] g_{p+s}, dw_j = sum_p g_p x_{p-W+1+j}. dx is
+    # written as a contiguous (batch, L, dim) tensor; dw (dim, W) and dbias (dim,) are fp32 sums, one
+    # atomic add per program and tap.
     pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q = pid_l * TL + tl.arange(0, TL)
     d = pid_d * BD + tl.arange(0, BD)
-    qm, dmask = q < L, d < dim
+    dmask = d < dim
+    zero = tl.full(dmask.shape, 0, tl.int32)
+    w0, w1 = _conv_tap(w_ptr, d, dmask, 0, W), _conv_tap(w_ptr, d, dmask, 1, W)
+    w2, w3 = _conv_tap(w_ptr, d, dmask, 2, W), _conv_tap(w_ptr, d, dmask, 3, W)
     bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else \
         tl.zeros((BD,), tl.float32)
     b64 = b.to(tl.int64)
     x_base = x_ptr + b64 * sx_b + d * sx_d
     o_base = dout_ptr + b64 * so_b + d * so_d
-    dx = tl.zeros((TL, BD), tl.float32)
-    for s in tl.static_range(W):  # output step q + s reads x[q] through tap W - 1 - s
-        p = q + s
-        pm = p < L
-        pre = _conv_pre(x_base, idx_ptr, p, L, sx_l, w_ptr, d, dmask, bias, HAS_IDX, W)
-        rows = _rows(idx_ptr, p, pm, HAS_IDX)
-        go = tl.load(o_base[None, :] + rows[:, None] * so_l, mask=pm[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
+    dx_base = dx_ptr + b64 * L * dim + d
+    p0 = pid_l * S
+    p1 = tl.minimum(p0 + S, L)
+    hi = tl.minimum(p1 + 3, L) - 1  # the first step visited
+    xa = _conv_row(x_base, idx_ptr, hi, L, sx_l, dmask, HAS_IDX)  # x at p, p - 1, p - 2
+    xb = _conv_row(x_base, idx_ptr, hi - 1, L, sx_l, dmask, HAS_IDX)
+    xc = _conv_row(x_base, idx_ptr, hi - 2, L, sx_l, dmask, HAS_IDX)
+    f1 = _conv_row(x_base, idx_ptr, hi - 3, L, sx_l, dmask, HAS_IDX)  # in flight: x at p - 3, p - 4
+    f2 = _conv_row(x_base, idx_ptr, hi - 4, L, sx_l, dmask, HAS_IDX)
+    o1 = _conv_row(o_base, idx_ptr, hi, L, so_l, dmask, HAS_IDX)  # in flight: dout at p, p - 1
+    o2 = _conv_row(o_base, idx_ptr, hi - 1, L, so_l, dmask, HAS_IDX)
+    g1 = tl.zeros((BD,), tl.float32)  # g at p + 1, p + 2, p + 3
+    g2 = tl.zeros((BD,), tl.float32)
+    g3 = tl.zeros((BD,), tl.float32)
+    dw0 = tl.zeros((BD,), tl.float32)
+    dw1 = tl.zeros((BD,), tl.float32)
+    dw2 = tl.zeros((BD,), tl.float32)
+    dw3 = tl.zeros((BD,), tl.float32)
+    dbias = tl.zeros((BD,), tl.float32)
+    for i in range(0, hi - p0 + 1):
+        p = hi - i
+        xd = f1
+        f1 = f2
+        f2 = _conv_row(x_base, idx_ptr, p - 5, L, sx_l, dmask & (zero + p - 5 >= p0 - 3), HAS_IDX)
+        go = o1
+        o1 = o2
+        o2 = _conv_row(o_base, idx_ptr, p - 2, L, so_l, dmask & (zero + p - 2 >= p0), HAS_IDX)
+        pre = bias + w0 * xd + w1 * xc + w2 * xb + w3 * xa
         sg = tl.sigmoid(pre)
         g = go * sg * (1.0 + pre * (1.0 - sg))  # d silu
-        wt = tl.load(w_ptr + d * W + (W - 1 - s), mask=dmask, other=0.0).to(tl.float32)
-        dx += wt[None, :] * g
-        if s == 0:  # the weight and bias gradients of this program's own output steps
-            tl.atomic_add(db_ptr + d, tl.sum(g, 0), mask=dmask, sem="relaxed")
-            for j in tl.static_range(W):
-                r = q - (W - 1) + j
-                rm = (r >= 0) & qm
-                rrows = _rows(idx_ptr, r, rm, HAS_IDX)
-                xv = tl.load(x_base[None, :] + rrows[:, None] * sx_l, mask=rm[:, None] & dmask[None, :],
-                             other=0.0).to(tl.float32)
-                tl.atomic_add(dw_ptr + d * W + j, tl.sum(g * xv, 0), mask=dmask, sem="relaxed")
-    rows = _rows(idx_ptr, q, qm, HAS_IDX)
-    tl.store(dx_ptr + b64 * L * dim + rows[:, None] * dim + d[None, :], dx.to(dx_ptr.dtype.element_ty),
-             mask=qm[:, None] & dmask[None, :])
+        own = (zero + p) < p1  # not a halo step
+        dx = w3 * g + w2 * g1 + w1 * g2 + w0 * g3
+        r = tl.load(idx_ptr + p).to(tl.int64) if HAS_IDX else tl.zeros((), tl.int64) + p
+        tl.store(dx_base + r * dim, dx.to(dx_ptr.dtype.element_ty), mask=dmask & own)
+        g_own = tl.where(own, g, 0.0)
+        dw0 += g_own * xd
+        dw1 += g_own * xc
+        dw2 += g_own * xb
+        dw3 += g_own * xa
+        dbias += g_own
+        g3, g2, g1 = g2, g1, g
+        xa, xb, xc = xb, xc, xd
+    tl.atomic_add(db_ptr + d, dbias, mask=dmask, sem="relaxed")
+    _conv_add_tap(dw_ptr, d, dmask, dw0, 0, W)
+    _conv_add_tap(dw_ptr, d, dmask, dw1, 1, W)
+    _conv_add_tap(dw_ptr, d, dmask, dw2, 2, W)
+    _conv_add_tap(dw_ptr, d, dmask, dw3, 3, W)
 
 
-# steps TL x channels BD per program; measured on an H200 at DiM-S/2's and DiM-L/2's shapes (the backward
-# re-reads W shifted windows, so it prefers longer, narrower tiles than the forward)
-CONV_CONFIG = {"fwd": dict(TL=32, BD=128, num_warps=4), "bwd": dict(TL=64, BD=32, num_warps=4)}
+# steps S x channels BD per program (one warp: BD / 32 channels a lane). NOT YET TIMED ON A GPU (branch
+# conv-sliding, session 14): tools/scan_bench's conv table decides against main's tiled kernels.
+CONV_CONFIG = {"fwd": dict(S=64, BD=128, num_warps=1), "bwd": dict(S=64, BD=128, num_warps=1)}
+CONV_MAX_WIDTH = 4
 
 
 def conv_fwd(x, weight, bias, order):
-    """x: (batch, L, dim) view; weight: (dim, W); bias: (dim,) or None; order: (L,) int32 or None."""
+    """x: (batch, L, dim) view; weight: (dim, W), W <= 4; bias: (dim,) or None; order: (L,) int32 or None."""
     batch, L, dim = x.shape
     out = torch.empty(batch, L, dim, device=x.device, dtype=x.dtype)
     c = CONV_CONFIG["fwd"]
-    grid = (_cdiv(L, c["TL"]), _cdiv(dim, c["BD"]), batch)
+    grid = (_cdiv(L, c["S"]), _cdiv(dim, c["BD"]), batch)
     _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight,
                            order if order is not None else weight, out, L, dim, *x.stride(), *out.stride(),
                            HAS_IDX=order is not None, HAS_BIAS=bias is not None, W=weight.shape[1],
-                           TL=c["TL"], BD=c["BD"], num_warps=c["num_warps"], **FUSE_FMA)
+                           S=c["S"], BD=c["BD"], num_warps=c["num_warps"], **FUSE_FMA)
     return out
 
 
@@ -752,11 +813,11 @@ def conv_bwd(dout, x, weight, bias, order):
     dw = torch.zeros(dim, weight.shape[1], device=x.device, dtype=torch.float32)
     db = torch.zeros(dim, device=x.device, dtype=torch.float32)
     c = CONV_CONFIG["bwd"]
-    grid = (_cdiv(L, c["TL"]), _cdiv(dim, c["BD"]), batch)
+    grid = (_cdiv(L, c["S"]), _cdiv(dim, c["BD"]), batch)
     _conv_bwd_kernel[grid](x, weight, bias if bias is not None else weight,
                            order if order is not None else weight, dout, dx, dw, db, L, dim,
                            *x.stride(), *dout.stride(), HAS_IDX=order is not None,
-                           HAS_BIAS=bias is not None, W=weight.shape[1], TL=c["TL"], BD=c["BD"],
+                           HAS_BIAS=bias is not None, W=weight.shape[1], S=c["S"], BD=c["BD"],
                            num_warps=c["num_warps"], **FUSE_FMA)
     return dx, dw, db if bias is not None else None
 

@@ -19,7 +19,8 @@ SCAN_CASES = [
     ("no D, no bias", 1, 13, 1, 4, 2, False, True, False, False, "random", 1),
     ("three segments", 1, 37, 2, 5, 3, True, True, True, True, "random", 3),
 ]
-CONV_CASES = [("width 3, order", 3, True, "random"), ("width 4, no bias", 4, False, None)]
+CONV_CASES = [("width 3, order", 3, True, "random"), ("width 4, no bias", 4, False, None),
+              ("width 2, reversed", 2, True, "reverse")]
 DEFAULTS = {}  # the kernels' shipped tile sizes, which the cases shrink (_worker)
 
 
@@ -114,8 +115,8 @@ def _conv_case(W, with_bias, kind):
     f = lambda t: None if t is None else t.detach().float()
     x32 = f(xz)[..., :dim]
     o32 = None if order is None else order.int().contiguous()
-    for cfg in kern.CONV_CONFIG.values():  # small tiles: several programs per axis, masked edges
-        cfg.update(TL=8, BD=16)
+    for cfg in kern.CONV_CONFIG.values():  # short stretches: several programs per axis, halos, masked edges
+        cfg.update(S=5, BD=16)
     out = kern.conv_fwd(x32, f(w).contiguous(), f(b), o32)
     dx, dw, db = kern.conv_bwd(f(dout), x32, f(w).contiguous(), f(b), o32)
     errs = {"out": _err(out, ref), "dx": _err(dx, ref_grads[0][..., :dim]), "dw": _err(dw, ref_grads[1])}
