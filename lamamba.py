@@ -185,18 +185,21 @@ class SS2D(nn.Module):
         # with the Triton scan only x and the scans' output are kept for the backward: in_proj,
         # the conv, the projections, the sum, out_norm, the gate and out_proj run again
         # (ssm.recompute_around_scan); the kernel is checked in the dtype it reads (the
-        # projections', autocast's where it is on), outside the region
+        # projections', autocast's where it is on), outside the region. The snake orders are looked
+        # up outside it too: a cache filled inside a checkpointed region is a side effect that
+        # torch.compile cannot trace there (torch 2.11 fell back to an eager checkpoint of
+        # compiled pieces, whose backward failed)
+        B, H, W, _ = x.shape
+        paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)  # (K, L)
         if token_backend(x, self.d_state, dtype_of=scan_dtype) == "triton":
-            return recompute_around_scan(self.mix, x)
-        return self.mix(x)
+            return recompute_around_scan(self.mix, x, paths)
+        return self.mix(x, paths)
 
-    def mix(self, x):
-        """in_proj, the four snake scans, summed and normalised, gated, out_proj: (B, H, W, dim) ->
-        (B, H, W, dim)."""
+    def mix(self, x, paths):
+        """in_proj, the four snake scans along paths (K, H*W), summed and normalised, gated,
+        out_proj: (B, H, W, dim) -> (B, H, W, dim)."""
         B, H, W, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)                                       # (B, H, W, D)
-        # (K, L)
-        paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)
         y = self.scans(x, paths)                                     # (B, L, D): the four summed
         y = self.out_norm(y).view(B, H, W, self.d_inner).to(z.dtype)
         return self.out_proj(y * F.silu(z))
