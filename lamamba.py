@@ -186,9 +186,9 @@ class SS2D(nn.Module):
         # the conv, the projections, the sum, out_norm, the gate and out_proj run again
         # (ssm.recompute_around_scan); the kernel is checked in the dtype it reads (the
         # projections', autocast's where it is on), outside the region. The snake orders are looked
-        # up outside it too: a cache filled inside a checkpointed region is a side effect that
-        # torch.compile cannot trace there (torch 2.11 fell back to an eager checkpoint of
-        # compiled pieces, whose backward failed)
+        # up outside it too: filling a cache inside a checkpointed region is a side effect, which
+        # torch.compile handles badly there (torch 2.11: compiled LaMamba-L's backward failed in an
+        # eager recompute of this region)
         B, H, W, _ = x.shape
         paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)  # (K, L)
         if token_backend(x, self.d_state, dtype_of=scan_dtype) == "triton":
