@@ -76,13 +76,18 @@ def test_bench_profile_on_cpu(tmp_path, capsys):
     bench.main(["--models", "DiM-T/2", "--res", "32", "--batch", "2", "--repeats", "2", "--warmup",
                 "1", "--compile", "none", "--profile", "--out", str(out), "--plot", ""])
     prof = json.loads(out.read_text())[0]["profile"]
-    fractions = {k: v for k, v in prof.items() if k != "busy_ms"}
+    fractions = {k: v for k, v in prof.items() if k not in ("busy_ms", "top")}
     assert set(fractions) == {c for c, _ in bench.PROFILE_CATEGORIES} and prof["busy_ms"] > 0
     assert sum(fractions.values()) == pytest.approx(1.0)
     # a DiM step spends time in its scans (forward and backward) and its linear layers
     assert fractions["scan forward"] > 0 and fractions["scan backward"] > 0
     assert fractions["matrix products"] > 0
-    assert "| DiM-T/2, 32 px, 2 |" in capsys.readouterr().out
+    # the largest operators, largest first, each with its category; none larger than the busy time
+    ms = [k[2] for k in prof["top"]]
+    assert ms == sorted(ms, reverse=True) and 0 < ms[0] <= prof["busy_ms"]
+    assert {k[1] for k in prof["top"]} <= set(fractions)
+    printed = capsys.readouterr().out
+    assert "| DiM-T/2, 32 px, 2 |" in printed and "Largest kernels, DiM-T/2 at 32 px" in printed
 
 
 def test_scaling_exponent_and_crossover():

@@ -169,9 +169,10 @@ def profile_category(name):
                 "elementwise")
 
 
-def profile_steps(step, steps, cuda):
+def profile_steps(step, steps, cuda, top=15):
     """Busy time per step (ms) and its fractions per category over `steps` profiled steps: GPU
-    kernels on a GPU, the operators' own CPU time on a CPU."""
+    kernels on a GPU, the operators' own CPU time on a CPU; "top": the `top` largest kernels or
+    operators as [name, category, ms per step]."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
@@ -179,16 +180,18 @@ def profile_steps(step, steps, cuda):
             step()
         if cuda:
             torch.cuda.synchronize()
-    busy = {}
+    busy, kernels = {}, []
     for e in prof.key_averages():
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
         if us > 0 and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA):
             cat = profile_category(e.key)
             busy[cat] = busy.get(cat, 0.0) + us
+            kernels.append([e.key[:80], cat, us / 1e3 / steps])
     total = sum(busy.values())
     if not total:
         return None
-    return dict(busy_ms=total / 1e3 / steps,
+    kernels.sort(key=lambda k: -k[2])
+    return dict(busy_ms=total / 1e3 / steps, top=kernels[:top],
                 **{cat: busy.get(cat, 0.0) / total for cat, _ in PROFILE_CATEGORIES})
 
 
@@ -418,6 +421,10 @@ def print_table(rows):
             print(f"| {r['model']}, {r['res']} px, {r['batch']} | {fmt(r['step_ms'])} "
                   f"({fmt(prof['busy_ms'])}) | "
                   + " | ".join(f"{100 * prof[c]:.0f}%" for c in cats) + " |")
+        for r in profiled:
+            print(f"\nLargest kernels, {r['model']} at {r['res']} px (ms per step, category):")
+            for name, cat, ms in r["profile"].get("top", []):
+                print(f"  {ms:8.3f}  {cat:<28} {name}")
 
 
 def scaling_exponent(points):
