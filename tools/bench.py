@@ -223,6 +223,10 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
         row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
         row["gflops"], row["scan_gflops"] = count_gmacs(model, grid)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    if compile:
+        # each row compiles as a fresh training run would: without the reset, Dynamo would have
+        # seen the earlier rows' shapes under the same forward and compile this row for dynamic sizes
+        torch._dynamo.reset()
     net = torch.compile(model) if compile == "model" else model
     if compile == "blocks":
         compile_blocks(model)
