@@ -147,6 +147,22 @@ def shifted_window_mask(h, w, wh, ww, sh, sw):
     return blocked.float() * MASKED
 
 
+def snake_table(h, w, device):
+    """snake_paths(h, w) as the scan kernels read it: (4, h*w) int32 on `device`, built once."""
+    return _cached(("snake", h, w), lambda: snake_paths(h, w).to(torch.int32), device)
+
+
+def window_tables(h, w, window_size, shift, device):
+    """What window attention over an h x w map with this nominal shift indexes: the relative
+    position index (N, N) and the shift/padding mask (nW, N, N), built once per layout."""
+    wh, ww, sh, sw = window_layout(h, w, window_size, shift)
+    index = _cached(("relpos", wh, ww, window_size),
+                    lambda: relative_position_index(wh, ww, window_size), device)
+    mask = _cached(("mask", h, w, wh, ww, sh, sw),
+                   lambda: shifted_window_mask(h, w, wh, ww, sh, sw), device)
+    return index, mask
+
+
 #################################################################################
 #                        SS2D and window attention                              #
 #################################################################################
@@ -180,8 +196,8 @@ class SS2D(nn.Module):
         self.out_norm = nn.LayerNorm(D)
         self.out_proj = nn.Linear(D, dim, bias=False)
 
-    def forward(self, x):
-        """x: (B, H, W, dim) -> (B, H, W, dim)."""
+    def forward(self, x, paths=None):
+        """x: (B, H, W, dim) -> (B, H, W, dim); paths: snake_table(H, W) (looked up if not given)."""
         # with the Triton scan only x and the scans' output are kept for the backward: in_proj,
         # the conv, the projections, the sum, out_norm, the gate and out_proj run again
         # (ssm.recompute_around_scan); the kernel is checked in the dtype it reads (the
@@ -190,7 +206,7 @@ class SS2D(nn.Module):
         # torch.compile handles badly there (torch 2.11: compiled LaMamba-L's backward failed in an
         # eager recompute of this region)
         B, H, W, _ = x.shape
-        paths = _cached(("snake", H, W), lambda: snake_paths(H, W).to(torch.int32), x.device)  # (K, L)
+        paths = snake_table(H, W, x.device) if paths is None else paths  # (K, L)
         if token_backend(x, self.d_state, dtype_of=scan_dtype) == "triton":
             return recompute_around_scan(self.mix, x, paths)
         return self.mix(x, paths)
@@ -250,23 +266,21 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def attention_bias(self, h, w, wh, ww, sh, sw, device):
+    def attention_bias(self, index, mask):
         """(nW * heads, N, N): relative position bias plus the shift/padding mask, per window and
-        head."""
-        index = _cached(("relpos", wh, ww, self.window_size),
-                        lambda: relative_position_index(wh, ww, self.window_size), device)
-        N = wh * ww
+        head (index, mask: window_tables)."""
+        N = index.shape[0]
         # (heads, N, N)
         bias = self.relative_position_bias_table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)
-        mask = _cached(("mask", h, w, wh, ww, sh, sw),
-                       lambda: shifted_window_mask(h, w, wh, ww, sh, sw), device)
         # (nW * heads, N, N)
         return (bias[None] + mask[:, None]).flatten(0, 1)
 
-    def forward(self, x, shift):
-        """x: (B, H, W, C) -> (B, H, W, C); shift: the block's nominal shift (0 or window // 2)."""
+    def forward(self, x, shift, tables=None):
+        """x: (B, H, W, C) -> (B, H, W, C); shift: the block's nominal shift (0 or window // 2);
+        tables: window_tables(H, W, window_size, shift) (looked up if not given)."""
         B, H, W, C = x.shape
         wh, ww, sh, sw = window_layout(H, W, self.window_size, shift)
+        index, mask = tables or window_tables(H, W, self.window_size, shift, x.device)
         hp, wp = math.ceil(H / wh) * wh, math.ceil(W / ww) * ww
         if (hp, wp) != (H, W):  # pad bottom/right; the mask hides the padded keys
             x = F.pad(x, (0, 0, 0, wp - W, 0, hp - H))
@@ -279,7 +293,7 @@ class WindowAttention(nn.Module):
         # windows go on the head axis, so the (nW * heads, N, N) bias broadcasts over the batch
         # alone
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, nW * heads, N, C // heads).unbind(0)
-        bias = self.attention_bias(H, W, wh, ww, sh, sw, x.device).to(q.dtype)
+        bias = self.attention_bias(index, mask).to(q.dtype)
         # (B, nW * heads, N, hd)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         out = out.view(B, nW, heads, N, C // heads).transpose(2, 3).reshape(B, nW, N, C)
@@ -314,13 +328,19 @@ class LaMambaBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
                                              fc2=nn.Linear(hidden, dim)))
 
-    def forward(self, x, c):
-        """x: (B, H, W, dim), c: (B, cond_dim)."""
+    def tables(self, h, w, device):
+        """The index tables this block reads at an h x w map: (snake paths, (relative position
+        index, window mask))."""
+        return snake_table(h, w, device), window_tables(h, w, self.attn.window_size, self.shift, device)
+
+    def forward(self, x, c, tables=None):
+        """x: (B, H, W, dim), c: (B, cond_dim); tables: self.tables(H, W) (looked up if not given)."""
+        paths, windows = tables or self.tables(x.shape[1], x.shape[2], x.device)
         # (B, 1, 1, 9 dim)
         mod = self.adaLN_modulation(self.condition_projection(c))[:, None, None]
         shift_s, scale_s, gate_s, shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(9, dim=-1)
-        x = x + gate_s * self.ss2d(modulate(self.norm_ssm(x), shift_s, scale_s))
-        x = x + gate_a * self.attn(modulate(self.norm_attn(x), shift_a, scale_a), self.shift)
+        x = x + gate_s * self.ss2d(modulate(self.norm_ssm(x), shift_s, scale_s), paths)
+        x = x + gate_a * self.attn(modulate(self.norm_attn(x), shift_a, scale_a), self.shift, windows)
         x = x + gate_m * self.mlp(modulate(self.norm_mlp(x), shift_m, scale_m))
         return x
 
@@ -382,8 +402,12 @@ class Stage(nn.Module):
         self.resample = resample
 
     def forward(self, x, c):
+        # The blocks' index tables are looked up here and passed in: looked up inside a block
+        # compiled on its own (models.compile_blocks), the cache they come from would be part of the
+        # block graph's guards, and each grid's first lookup would invalidate the graphs compiled
+        # before it (LaMamba-T: 11 block graphs instead of 6)
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, block.tables(x.shape[1], x.shape[2], x.device))
         return x
 
 

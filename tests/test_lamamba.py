@@ -143,6 +143,29 @@ def test_shifted_attention_never_crosses_the_seam(monkeypatch):
     assert leak[6:, 6:].min() > 0
 
 
+def test_a_compiled_block_is_not_recompiled_when_its_tables_are_cached(monkeypatch):
+    # models.compile_blocks compiles each LaMambaBlock on its own. The index tables (snake paths,
+    # window masks) come from a module-level cache: looked up inside the compiled block, the cache
+    # became part of its guards, so the block was compiled again once its tables were cached, and
+    # every graph made before a new grid's first lookup was invalidated by it (LaMamba-T, fresh
+    # process: 11 block graphs for 8 kinds of block, now 6).
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(lamamba, "_index_cache", {})  # as in a fresh process
+    torch.manual_seed(0)
+    model = lamamba.LaMamba_T(input_size=16, in_channels=1, num_classes=10)
+    model.encoder[0].blocks[0].compile(backend=counting_backend)  # as compile_blocks does
+    x, t, y = torch.randn(1, 1, 16, 16), torch.rand(1), torch.tensor([3])
+    with torch.no_grad():
+        for _ in range(2):
+            model(x, t, y)
+    assert len(graphs) == 1
+
+
 def test_window_layout_clamps_small_maps():
     assert lamamba.window_layout(32, 32, 8, 4) == (8, 8, 4, 4)
     # 8x8 stages at 256 px: global, unshifted
