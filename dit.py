@@ -212,6 +212,11 @@ class DiT(nn.Module):
     def pos_embed(self, h, w, device):
         """Frozen (1, h*w, D) sin-cos embedding of an h x w token grid, cached per grid and
         device."""
+        if torch.compiler.is_compiling():
+            # in the compiled graph it is computed (a few small kernels): looked up, the cache
+            # would be part of the graph's guards, and filling it at the first call would make the
+            # second compile the whole model again
+            return get_2d_sincos_pos_embed(self.hidden_size, h, w).to(device)[None]
         key = (h, w, str(device))
         if key not in self._pos_cache:
             # a normal tensor even when first built under inference_mode
