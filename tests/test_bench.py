@@ -51,6 +51,7 @@ def test_bench_cpu_tiny(tmp_path, capsys, traced_compile, oom_family, mode, comp
             assert r["tokens"] == (r["res"] // 16) ** 2 and r["params_M"] > 0 and r["gflops"] > 0
             assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
             assert r["ms_per_image"] == pytest.approx(r["step_ms"] / r["batch"])
+            assert r["setup_s"] > 0  # building, compiling and warming up (untimed)
     # the scans were counted
     assert next(r for r in rows if r["model"] == "DiM-T/2")["scan_gflops"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -61,8 +61,8 @@ FAMILIES = {
     "dit": ("DiT-{}/2", {"H": "XL"}),
 }
 COLUMNS = ["model", "family", "mode", "res", "tokens", "batch", "params_M", "gflops", "scan_gflops",
-           "step_ms", "ms_per_image", "images_per_s", "mfu", "peak_mem_gib", "compiled", "status",
-           "device", "torch", "scan", "profile"]
+           "step_ms", "ms_per_image", "images_per_s", "mfu", "peak_mem_gib", "compiled", "setup_s",
+           "status", "device", "torch", "scan", "profile"]
 # dense bf16 peak of the GPU for MFU (H100/H200 SXM datasheet); None elsewhere
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR = 4, 1000, 8
@@ -199,12 +199,14 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
               grad_checkpoint=False, graphed="off", profile=False):
     """Build the model on `device`, time its train or sample step; fills the row's measured
     columns. compile: None, "model" (torch.compile the whole model) or "blocks" (each block,
-    models.compile_blocks); compilation happens in the warm-up steps;
+    models.compile_blocks); compilation happens in the warm-up steps, and row["setup_s"] says how
+    long it took from building the model to the end of the warm-up (compilation, capture, first calls);
     grad_checkpoint: recompute every block in the backward (models.checkpoint_blocks); graphed "on"
     or "auto": the step's forward and backward (train) or forward (sample) replayed as one CUDA graph
     (models.cuda_graph), the optimizer step outside it, as train.py --cuda-graph runs them;
     profile: afterwards, `repeats` steps under torch.profiler (profile_steps) fill row["profile"]."""
     cuda = device.type == "cuda"
+    setup_start = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):
         model = factory(input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
@@ -273,7 +275,12 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
         def step():
             forward(x, t, y)
 
-    seconds = median_time(step, warmup, repeats, cuda)
+    for _ in range(warmup):  # compilation (and a graph's capture, above) happens before timing
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    row["setup_s"] = time.perf_counter() - setup_start
+    seconds = median_time(step, 0, repeats, cuda)
     # model FLOPs per image and step: forward 2 x MACs, training ~3 forwards, a guided sampling step 2
     flops = 2e9 * (row["gflops"] or 0) * (3 if mode == "train" else 2)
     peak = next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
@@ -403,14 +410,15 @@ def fmt(v, digits=1):
 
 def print_table(rows):
     print("| model | res | tokens | batch | params (M) | GFLOPs | step ms | ms/img | img/s | MFU | peak "
-          "GiB | compiled | status |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "GiB | compiled | setup s | status |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         cells = [r["model"], fmt(r["res"]), fmt(r["tokens"]), fmt(r["batch"]), fmt(r["params_M"]),
                  fmt(r["gflops"], 1 if (r["gflops"] or 0) >= 10 else 3), fmt(r["step_ms"]),
                  fmt(r["ms_per_image"], 2), fmt(r["images_per_s"], 2), mfu,
-                 fmt(r["peak_mem_gib"], 2), str(r.get("compiled") or "no"), r["status"]]
+                 fmt(r["peak_mem_gib"], 2), str(r.get("compiled") or "no"), fmt(r.get("setup_s"), 0),
+                 r["status"]]
         print("| " + " | ".join(cells) + " |")
     if any(r["status"] == "OOM*" for r in rows):
         print("\nOOM*: not run, a load (batch x pixels) no larger ran out of memory.")
