@@ -77,6 +77,19 @@ def traced_compile(monkeypatch):
 
 
 @pytest.fixture
+def graph_counter():
+    """(backend, graphs): a torch.compile backend that runs each graph Dynamo hands it as traced and
+    appends it to `graphs`, so a test can count how often a model is compiled."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend, graphs
+
+
+@pytest.fixture
 def relative_error():
     """max |a - b| / max |b|."""
     return lambda a, b: ((a - b).abs().max() / b.abs().max()).item()

@@ -303,16 +303,11 @@ def test_param_counts_of_named_configs():
     assert abs(count_params(at512) + 16 * 2 * (1024 ** 2 + 1024) - 461e6) < 0.5e6
 
 
-def test_per_block_compilation_traces_few_graphs():
+def test_per_block_compilation_traces_few_graphs(graph_counter):
     # each block has its own stochastic-depth rate; as a tensor it does not make torch.compile trace
     # every block anew (as Python floats it did: one graph per block, ~190 s of compiling for L/2)
     import models
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    counting_backend, graphs = graph_counter
     torch.manual_seed(0)
     model = dimsum.DiMSUM_T_2(input_size=8, in_channels=1, num_classes=10)
     compiled = models.compile_blocks(model, backend=counting_backend)

@@ -94,16 +94,11 @@ def test_pos_embed_layout():
             torch.testing.assert_close(emb[i * w + j], expect)
 
 
-def test_compiled_whole_model_is_traced_once():
+def test_compiled_whole_model_is_traced_once(graph_counter):
     # DiT compiles whole (train.py's --compile auto). Its positional embedding comes from a per-grid
     # cache; looked up in the compiled graph, the cache's contents became guards, and the second call
     # compiled the whole model again. Compiled, it is computed in the graph: one graph, same output.
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    counting_backend, graphs = graph_counter
     torch.manual_seed(0)
     model = dit.DiT_S_2(input_size=8, in_channels=4, num_classes=10)
     for block in model.blocks:  # adaLN-Zero makes every block the identity: give them weights

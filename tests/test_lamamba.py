@@ -143,18 +143,13 @@ def test_shifted_attention_never_crosses_the_seam(monkeypatch):
     assert leak[6:, 6:].min() > 0
 
 
-def test_a_compiled_block_is_not_recompiled_when_its_tables_are_cached(monkeypatch):
+def test_a_compiled_block_is_not_recompiled_when_its_tables_are_cached(monkeypatch, graph_counter):
     # models.compile_blocks compiles each LaMambaBlock on its own. The index tables (snake paths,
     # window masks) come from a module-level cache: looked up inside the compiled block, the cache
     # became part of its guards, so the block was compiled again once its tables were cached, and
     # every graph made before a new grid's first lookup was invalidated by it (LaMamba-T, fresh
     # process: 11 block graphs for 8 kinds of block, now 6).
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    counting_backend, graphs = graph_counter
     monkeypatch.setattr(lamamba, "_index_cache", {})  # as in a fresh process
     torch.manual_seed(0)
     model = lamamba.LaMamba_T(input_size=16, in_channels=1, num_classes=10)
