@@ -213,15 +213,15 @@ class DiT(nn.Module):
         """Frozen (1, h*w, D) sin-cos embedding of an h x w token grid, cached per grid and
         device."""
         if torch.compiler.is_compiling():
-            # in the compiled graph it is computed (a few small kernels): looked up, the cache
-            # would be part of the graph's guards, and filling it at the first call would make the
-            # second compile the whole model again
-            return get_2d_sincos_pos_embed(self.hidden_size, h, w).to(device)[None]
+            # in the compiled graph it is computed, on the device (a few small kernels, which a CUDA
+            # graph replays): looked up, the cache would be part of the graph's guards, and filling
+            # it at the first call would make the second compile the whole model again
+            return get_2d_sincos_pos_embed(self.hidden_size, h, w, device)[None]
         key = (h, w, str(device))
         if key not in self._pos_cache:
             # a normal tensor even when first built under inference_mode
             with torch.inference_mode(False):
-                self._pos_cache[key] = get_2d_sincos_pos_embed(self.hidden_size, h, w).to(device)[None]
+                self._pos_cache[key] = get_2d_sincos_pos_embed(self.hidden_size, h, w, device)[None]
         return self._pos_cache[key]
 
     def unpatchify(self, x, h, w):
@@ -267,18 +267,19 @@ def load_official_state_dict(model, state_dict):
 def get_1d_sincos_pos_embed(dim, pos):
     """pos: (M,) positions -> (M, dim): sin of pos * 10000^(-k / (dim/2)) for k < dim/2, then cos of
     the same."""
-    omega = 10000.0 ** (-torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    omega = 10000.0 ** (-torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2))
     angles = pos.to(torch.float64)[:, None] * omega[None]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
-def get_2d_sincos_pos_embed(dim, h, w):
-    """(h*w, dim) float32 for a row-major h x w grid. As in DiT (and MAE), the first half of the
-    channels encodes the column index and the second half the row index; on a square grid this
-    equals DiT's stored table."""
+def get_2d_sincos_pos_embed(dim, h, w, device=None):
+    """(h*w, dim) float32 for a row-major h x w grid, built on `device`. As in DiT (and MAE), the
+    first half of the channels encodes the column index and the second half the row index; on a
+    square grid this equals DiT's stored table."""
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a hidden size divisible by 4, got {dim}")
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                                indexing="ij")
     emb = torch.cat([get_1d_sincos_pos_embed(dim // 2, cols.reshape(-1)),
                      get_1d_sincos_pos_embed(dim // 2, rows.reshape(-1))], dim=1)
     return emb.float()

@@ -331,16 +331,19 @@ class LaMambaBlock(nn.Module):
     def tables(self, h, w, device):
         """The index tables this block reads at an h x w map: (snake paths, (relative position
         index, window mask))."""
-        return snake_table(h, w, device), window_tables(h, w, self.attn.window_size, self.shift, device)
+        windows = window_tables(h, w, self.attn.window_size, self.shift, device)
+        return snake_table(h, w, device), windows
 
     def forward(self, x, c, tables=None):
-        """x: (B, H, W, dim), c: (B, cond_dim); tables: self.tables(H, W) (looked up if not given)."""
+        """x: (B, H, W, dim), c: (B, cond_dim); tables: self.tables(H, W) (looked up if not
+        given)."""
         paths, windows = tables or self.tables(x.shape[1], x.shape[2], x.device)
         # (B, 1, 1, 9 dim)
         mod = self.adaLN_modulation(self.condition_projection(c))[:, None, None]
         shift_s, scale_s, gate_s, shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(9, dim=-1)
         x = x + gate_s * self.ss2d(modulate(self.norm_ssm(x), shift_s, scale_s), paths)
-        x = x + gate_a * self.attn(modulate(self.norm_attn(x), shift_a, scale_a), self.shift, windows)
+        x = x + gate_a * self.attn(modulate(self.norm_attn(x), shift_a, scale_a), self.shift,
+                                   windows)
         x = x + gate_m * self.mlp(modulate(self.norm_mlp(x), shift_m, scale_m))
         return x
 

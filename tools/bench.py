@@ -200,7 +200,8 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
     """Build the model on `device`, time its train or sample step; fills the row's measured
     columns. compile: None, "model" (torch.compile the whole model) or "blocks" (each block,
     models.compile_blocks); compilation happens in the warm-up steps, and row["setup_s"] says how
-    long it took from building the model to the end of the warm-up (compilation, capture, first calls);
+    long it took from building the model to the end of the warm-up (compilation, capture, first
+    calls);
     grad_checkpoint: recompute every block in the backward (models.checkpoint_blocks); graphed "on"
     or "auto": the step's forward and backward (train) or forward (sample) replayed as one CUDA graph
     (models.cuda_graph), the optimizer step outside it, as train.py --cuda-graph runs them;
