@@ -59,6 +59,26 @@ def test_bench_cpu_tiny(tmp_path, capsys, traced_compile, oom_family, mode, comp
     assert "| DiT-T/2 | 64 | 16 | 1 |" in printed and "| OOM-T/2 | 32 |" in printed
 
 
+def test_each_compiled_row_is_compiled_for_its_own_static_shape(tmp_path, monkeypatch):
+    # a training run compiles for one resolution; so must each row. Without a reset between rows,
+    # Dynamo saw the first row's shapes under the same forward and compiled the second for dynamic
+    # sizes (shape-generic kernels that no training run uses).
+    graphs, compile = [], torch.compile
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=recording))
+    bench.main(["--models", "dit", "--size", "T", "--res", "32,64", "--batch", "1", "--repeats",
+                "1", "--warmup", "1", "--compile", "model", "--device", "cpu", "--out",
+                str(tmp_path / "bench.json"), "--plot", ""])
+    symbolic = [any(isinstance(d, torch.SymInt) for n in gm.graph.nodes if n.op == "placeholder"
+                    for d in getattr(n.meta.get("example_value"), "shape", ()))
+                for gm in graphs]
+    assert symbolic == [False, False]
+
+
 def test_profile_categories():
     cat = bench.profile_category
     assert cat("_scan_bwd_kernel") == cat("void selective_scan_bwd_kernel<...>") == "scan backward"
