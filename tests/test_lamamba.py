@@ -153,7 +153,7 @@ def test_a_compiled_block_is_not_recompiled_when_its_tables_are_cached(monkeypat
     monkeypatch.setattr(lamamba, "_index_cache", {})  # as in a fresh process
     torch.manual_seed(0)
     model = lamamba.LaMamba_T(input_size=16, in_channels=1, num_classes=10)
-    model.encoder[0].blocks[0].compile(backend=counting_backend)  # as compile_blocks does
+    model.encoder[0].blocks[0].compile(backend=counting_backend, dynamic=False)  # as compile_blocks
     x, t, y = torch.randn(1, 1, 16, 16), torch.rand(1), torch.tensor([3])
     with torch.no_grad():
         for _ in range(2):
