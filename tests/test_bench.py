@@ -136,6 +136,27 @@ def test_cuda_graph_on_without_a_gpu_is_one_line(tmp_path):
                     "on", "--out", str(tmp_path / "bench.json")])
 
 
+def test_compile_blocks_gives_each_block_shape_a_static_graph(graph_counter):
+    # blocks of one model that differ in shape (LaMamba's U-Net stages) get one static graph each,
+    # not a graph for symbolic sizes once Dynamo has seen two shapes under the same forward
+    class TinyBlock(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.fc = nn.Linear(dim, dim)
+
+        def forward(self, x):
+            return x + self.fc(x).relu()
+
+    counting_backend, graphs = graph_counter
+    model = nn.Sequential(TinyBlock(8), nn.Linear(8, 16), TinyBlock(16), nn.Linear(16, 32),
+                          TinyBlock(32))
+    assert models.compile_blocks(model, backend=counting_backend) == 3
+    model(torch.randn(2, 8)).sum().backward()
+    shapes = [[tuple(n.meta["example_value"].shape) for n in gm.graph.nodes if n.op == "placeholder"]
+              for gm in graphs]
+    assert len(graphs) == 3 and all(isinstance(d, int) for s in shapes for shape in s for d in shape)
+
+
 def test_compile_blocks_matches_eager(name="DiM-T/2"):
     # regional compilation (bench.py --compile blocks) wraps every outermost block once and leaves
     # outputs and gradients unchanged (dynamo's graphs, fullgraph: no break; no C++ compiler needed)
