@@ -81,7 +81,7 @@ import torch
 import torch.nn as nn
 
 from dit import (DiT, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
-                 adaln_zero, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed)
+                 adaln_zero, cached, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed)
 from ssm import (Mamba, causal_conv_silu, count_scan_flops, mamba_scan, recompute_around_scan,
                  scan_dtype, token_backend)
 
@@ -199,19 +199,16 @@ class BiDiM(nn.Module):
         """Frozen (1, L, D) sin-cos embedding in token order: the 2-D one of the h x w grid, plus
         for video the 1-D one of the frame index (frame-major, L = frames*h*w). Cached per shape and
         device."""
-        key = (frames, h, w, str(device))
-        if key not in self._pos_cache:
-            # a normal tensor even when first built under inference_mode
-            with torch.inference_mode(False):
-                # (h*w, D)
-                emb = get_2d_sincos_pos_embed(self.hidden_size, h, w)
-                if self.num_frames is not None:
-                    # (T, D)
-                    time = get_1d_sincos_pos_embed(self.hidden_size, torch.arange(frames)).float()
-                    # frame-major
-                    emb = (time[:, None] + emb[None]).reshape(frames * h * w, -1)
-                self._pos_cache[key] = emb.to(device)[None]
-        return self._pos_cache[key]
+        def build():
+            emb = get_2d_sincos_pos_embed(self.hidden_size, h, w, device)  # (h*w, D)
+            if self.num_frames is not None:
+                # (T, D)
+                time = get_1d_sincos_pos_embed(self.hidden_size,
+                                               torch.arange(frames, device=device)).float()
+                emb = (time[:, None] + emb[None]).reshape(frames * h * w, -1)  # frame-major
+            return emb[None]
+
+        return cached(self._pos_cache, (frames, h, w, str(device)), build)
 
     def unpatchify(self, x, h, w):
         """(M, h*w, p*p*C_out) -> (M, C_out, h*p, w*p)."""

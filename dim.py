@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit import timestep_embedding
+from dit import cached, timestep_embedding
 from ssm import Mamba
 
 
@@ -226,15 +226,11 @@ class DiM(nn.Module):
     def permutations(self, h, w, device):
         """Index tensors (with the 2 + num_pads prefix fixed in front) for the 4 scan orders on an h
         x w grid."""
-        key = (h, w, str(device))
-        if key not in self._permutation_cache:
-            prefix = 2 + self.num_pads
-            head = torch.arange(prefix, device=device)
-            orders = []
-            for perm in scan_permutations(h, w, self.num_pads, device):
-                orders.append(torch.cat([head, perm + prefix]).to(torch.int32))
-            self._permutation_cache[key] = orders
-        return self._permutation_cache[key]
+        prefix = 2 + self.num_pads
+        head = torch.arange(prefix, device=device)
+        return cached(self._permutation_cache, (h, w, str(device)), lambda: [
+            torch.cat([head, perm + prefix]).to(torch.int32)
+            for perm in scan_permutations(h, w, self.num_pads, device)])
 
     def pad_grid(self, x, h, w):
         """(N, h*w, D) -> (N, (h+P)*(w+P), D): P pad columns after each row, P pad rows below

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, modulate
+from dit import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, cached, modulate
 from ssm import Mamba
 
 
@@ -389,11 +389,9 @@ class DiMSUM(nn.Module):
     def orders(self, h, w, device):
         """Index tables (int32): the 4 spatial orders and the 2 wavelet window scans for an h x w
         grid."""
-        key = (h, w, str(device))
-        if key not in self._order_cache:
-            tables = lambda perms: [p.to(torch.int32) for p in perms]
-            self._order_cache[key] = tables(spatial_orders(h, w, device)), tables(window_orders(h, w, device))
-        return self._order_cache[key]
+        tables = lambda perms: [p.to(torch.int32) for p in perms]
+        return cached(self._order_cache, (h, w, str(device)), lambda: (
+            tables(spatial_orders(h, w, device)), tables(window_orders(h, w, device))))
 
     def unpatchify(self, x, h, w):
         """(N, h*w, p*p*C) -> (N, C, h*p, w*p)."""

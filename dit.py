@@ -212,17 +212,8 @@ class DiT(nn.Module):
     def pos_embed(self, h, w, device):
         """Frozen (1, h*w, D) sin-cos embedding of an h x w token grid, cached per grid and
         device."""
-        if torch.compiler.is_compiling():
-            # in the compiled graph it is computed, on the device (a few small kernels, which a CUDA
-            # graph replays): looked up, the cache would be part of the graph's guards, and filling
-            # it at the first call would make the second compile the whole model again
-            return get_2d_sincos_pos_embed(self.hidden_size, h, w, device)[None]
-        key = (h, w, str(device))
-        if key not in self._pos_cache:
-            # a normal tensor even when first built under inference_mode
-            with torch.inference_mode(False):
-                self._pos_cache[key] = get_2d_sincos_pos_embed(self.hidden_size, h, w, device)[None]
-        return self._pos_cache[key]
+        return cached(self._pos_cache, (h, w, str(device)),
+                      lambda: get_2d_sincos_pos_embed(self.hidden_size, h, w, device)[None])
 
     def unpatchify(self, x, h, w):
         """(N, h*w, p*p*C_out) -> (N, C_out, h*p, w*p)."""
@@ -263,6 +254,20 @@ def load_official_state_dict(model, state_dict):
 #################################################################################
 #                   Sine/cosine positional embedding functions                  #
 #################################################################################
+
+def cached(cache, key, build):
+    """build(), made once per key and kept in the dict `cache`: the index tables and embeddings that
+    depend only on the grid and the device. In a graph that torch.compile traces it is built in the
+    graph, on the device (a few small kernels, which a CUDA graph replays): looked up there, the
+    cache would become part of the graph's guards, and its first fill would make the model's second
+    call compile it again."""
+    if torch.compiler.is_compiling():
+        return build()
+    if key not in cache:
+        with torch.inference_mode(False):  # a normal tensor even when first built in inference mode
+            cache[key] = build()
+    return cache[key]
+
 
 def get_1d_sincos_pos_embed(dim, pos):
     """pos: (M,) positions -> (M, dim): sin of pos * 10000^(-k / (dim/2)) for k < dim/2, then cos of

@@ -183,6 +183,23 @@ class HostTensors(TorchDispatchMode):
         return func(*args, **kwargs or {})
 
 
+@pytest.mark.parametrize("name", [n for n in TINY if not n.startswith("LaMamba")])
+def test_compiled_whole_model_is_traced_once(name, perturb, graph_counter):
+    # torch.compile(model) (DiT's --compile auto, anyone's --compile model): the per-grid tables and
+    # embeddings (dit.cached) are built in the graph, so the second call finds the first's graph.
+    # (LaMamba's tables are built on the host: its stages look them up outside its compiled blocks.)
+    counting_backend, graphs = graph_counter
+    model = perturb(build(name), 0.02).eval()
+    x, t, y = inputs(model)
+    compiled = torch.compile(model, backend=counting_backend)
+    with torch.no_grad():
+        outs = [compiled(x, t, y) for _ in range(2)]
+        eager = model(x, t, y)
+    assert len(graphs) == 1
+    for out in outs:
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_training_step_reads_nothing_from_the_host(name, monkeypatch):
     # train.py --cuda-graph (models.cuda_graph) replays the loss, forward and backward as one CUDA
