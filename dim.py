@@ -227,9 +227,8 @@ class DiM(nn.Module):
         """Index tensors (with the 2 + num_pads prefix fixed in front) for the 4 scan orders on an h
         x w grid."""
         prefix = 2 + self.num_pads
-        head = torch.arange(prefix, device=device)
         return cached(self._permutation_cache, (h, w, str(device)), lambda: [
-            torch.cat([head, perm + prefix]).to(torch.int32)
+            torch.cat([torch.arange(prefix, device=device), perm + prefix]).to(torch.int32)
             for perm in scan_permutations(h, w, self.num_pads, device)])
 
     def pad_grid(self, x, h, w):

@@ -52,7 +52,10 @@ def modulate(x, shift, scale):
 #                     Snake scans, windows and their masks                      #
 #################################################################################
 
-# Index tensors depend only on the grid and the device: build each once, not on every call.
+# Index tensors depend only on the grid and the device: build each once, not on every call. Not
+# dit.cached, which builds its tables in a compiled graph: these are built on the host and copied to
+# the device, a copy a CUDA graph cannot replay; so LaMamba's stages look them up outside the
+# compiled blocks (Stage.forward).
 _index_cache = {}
 
 
