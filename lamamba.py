@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit import LabelEmbedder, TimestepEmbedder
+from dit import LabelEmbedder, TimestepEmbedder, cached
 from ssm import (count_scan_flops, init_dt_A_D, mamba_scan, recompute_around_scan, scan_dtype,
                  token_backend)
 
@@ -52,21 +52,12 @@ def modulate(x, shift, scale):
 #                     Snake scans, windows and their masks                      #
 #################################################################################
 
-# Index tensors depend only on the grid and the device: build each once, not on every call. Not
-# dit.cached, which builds its tables in a compiled graph: these are built on the host and copied to
-# the device, a copy a CUDA graph cannot replay; so LaMamba's stages look them up outside the
-# compiled blocks (Stage.forward).
+# Index tensors depend only on the grid and the device: each is built once, on the device (dit.cached;
+# in a graph that torch.compile traces they are built in the graph instead).
 _index_cache = {}
 
 
-def _cached(key, build, device):
-    key = key + (str(device),)
-    if key not in _index_cache:
-        _index_cache[key] = build().to(device)
-    return _index_cache[key]
-
-
-def snake_paths(h, w):
+def snake_paths(h, w, device=None):
     """The four continuous ("snake") scan orders of an h x w map stored row-major, as a (4, h*w)
     index tensor whose row k lists the pixels in the order scan k visits them (official
     model/continuous_scan.py):
@@ -76,8 +67,8 @@ def snake_paths(h, w):
       3. columns from the right, the first going up.
     Consecutive tokens are always spatial neighbours. For an even number of rows scan 1 is scan 0
     reversed, and for an even number of columns scan 3 is scan 2 reversed."""
-    r = torch.arange(h)[:, None].expand(h, w)
-    c = torch.arange(w)[None, :].expand(h, w)
+    r = torch.arange(h, device=device)[:, None].expand(h, w)
+    c = torch.arange(w, device=device)[None, :].expand(h, w)
     # (h, w): row i of the path walks these columns
     c_snake = torch.where(r % 2 == 0, c, w - 1 - c)
     # (h, w): column j of the path walks these rows
@@ -113,11 +104,11 @@ def window_reverse(windows, wh, ww, H, W):
     return x.reshape(B, H, W, C)
 
 
-def relative_position_index(wh, ww, window_size):
+def relative_position_index(wh, ww, window_size, device=None):
     """(wh*ww, wh*ww) index of each (query, key) offset into a (2*window_size-1)^2 bias table
     (Swin's layout)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww),
-                                        indexing="ij")).flatten(1)  # (2, N)
+    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device),
+                                        torch.arange(ww, device=device), indexing="ij")).flatten(1)  # (2, N)
     # (2, N, N), offsets shifted to >= 0
     rel = coords[:, :, None] - coords[:, None, :] + (window_size - 1)
     return rel[0] * (2 * window_size - 1) + rel[1]
@@ -126,7 +117,7 @@ def relative_position_index(wh, ww, window_size):
 MASKED = -100.0  # Swin's additive mask value, as the official code uses
 
 
-def shifted_window_mask(h, w, wh, ww, sh, sw):
+def shifted_window_mask(h, w, wh, ww, sh, sw, device=None):
     """(nW, N, N) additive mask for the padded, rolled map: MASKED between tokens that fall in one
     window only because of the cyclic roll (they lie on opposite sides of the seam), and for padded
     keys; 0 elsewhere."""
@@ -134,7 +125,7 @@ def shifted_window_mask(h, w, wh, ww, sh, sw):
 
     # Swin's three slices of the rolled axis: [0, n-win), [n-win, n-shift), [n-shift, n)
     def regions(n, win, shift):
-        label = torch.zeros(n, dtype=torch.long)
+        label = torch.zeros(n, dtype=torch.long, device=device)
         if shift:
             label[n - win:n - shift] = 1
             label[n - shift:] = 2
@@ -142,8 +133,8 @@ def shifted_window_mask(h, w, wh, ww, sh, sw):
 
     region = regions(hp, wh, sh)[:, None] * 3 + regions(wp, ww, sw)[None, :]            # (hp, wp)
     # rolled position i holds original position (i + shift) mod n; those past the map are padding
-    pad = ((torch.arange(hp) + sh) % hp >= h)[:, None] | ((torch.arange(wp)
-                                                           + sw) % wp >= w)[None, :]
+    pad = (((torch.arange(hp, device=device) + sh) % hp >= h)[:, None]
+           | ((torch.arange(wp, device=device) + sw) % wp >= w)[None, :])
     region = window_partition(region[None, :, :, None], wh, ww)[0, :, :, 0]             # (nW, N)
     pad = window_partition(pad[None, :, :, None], wh, ww)[0, :, :, 0]                   # (nW, N)
     blocked = (region[:, :, None] != region[:, None, :]) | pad[:, None, :]
@@ -152,17 +143,18 @@ def shifted_window_mask(h, w, wh, ww, sh, sw):
 
 def snake_table(h, w, device):
     """snake_paths(h, w) as the scan kernels read it: (4, h*w) int32 on `device`, built once."""
-    return _cached(("snake", h, w), lambda: snake_paths(h, w).to(torch.int32), device)
+    return cached(_index_cache, ("snake", h, w, str(device)),
+                  lambda: snake_paths(h, w, device).to(torch.int32))
 
 
 def window_tables(h, w, window_size, shift, device):
     """What window attention over an h x w map with this nominal shift indexes: the relative
     position index (N, N) and the shift/padding mask (nW, N, N), built once per layout."""
     wh, ww, sh, sw = window_layout(h, w, window_size, shift)
-    index = _cached(("relpos", wh, ww, window_size),
-                    lambda: relative_position_index(wh, ww, window_size), device)
-    mask = _cached(("mask", h, w, wh, ww, sh, sw),
-                   lambda: shifted_window_mask(h, w, wh, ww, sh, sw), device)
+    index = cached(_index_cache, ("relpos", wh, ww, window_size, str(device)),
+                   lambda: relative_position_index(wh, ww, window_size, device))
+    mask = cached(_index_cache, ("mask", h, w, wh, ww, sh, sw, str(device)),
+                  lambda: shifted_window_mask(h, w, wh, ww, sh, sw, device))
     return index, mask
 
 
@@ -408,12 +400,14 @@ class Stage(nn.Module):
         self.resample = resample
 
     def forward(self, x, c):
-        # The blocks' index tables are looked up here and passed in: looked up inside a block
-        # compiled on its own (models.compile_blocks), the cache they come from would be part of the
-        # block graph's guards, and each grid's first lookup would invalidate the graphs compiled
-        # before it (LaMamba-T: 11 block graphs instead of 6)
+        # The blocks' index tables are looked up here, once per window shift, and passed in. Inside a
+        # block compiled on its own (models.compile_blocks) they would be built in its graph at every
+        # call; and when the model is compiled whole, once per shift is all the graph builds.
+        tables = {}
         for block in self.blocks:
-            x = block(x, c, block.tables(x.shape[1], x.shape[2], x.device))
+            if block.shift not in tables:
+                tables[block.shift] = block.tables(x.shape[1], x.shape[2], x.device)
+            x = block(x, c, tables[block.shift])
         return x
 
 

@@ -187,7 +187,7 @@ class HostTensors(TorchDispatchMode):
 def test_compiled_whole_model_is_traced_once(name, perturb, graph_counter):
     # torch.compile(model) (DiT's --compile auto, anyone's --compile model): the per-grid tables and
     # embeddings (dit.cached) are built in the graph, so the second call finds the first's graph.
-    # (LaMamba's tables are built on the host: its stages look them up outside its compiled blocks.)
+    # (LaMamba: one stage, in tests/test_lamamba.py; its whole model takes ~50 s to trace.)
     counting_backend, graphs = graph_counter
     model = perturb(build(name), 0.02).eval()
     x, t, y = inputs(model)

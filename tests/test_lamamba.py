@@ -61,8 +61,8 @@ def test_raster_scans_do_not_match(monkeypatch, relative_error, official_model):
     # recording.
     model, tensors = official_model
 
-    def raster(h, w):
-        rows = torch.arange(h * w)
+    def raster(h, w, device=None):
+        rows = torch.arange(h * w, device=device)
         cols = rows.view(h, w).t().reshape(-1)
         return torch.stack([rows, rows.flip(0), cols, cols.flip(0)])
 
@@ -135,8 +135,8 @@ def test_shifted_attention_never_crosses_the_seam(monkeypatch):
     assert changed[6:, :].max() == 0 and changed[:, 6:].max() == 0
     assert changed[:2, :2].min() > 0
     # Without the mask the same experiment leaks across the seam: the test has teeth.
-    monkeypatch.setattr(lamamba, "shifted_window_mask", lambda h, w, wh, ww, sh, sw:
-                        torch.zeros(h * w // (wh * ww), wh * ww, wh * ww))
+    monkeypatch.setattr(lamamba, "shifted_window_mask", lambda h, w, wh, ww, sh, sw, device:
+                        torch.zeros(h * w // (wh * ww), wh * ww, wh * ww, device=device))
     monkeypatch.setattr(lamamba, "_index_cache", {})
     with torch.no_grad():
         leak = (attn(x2, shift=2) - attn(x, shift=2)).abs().amax(-1)[0]
@@ -159,6 +159,26 @@ def test_a_compiled_block_is_not_recompiled_when_its_tables_are_cached(monkeypat
         for _ in range(2):
             model(x, t, y)
     assert len(graphs) == 1
+
+
+def test_a_stage_compiled_whole_is_compiled_once(monkeypatch, graph_counter):
+    # torch.compile(model) (--compile model): the stages' tables are built in the graph (dit.cached),
+    # once per window shift. Looked up in the module-level cache there, the cache became part of the
+    # graph's guards and its first fill compiled the model a second time.
+    counting_backend, graphs = graph_counter
+    monkeypatch.setattr(lamamba, "_index_cache", {})  # as in a fresh process
+    torch.manual_seed(0)
+    stage = lamamba.LaMamba_T(input_size=16, in_channels=1, num_classes=10).encoder[0]
+    block = stage.blocks[0]
+    x = torch.randn(1, 16, 16, block.norm_ssm.normalized_shape[0])
+    c = torch.randn(1, block.condition_projection.in_features)
+    compiled = torch.compile(stage, backend=counting_backend)
+    with torch.no_grad():
+        outs = [compiled(x, c) for _ in range(2)]
+        eager = stage(x, c)
+    assert len(graphs) == 1
+    for out in outs:
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_window_layout_clamps_small_maps():
