@@ -88,6 +88,17 @@ def recompute_around_scan(fn, *args):
         context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_the_scan))
 
 
+def split_linear(x, linear, parts=2):
+    """linear(x).chunk(parts, dim=-1), as one product per part. The same numbers; what changes is
+    the backward: the gradient of x is a sum of `parts` products, which the next elementwise kernel
+    adds up as it reads them, where the chunks' gradients would first be concatenated into one
+    (..., out_features) copy (in a Mamba mixer the (B, L, 2 d_inner) gradient of in_proj, the
+    largest activation of a block)."""
+    weights = linear.weight.chunk(parts, dim=0)
+    biases = linear.bias.chunk(parts) if linear.bias is not None else [None] * parts
+    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+
+
 def init_dt_A_D(dt_proj_weight, d_inner, d_state, dt_rank, dt_min=0.001, dt_max=0.1, dt_init="random",
                 dt_scale=1.0, dt_init_floor=1e-4, copies=1):
     """Mamba's initialisation of the selective-scan parameters (mamba_simple.py, Mamba.__init__), for `copies`
@@ -162,7 +173,7 @@ class Mamba(nn.Module):
 
     def inner(self, x, order=None):
         """The mixer's input (B, L, d_model) -> the gated scan's output (B, L, d_inner)."""
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # views of (B, L, 2 * d_inner)
+        x, z = split_linear(x, self.in_proj)  # (B, L, d_inner) each
         x = causal_conv_silu(x, self.conv1d.weight, self.conv1d.bias, order, self.backend)  # (B, L, d_inner)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj without its bias: the scan adds it before the softplus, in fp32 (as mamba_ssm's slow path)
@@ -179,7 +190,7 @@ class Mamba(nn.Module):
         idx = None if order is None else order.to(x.device).long()
         x = x.transpose(0, 1)
         x = x.contiguous() if idx is None else x.index_select(0, idx)  # (L, B, d_model), scan order
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # views, (L, B, d_inner)
+        x, z = split_linear(x, self.in_proj)  # (L, B, d_inner) each
         x = causal_conv_silu_steps(x, self.conv1d.weight.view(self.d_inner, -1), self.conv1d.bias)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = scan_steps(x, dt @ self.dt_proj.weight.t(), -torch.exp(self.A_log.float()), B, C, self.D.float(),
