@@ -52,8 +52,8 @@ def modulate(x, shift, scale):
 #                     Snake scans, windows and their masks                      #
 #################################################################################
 
-# Index tensors depend only on the grid and the device: each is built once, on the device (dit.cached;
-# in a graph that torch.compile traces they are built in the graph instead).
+# Index tensors depend only on the grid and the device: each is built once, on the device
+# (dit.cached; in a graph that torch.compile traces they are built in the graph instead).
 _index_cache = {}
 
 
@@ -107,8 +107,8 @@ def window_reverse(windows, wh, ww, H, W):
 def relative_position_index(wh, ww, window_size, device=None):
     """(wh*ww, wh*ww) index of each (query, key) offset into a (2*window_size-1)^2 bias table
     (Swin's layout)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device),
-                                        torch.arange(ww, device=device), indexing="ij")).flatten(1)  # (2, N)
+    rows, cols = torch.arange(wh, device=device), torch.arange(ww, device=device)
+    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)  # (2, N)
     # (2, N, N), offsets shifted to >= 0
     rel = coords[:, :, None] - coords[:, None, :] + (window_size - 1)
     return rel[0] * (2 * window_size - 1) + rel[1]
@@ -400,9 +400,9 @@ class Stage(nn.Module):
         self.resample = resample
 
     def forward(self, x, c):
-        # The blocks' index tables are looked up here, once per window shift, and passed in. Inside a
-        # block compiled on its own (models.compile_blocks) they would be built in its graph at every
-        # call; and when the model is compiled whole, once per shift is all the graph builds.
+        # The blocks' index tables are looked up here, once per window shift, and passed in. Inside
+        # a block compiled on its own (models.compile_blocks) they would be built in its graph at
+        # every call; and when the model is compiled whole, once per shift is all the graph builds.
         tables = {}
         for block in self.blocks:
             if block.shift not in tables:

@@ -59,10 +59,10 @@ def test_contract_on_meta(name):
     # a larger, oblong grid than the one built for (LaMamba: multiples of 8); the trained grid and
     # the null class are the tiny configs' tests (the same code at every size)
     x = torch.empty(2, 4, 64, 48, device="meta")
-    t = torch.empty(2, device="meta") if model.objective == "flow" else torch.zeros(2, dtype=torch.long,
-                                                                                     device="meta")
+    label = torch.zeros(2, dtype=torch.long, device="meta")
+    t = torch.empty(2, device="meta") if model.objective == "flow" else label
     with torch.no_grad(), ssm.count_scan_flops():
-        assert model(x, t, torch.zeros(2, dtype=torch.long, device="meta")).shape == (2, C_out, 64, 48)
+        assert model(x, t, label).shape == (2, C_out, 64, 48)
 
 
 def build(name, seed=0, **kwargs):

@@ -162,9 +162,9 @@ def test_a_compiled_block_is_not_recompiled_when_its_tables_are_cached(monkeypat
 
 
 def test_a_stage_compiled_whole_is_compiled_once(monkeypatch, graph_counter):
-    # torch.compile(model) (--compile model): the stages' tables are built in the graph (dit.cached),
-    # once per window shift. Looked up in the module-level cache there, the cache became part of the
-    # graph's guards and its first fill compiled the model a second time.
+    # torch.compile(model) (--compile model): the stages' tables are built in the graph
+    # (dit.cached), once per window shift. Looked up in the module-level cache there, the cache
+    # became part of the graph's guards and its first fill compiled the model a second time.
     counting_backend, graphs = graph_counter
     monkeypatch.setattr(lamamba, "_index_cache", {})  # as in a fresh process
     torch.manual_seed(0)
