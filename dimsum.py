@@ -29,7 +29,6 @@ The output is the flow-matching velocity (SiT's GVP path, t = 1 is data), never 
 which has no effect on the output (its kernel only uses the projected tensor as an output buffer;
 see load_official_state_dict).
 """
-import functools
 import math
 import re
 
@@ -75,16 +74,21 @@ def drop_path(x, p, training):
 #                  Haar wavelet transform and the wavelet token layout           #
 #################################################################################
 
-# cached per dtype and device: built on the CPU, a copy at every call would be a host-to-device
-# transfer per block, which a CUDA graph cannot hold
-@functools.lru_cache(maxsize=None)
+# The filters, built once per dtype and device (dit.cached; in a compiled graph, in the graph): made
+# from host tensors at every call, they would be a host-to-device copy per block, which a CUDA graph
+# cannot hold.
+_haar_cache = {}
+
+
 def haar_filters(dtype, device):
     """The four orthonormal 2x2 Haar filters [LL, LH, HL, HH] as a (4, 1, 2, 2) conv weight (pywt's
     'haar')."""
-    lo, hi = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])
-    # outer(rows, cols)
-    bank = [torch.outer(a, b) / 2 for a, b in ((lo, lo), (hi, lo), (lo, hi), (hi, hi))]
-    return torch.stack(bank)[:, None].to(dtype=dtype, device=device)
+    def build():
+        lo, hi = torch.tensor([1.0, 1.0]), torch.tensor([1.0, -1.0])
+        # outer(rows, cols)
+        bank = [torch.outer(a, b) / 2 for a, b in ((lo, lo), (hi, lo), (lo, hi), (hi, hi))]
+        return torch.stack(bank)[:, None].to(dtype=dtype, device=device)
+    return cached(_haar_cache, ("filters", dtype, str(device)), build)
 
 
 def haar_dwt(x):
@@ -106,16 +110,17 @@ def haar_idwt(x):
     return out.view(N, C4 // 4, 2 * h, 2 * w)
 
 
-@functools.lru_cache(maxsize=None)
 def haar_block_matrix(dtype, device):
     """(16, 16): two levels of haar_dwt on one 4 x 4 block, divided by 4. Column p = 4 row + col
     (pixel), row q = 4 b1 + b2 (level-1 band b1, level-2 band b2, each b = r + 2 c where r / c say
     whether the row / column filter is the high-pass one). haar_dwt twice, as a product per block:
     what wavelet_tokens computes, without 1-channel convolutions over N*C maps (slow on GPUs)."""
-    f = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2)  # [lo, hi] taps
-    # indices: r1 c1 (level-1 band), r2 c2 (level-2 band), i j (2x2 cell of the block), dr dc (pixel)
-    m = torch.einsum("ad,be,ci,gj->bagcidje", f, f, f, f) / 4
-    return m.reshape(16, 16).to(dtype=dtype, device=device)
+    def build():
+        f = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2)  # [lo, hi]
+        # indices: r1 c1 (level-1 band), r2 c2 (level-2 band), i j (2x2 cell), dr dc (pixel)
+        m = torch.einsum("ad,be,ci,gj->bagcidje", f, f, f, f) / 4
+        return m.reshape(16, 16).to(dtype=dtype, device=device)
+    return cached(_haar_cache, ("block matrix", dtype, str(device)), build)
 
 
 def wavelet_tokens(x, h, w):
