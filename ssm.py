@@ -89,11 +89,11 @@ def recompute_around_scan(fn, *args):
 
 
 def split_linear(x, linear, parts=2):
-    """linear(x).chunk(parts, dim=-1), as one product per part. The same numbers; what changes is
-    the backward: the gradient of x is a sum of `parts` products, which the next elementwise kernel
-    adds up as it reads them, where the chunks' gradients would first be concatenated into one
-    (..., out_features) copy (in a Mamba mixer the (B, L, 2 d_inner) gradient of in_proj, the
-    largest activation of a block)."""
+    """linear(x).chunk(parts, dim=-1), as one product per part: the same numbers forward. What
+    changes is the backward: the gradient of x is a sum of `parts` products, which the next
+    elementwise kernel adds up as it reads them (compiled), where the chunks' gradients would first
+    be concatenated into one (..., out_features) copy: in a Mamba mixer, the (B, L, 2 d_inner)
+    gradient of in_proj, the widest activation of a block, made of two GPU kernels' outputs."""
     weights = linear.weight.chunk(parts, dim=0)
     biases = linear.bias.chunk(parts) if linear.bias is not None else [None] * parts
     return [F.linear(x, w, b) for w, b in zip(weights, biases)]
