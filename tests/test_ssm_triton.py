@@ -206,11 +206,17 @@ def _mixer_case():
         return m.out_proj(m.inner(x, order))
 
     conv, freed = ssm.causal_conv_silu, []
+    split, projected = ssm.split_linear, []
 
     def spy(*args, **kwargs):  # records whether each conv output outlives the forward
         out = conv(*args, **kwargs)
         freed.append(weakref.ref(out))
         return out
+
+    def spy_split(*args, **kwargs):  # likewise in_proj's outputs (x and z)
+        outs = split(*args, **kwargs)
+        projected.append([weakref.ref(o) for o in outs])
+        return outs
 
     results, errs = {}, {}
     def block_checkpointed(m, x):  # inside train.py --grad-checkpoint's per-block checkpoint
@@ -221,19 +227,16 @@ def _mixer_case():
                                                 fullgraph=True)),
                      ("nested", block_checkpointed)]:
         m = copy.deepcopy(mixer)
-        ssm.causal_conv_silu = spy if name != "compiled" else conv  # (a side effect: graph break)
-        projected = []  # likewise in_proj's output (a hook: not under fullgraph compilation)
-        hook = m.in_proj.register_forward_hook(
-            lambda mod, inp, out: projected.append(weakref.ref(out))) if name != "compiled" else None
+        # (the spies are side effects: graph breaks, so not under fullgraph compilation)
+        ssm.causal_conv_silu = spy if name != "compiled" else conv
+        ssm.split_linear = spy_split if name != "compiled" else split
         try:
             y = fn(m, x)
         finally:
-            ssm.causal_conv_silu = conv
-            if hook is not None:
-                hook.remove()
+            ssm.causal_conv_silu, ssm.split_linear = conv, split
         if name != "compiled":
             errs[name + " conv output freed"] = float(freed[-1]() is None)
-            errs[name + " in_proj output freed"] = float(projected[-1]() is None)
+            errs[name + " in_proj output freed"] = float(all(r() is None for r in projected[-1]))
         calls = {"scan_fwd": 0, "conv_fwd": 0}  # kernel launches in the backward
         launchers = {k: getattr(kern, k) for k in calls}
 
