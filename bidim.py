@@ -83,7 +83,7 @@ import torch.nn as nn
 from dit import (DiT, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder,
                  adaln_zero, cached, get_1d_sincos_pos_embed, get_2d_sincos_pos_embed)
 from ssm import (Mamba, causal_conv_silu, count_scan_flops, mamba_scan, recompute_around_scan,
-                 scan_dtype, split_linear, token_backend)
+                 scan_dtype, token_backend)
 
 
 #################################################################################
@@ -124,7 +124,7 @@ class BiMamba(Mamba):
 
     def mix(self, x):
         """in_proj, the forward and the backward branch, summed, then out_proj: (N, L, D) -> (N, L, D)."""
-        x, z = split_linear(x, self.in_proj)  # (N, L, d_inner) each
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (N, L, d_inner) views
         # the backward branch reads the tokens last to first (its conv too) and writes each output
         # back in place: no flipped copies of x, z or y
         reverse = torch.arange(x.shape[1] - 1, -1, -1, device=x.device, dtype=torch.int32)

@@ -92,8 +92,11 @@ def split_linear(x, linear, parts=2):
     """linear(x).chunk(parts, dim=-1), as one product per part: the same numbers forward. What
     changes is the backward: the gradient of x is a sum of `parts` products, which the next
     elementwise kernel adds up as it reads them (compiled), where the chunks' gradients would first
-    be concatenated into one (..., out_features) copy: in a Mamba mixer, the (B, L, 2 d_inner)
-    gradient of in_proj, the widest activation of a block, made of two GPU kernels' outputs."""
+    be concatenated into one (..., out_features) copy. Worth it where those gradients come from
+    kernels Inductor cannot write into the concatenation directly: in Mamba.inner, the conv's and
+    the scan's (the (B, L, 2 d_inner) gradient of in_proj, the widest activation of a block). Where
+    a chunk's gradient comes from elementwise work (BiDiM's summed branches, LaMamba's gate),
+    Inductor already writes it in place, and one product is better."""
     weights = linear.weight.chunk(parts, dim=0)
     biases = linear.bias.chunk(parts) if linear.bias is not None else [None] * parts
     return [F.linear(x, w, b) for w, b in zip(weights, biases)]
@@ -190,7 +193,7 @@ class Mamba(nn.Module):
         idx = None if order is None else order.to(x.device).long()
         x = x.transpose(0, 1)
         x = x.contiguous() if idx is None else x.index_select(0, idx)  # (L, B, d_model), scan order
-        x, z = split_linear(x, self.in_proj)  # (L, B, d_inner) each
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # views, (L, B, d_inner)
         x = causal_conv_silu_steps(x, self.conv1d.weight.view(self.d_inner, -1), self.conv1d.bias)
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = scan_steps(x, dt @ self.dt_proj.weight.t(), -torch.exp(self.A_log.float()), B, C, self.D.float(),

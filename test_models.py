@@ -231,15 +231,15 @@ class Concatenations(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("name", [n for n in TINY if not n.startswith("DiT")])
+@pytest.mark.parametrize("name", [n for n in TINY if n.startswith(("DiM-", "DiMSUM-"))])
 def test_backward_concatenates_no_in_proj_gradient(name, monkeypatch):
-    # The mixers' in_proj is two products (ssm.split_linear), so the gradients of its halves (from
+    # ssm.Mamba's in_proj is two products (ssm.split_linear), so the gradients of its halves (from
     # the scan's and the conv's backward, GPU kernels) are not first concatenated into one (B, L,
     # 2 d_inner) copy, the widest activation of a block. Meta tensors, the GPU's code path.
     monkeypatch.setenv("DIFFUSION_MAMBA_SCAN", "triton")
     with torch.device("meta"):
         model = build(name, input_size=16, in_channels=4)
-    widths = {m.in_proj.out_features for m in model.modules() if hasattr(m, "in_proj")}
+    widths = {m.in_proj.out_features for m in model.modules() if type(m) is ssm.Mamba}
     x, y = torch.empty(2, 4, 16, 16, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
     loss = create_diffusion(model).training_loss(model, x, y)
     with Concatenations() as cats:
