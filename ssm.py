@@ -88,18 +88,17 @@ def recompute_around_scan(fn, *args):
         context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_the_scan))
 
 
-def split_linear(x, linear, parts=2):
-    """linear(x).chunk(parts, dim=-1), as one product per part: the same numbers forward. What
-    changes is the backward: the gradient of x is a sum of `parts` products, which the next
+def split_linear(x, linear):
+    """linear(x).chunk(2, dim=-1), as one product per half: the same numbers forward. What
+    changes is the backward: the gradient of x is a sum of two products, which the next
     elementwise kernel adds up as it reads them (compiled), where the chunks' gradients would first
     be concatenated into one (..., out_features) copy. Worth it where those gradients come from
     kernels Inductor cannot write into the concatenation directly: in Mamba.inner, the conv's and
     the scan's (the (B, L, 2 d_inner) gradient of in_proj, the widest activation of a block). Where
     a chunk's gradient comes from elementwise work (BiDiM's summed branches, LaMamba's gate),
     Inductor already writes it in place, and one product is better."""
-    weights = linear.weight.chunk(parts, dim=0)
-    biases = linear.bias.chunk(parts) if linear.bias is not None else [None] * parts
-    return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+    biases = linear.bias.chunk(2) if linear.bias is not None else (None, None)
+    return [F.linear(x, w, b) for w, b in zip(linear.weight.chunk(2, dim=0), biases)]
 
 
 def init_dt_A_D(dt_proj_weight, d_inner, d_state, dt_rank, dt_min=0.001, dt_max=0.1, dt_init="random",
