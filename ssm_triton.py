@@ -106,6 +106,17 @@ if triton is not None:
         return sp, e / w
 
     @triton.jit
+    def _decay(dt, A):
+        """exp(dt A) of a (T, NP, BD) tile as exp2: log2 e is folded into dt (T x BD products), not
+        kept in a scaled copy of A (NP x BD registers a thread would hold across the whole loop)."""
+        return tl.exp2((dt * 1.4426950408889634)[:, None, :] * A[None, :, :])
+
+    @triton.jit
+    def _decay_row(dt, A):
+        """exp(dt A) for one step, dt (BD,), as _decay computes it: (NP, BD)."""
+        return tl.exp2((dt * 1.4426950408889634)[None, :] * A)
+
+    @triton.jit
     def _rows(idx_ptr, pos, mask, HAS_IDX: tl.constexpr):
         """Memory rows of scan steps pos (the order table, or the identity)."""
         if HAS_IDX:
@@ -203,7 +214,8 @@ if triton is not None:
         _, hs = tl.associative_scan((a, tl.where(first, a * h[None, :, :] + bx, bx)), 0, _pair)
         return hs
 else:
-    _pair = _pair_prev = _handoff = _softplus = _rows = _row = _states = _fetch = _prep = None
+    _pair = _pair_prev = _handoff = _decay = _decay_row = _softplus = None
+    _rows = _row = _states = _fetch = _prep = None
     _swap = _halves = _scatter_round = _sum_channels = None
 
 
@@ -237,8 +249,7 @@ def _scan_fwd_kernel(
     dmask, nmask = d < dim, n < n_state
     kd = k * dim + d  # parameter row of (direction, channel)
     nd_mask = nmask[:, None] & dmask[None, :]
-    A2 = tl.load(A_ptr + kd[None, :] * n_state + n[:, None], mask=nd_mask,
-                 other=0.0) * 1.4426950408889634  # (NP, BD), exp(x) = exp2(x log2 e)
+    A = tl.load(A_ptr + kd[None, :] * n_state + n[:, None], mask=nd_mask, other=0.0)  # (NP, BD)
     bias = tl.load(bias_ptr + kd, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros((BD,), tl.float32)
     Dv = tl.load(D_ptr + kd, mask=dmask, other=0.0) if HAS_D else tl.zeros((BD,), tl.float32)
     b64, k64 = b.to(tl.int64), k.to(tl.int64)
@@ -256,7 +267,7 @@ def _scan_fwd_kernel(
     h = tl.zeros((NP, BD), tl.float32)
     if MODE == 2:
         for s2 in range(0, s):
-            decay = tl.exp2(A2 * tl.load(sum_dt + s2 * dim, mask=dmask, other=0.0)[None, :])
+            decay = _decay_row(tl.load(sum_dt + s2 * dim, mask=dmask, other=0.0), A)
             h = decay * h + tl.load(sum_h + s2 * dim * NP, mask=nd_mask, other=0.0)
     dt_sum = tl.zeros((BD,), tl.float32)
     t_lo = s * seg_chunks * CHUNK
@@ -285,7 +296,7 @@ def _scan_fwd_kernel(
             if t0 % CHUNK == 0:
                 tl.store(st + (t0 // CHUNK) * NP, h, mask=dmask[None, :])  # the state entering the chunk
         m2, u, dt, _, Bt = _prep(u_r, dl_r, B_r, pos, L, bias, dmask, SOFTPLUS, FAST)
-        a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
+        a = _decay(dt, A)  # (T, NP, BD)
         hs = _states(a, (dt * u)[:, None, :] * Bt[:, :, None], h, t)
         h = _row(hs, t, T - 1)
         if MODE == 1:
@@ -335,7 +346,6 @@ def _scan_bwd_kernel(
     nd_mask = nmask[:, None] & dmask[None, :]
     kd = k * dim + d
     A = tl.load(A_ptr + kd[None, :] * n_state + n[:, None], mask=nd_mask, other=0.0)  # (NP, BD)
-    A2 = A * 1.4426950408889634
     bias = tl.load(bias_ptr + kd, mask=dmask, other=0.0) if HAS_BIAS else tl.zeros((BD,), tl.float32)
     Dv = tl.load(D_ptr + kd, mask=dmask, other=0.0) if HAS_D else tl.zeros((BD,), tl.float32)
     b64, k64 = b.to(tl.int64), k.to(tl.int64)
@@ -366,9 +376,10 @@ def _scan_bwd_kernel(
     if MODE == 2:
         for j in range(0, n_seg - 1 - s):
             s2 = n_seg - 1 - j
-            across = tl.exp2(A2 * tl.load(sum_dt + s2 * dim, mask=dmask, other=0.0)[None, :])
+            across = _decay_row(tl.load(sum_dt + s2 * dim, mask=dmask, other=0.0), A)
             gcar = tl.load(sum_g + s2 * dim * NP, mask=nd_mask, other=0.0) + across * (acar * gcar)
-            acar = tl.exp2(A2 * tl.load(sum_dt0 + s2 * dim, mask=dmask, other=0.0)[None, :])
+            acar = _decay_row(tl.load(sum_dt0 + s2 * dim, mask=dmask, other=0.0), A)
+    ag = acar * gcar  # what enters the tile's last step from the right: a_{t+1} g_{t+1}
     dA_acc = tl.zeros((NP, BD), tl.float32)
     dD_acc = tl.zeros((BD,), tl.float32)
     dbias_acc = tl.zeros((BD,), tl.float32)
@@ -396,7 +407,7 @@ def _scan_bwd_kernel(
                 B_n = _fetch(rows_nn, pos + T, L, B_base, sB_l, nmask)
                 rows_nn = _rows(idx_base, pos + 2 * T, pos + 2 * T < L, HAS_IDX)
                 _, u, dt, _, Bt = _prep(u_r, dl_r, B_r, pos, L, bias, dmask, SOFTPLUS, FAST)
-                a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+                a = _decay(dt, A)
                 h = _row(_states(a, (dt * u)[:, None, :] * Bt[:, :, None], h, t), t, T - 1)
                 tl.store(scr + (i + 1) * (NP * BD), h)
         tl.debug_barrier()  # the scratch is read by other threads than those that wrote it
@@ -433,7 +444,7 @@ def _scan_bwd_kernel(
             m2, u, dt, sig, Bt = _prep(u_r, dl_r, B_r, pos, L, bias, dmask, SOFTPLUS, FAST)
             Ct = C_r.to(tl.float32)
             dout = do_r.to(tl.float32)
-            a = tl.exp2(dt[:, None, :] * A2[None, :, :])  # (T, NP, BD)
+            a = _decay(dt, A)  # (T, NP, BD)
             if MODE != 1:
                 dtu = dt * u
                 bx = dtu[:, None, :] * Bt[:, :, None]
@@ -460,12 +471,12 @@ def _scan_bwd_kernel(
             # adjoint, right to left: triples (P, Q, a) on the flipped tile, then the carry from the right
             # (the carry enters at the tile's last step, so the scan's Q is g itself and its P unused)
             cy = Ct[:, :, None] * dy[:, None, :]
-            cy = tl.where(t[:, None, None] == T - 1, cy + (acar * gcar)[None, :, :], cy)
+            cy = tl.where(t[:, None, None] == T - 1, cy + ag[None, :, :], cy)
             _, qq, _ = tl.associative_scan((tl.full(a.shape, 1.0, tl.float32), tl.flip(cy, 0), tl.flip(a, 0)),
                                            0, _handoff)
             g = tl.flip(qq, 0)
             gcar = _row(g, t, 0)
-            acar = _row(a, t, 0)
+            ag = _row(a, t, 0) * gcar  # only the product crosses to the next tile (8 registers, not 16)
             if MODE == 1:
                 dt_sum += tl.sum(dt, 0)
                 dt_first = tl.sum(tl.where(t[:, None] == 0, dt, -0.0), 0)
