@@ -22,6 +22,15 @@ def test_counts_of_the_shipped_kernels(tmp_path):
         assert r["MUFU"] >= r["elements_per_thread"]
     # the backward adds its dB and dC sums atomically, and reduces them across lanes first
     assert bwd["REDG"] >= 2 and bwd["SHFL"] > fwd["SHFL"]
+    # innermost loops: the forward's one, the backward's pre-pass and reverse pass; each takes one
+    # exponential per state update of its tile
+    assert len(fwd["loops"]) == 1 and len(bwd["loops"]) == 2
+    assert all(loop["MUFU"] >= r["elements_per_thread"] for r in rows for loop in r["loops"])
+    prepass, reverse = bwd["loops"]
+    assert reverse["instructions"] > prepass["instructions"] and reverse["REDG"] >= 2
+    # the reverse pass keeps its loop-carried values in registers (session 19: A is not held twice,
+    # and only the product a g crosses to the next tile; before, it spilled 20 loads and 9 stores)
+    assert reverse["LDL"] == reverse["STL"] == 0
 
 
 def test_a_register_cap_is_applied():

@@ -5,6 +5,8 @@ counted: registers per thread, spilled bytes, instructions, and the instruction 
 the scan (MUFU: exponentials and other special functions; SHFL: cross-lane moves, which the backward's
 sums of dB and dC over channels need; FFMA/FMUL/FADD: fp32 arithmetic; LDG/STG: global loads and
 stores; REDG: the backward's atomic adds; LDL/STL: spills to local memory).
+The same counts for each innermost loop (one tile an iteration): where the time goes, and where a
+spill costs it.
 
     python -m tools.scan_sass                             # the shipped launch configurations, bf16
     python -m tools.scan_sass --bwd-config 8,4,1          # BD channels, T steps, warps of the backward
@@ -71,12 +73,37 @@ def count(compiled):
         sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path], check=True,
                               capture_output=True, text=True).stdout
     # an instruction line: /*0a30*/ [@P0] OPCODE.MODIFIERS operands ;
-    opcodes = [m.group(1).split(".")[0] for m in
-               re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)]
+    code = [(int(m.group(1), 16), m.group(2).split(".")[0], m.group(3)) for m in
+            re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;\n]*)", sass)]
+    opcodes = [op for _, op, _ in code]
     row = dict(registers=int(re.search(r"REG:(\d+)", usage).group(1)),
                spill_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)), instructions=len(opcodes))
     row.update({kind: opcodes.count(kind) for kind in KINDS})
+    row["loops"] = [dict(instructions=len(body), **{kind: body.count(kind) for kind in KINDS})
+                    for body in innermost_loops(sass, code)]
     return row
+
+
+def innermost_loops(sass, code):
+    """Opcodes of each innermost loop body, in address order: a loop is a branch back to a label at
+    a lower address; innermost if it contains no other loop (the backward: its pre-pass, then its
+    reverse pass; the forward: its one loop)."""
+    labels, pending = {}, None
+    for line in sass.splitlines():  # a label line, then the address of the instruction under it
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        address = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+        if label:
+            pending = label.group(1)
+        elif address and pending:
+            labels[pending], pending = int(address.group(1), 16), None
+    loops = []
+    for address, op, operands in code:
+        target = re.search(r"(\.L_x_\d+)", operands) if op == "BRA" else None
+        if target and labels.get(target.group(1), address) < address:
+            loops.append((labels[target.group(1)], address))
+    inner = [(lo, hi) for lo, hi in loops
+             if not any(lo <= lo2 and hi2 <= hi and (lo2, hi2) != (lo, hi) for lo2, hi2 in loops)]
+    return [[op for address, op, _ in code if lo <= address <= hi] for lo, hi in sorted(set(inner))]
 
 
 def config(text):
@@ -119,6 +146,13 @@ def main(argv=None):
         print(f"| {r['kernel']} | {r['BD']}, {r['T']}, {r['num_warps']} | {r['elements_per_thread']} | "
               f"{r['registers']} | {r['spill_bytes']} | {r['instructions']} | "
               + " | ".join(str(r[k]) for k in KINDS) + " |")
+    print("\nInnermost loops (one tile per iteration; the backward's pre-pass, then its reverse pass):\n")
+    print("| kernel | loop | instructions | " + " | ".join(KINDS) + " |")
+    print("|---" * (3 + len(KINDS)) + "|")
+    for r in rows:
+        for i, loop in enumerate(r["loops"]):
+            print(f"| {r['kernel']} | {i + 1} | {loop['instructions']} | "
+                  + " | ".join(str(loop[k]) for k in KINDS) + " |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
