@@ -295,11 +295,11 @@ class DiMSUMBlock(nn.Module):
         self.mlp = GatedMLP(dim, int(dim * mlp_ratio))
 
     def forward(self, hidden, residual, c, spatial_order, window_order, grid):
-        """hidden: (N, L, D) previous block output; residual: (N, L, D) fp32 stream or None (first
-        block); c: (N, D); grid: (h, w). Returns (output, residual)."""
+        """hidden: (N, L, D) previous block output, stochastic depth already applied (by the
+        network: see DiMSUM.forward); residual: (N, L, D) fp32 stream or None (first block); c: (N, D);
+        grid: (h, w). Returns (output, residual)."""
         # Vim/Mamba "add -> norm": the stream sums every block's input, the block sees its RMSNorm.
-        residual = (hidden if residual is None
-                    else residual + drop_path(hidden, self.drop_rate, self.training))
+        residual = hidden if residual is None else residual + hidden
         residual = residual.float() if residual.dtype != torch.float64 else residual
         # (N, L, D)
         h = self.norm(residual)
@@ -429,6 +429,12 @@ class DiMSUM(nn.Module):
         spatial, windows = self.orders(h, w, x.device)
         residual = None
         for i, block in enumerate(self.blocks):
+            if residual is not None:
+                # Stochastic depth on what the block adds to the stream (DiMBlockCombined draws it
+                # inside the block). Drawn here, outside the block, so that a checkpointed block
+                # (--grad-checkpoint) recomputes without random numbers: its replay would reset the
+                # generator, which a CUDA graph's capture does not allow.
+                x = drop_path(x, block.drop_rate, self.training)
             x, residual = block(x, residual, c, spatial[i % 4], windows[i % 2], (h, w))
             if (i + 1) % self.attn_every == 0:
                 # the shared block acts on the block output, not on the stream

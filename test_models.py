@@ -166,6 +166,37 @@ def test_tiny_grad_checkpoint_gives_the_same_gradients(name, one_thread, perturb
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
 
 
+class RandomOps(TorchDispatchMode):
+    """Records every op that draws random numbers."""
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.split("::")[-1].rstrip("_") in ("bernoulli", "rand", "randn", "randint",
+                                                           "normal", "uniform", "native_dropout"):
+            self.ops.append(str(func))
+        return func(*args, **kwargs or {})
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_grad_checkpointed_backward_draws_no_random_numbers(name, one_thread, perturb):
+    # A checkpointed block that drew random numbers (DiMSUM's stochastic depth did) is recomputed by
+    # resetting the generator to its state at the forward, which a CUDA graph's capture does not
+    # allow: train.py --grad-checkpoint --cuda-graph then fell back to running without a graph.
+    model = perturb(build(name), 0.02, seed=2).train()
+    assert checkpoint_blocks(model) > 0
+    x, t, y = inputs(model)
+    with RandomOps() as forward:
+        loss = model(x, t, y).square().mean()
+    with RandomOps() as backward:
+        loss.backward()
+    assert backward.ops == []
+    if name.startswith("DiMSUM"):  # its stochastic depth still draws, in the forward, outside blocks
+        assert model.blocks[-1].drop_rate > 0
+        assert any(op.startswith("aten.bernoulli") for op in forward.ops)
+
+
 class HostTensors(TorchDispatchMode):
     """Records every op that reads a CPU tensor (more than a scalar) while the model runs on another
     device: a host-to-device transfer, which a CUDA graph cannot hold."""
