@@ -55,6 +55,8 @@ def checkpoint_blocks(model):
         if type(module).__name__.endswith("Block") and not any(name.startswith(w + ".")
                                                                for w in wrapped):
             module.forward = functools.partial(_checkpointed, module.forward)
+            for inner in module.modules():  # its mixers' own recompute (ssm.recompute_around_scan)
+                inner.block_recomputed = True  # stands aside: the block recomputes its scans too
             wrapped.append(name)
     return len(wrapped)
 

@@ -80,8 +80,12 @@ def recompute_around_scan(fn, *args):
     backward, a few percent of a step.
     Only for the Triton scan, whose op the policy can keep (another backend's scan would run twice), and
     once token_backend has checked it in the scan's dtype: a first-call check inside the region would
-    run again in the backward."""
-    if not torch.is_grad_enabled():
+    run again in the backward.
+    fn is a mixer's method. In a block that --grad-checkpoint recomputes whole (models.checkpoint_blocks
+    marks its modules `block_recomputed`), fn runs plainly: the block's checkpoint then recomputes the
+    scan as well and keeps only the block's inputs (kept here, the policy would keep the scan's outputs
+    inside the block's checkpoint too, and the option would save nothing in a Mamba block)."""
+    if not torch.is_grad_enabled() or getattr(fn.__self__, "block_recomputed", False):
         return fn(*args)
     return torch.utils.checkpoint.checkpoint(
         fn, *args, use_reentrant=False,

@@ -219,13 +219,18 @@ def _mixer_case():
         return outs
 
     results, errs = {}, {}
-    def block_checkpointed(m, x):  # inside train.py --grad-checkpoint's per-block checkpoint
+    def block_checkpointed(m, x):  # inside a checkpoint around it
         return torch.utils.checkpoint.checkpoint(m, x, order, use_reentrant=False)
+
+    def block_recomputed(m, x):  # as train.py --grad-checkpoint runs it (models.checkpoint_blocks)
+        for module in m.modules():
+            module.block_recomputed = True
+        return block_checkpointed(m, x)
 
     for name, fn in [("recomputed", lambda m, x: m(x, order)), ("kept whole", kept_whole),
                      ("compiled", torch.compile(lambda m, x: m(x, order), backend="aot_eager",
                                                 fullgraph=True)),
-                     ("nested", block_checkpointed)]:
+                     ("nested", block_checkpointed), ("block recomputed", block_recomputed)]:
         m = copy.deepcopy(mixer)
         # (the spies are side effects: graph breaks, so not under fullgraph compilation)
         ssm.causal_conv_silu = spy if name != "compiled" else conv
@@ -418,7 +423,11 @@ def test_mixer_recomputes_in_proj_the_conv_and_delta_and_matches(interpreted):
     for name in ("recomputed", "compiled"):
         assert errs[f"{name} scan_fwd in backward"] == 0 and errs[f"{name} conv_fwd in backward"] == 1, errs
     assert errs["kept whole scan_fwd in backward"] == errs["kept whole conv_fwd in backward"] == 0, errs
-    assert max(errs[k] for k in ("recomputed", "kept whole", "compiled", "nested")) < TOL, errs
+    # in a block that --grad-checkpoint recomputes whole, the scan runs again too (its outputs not kept)
+    assert errs["block recomputed scan_fwd in backward"] == 1, errs
+    assert errs["block recomputed conv_fwd in backward"] == 1, errs
+    assert max(errs[k] for k in ("recomputed", "kept whole", "compiled", "nested",
+                                 "block recomputed")) < TOL, errs
 
 
 def test_bidim_and_lamamba_mixers_with_recomputation_match(interpreted):

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import ssm_triton
-from models import MODELS, compile_blocks, fastest_compile
+from models import MODELS, checkpoint_blocks, compile_blocks, fastest_compile
 from tools.bench import LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR, resolve, timesteps
 
 # fp32 weight, its gradient and AdamW's two moments; a frozen parameter only its weight
@@ -132,11 +132,14 @@ class LiveStorages(TorchDispatchMode):
         return sum(self.live.values())
 
 
-def kept_bytes(name, grid, compile_mode):
+def kept_bytes(name, grid, compile_mode, grad_checkpoint=False):
     """Bytes that one training step of model `name` (batch 1, a grid x grid latent) keeps for its
-    backward, parameters excluded; compile_mode: "blocks", "model" or "none"."""
+    backward, parameters excluded; compile_mode: "blocks", "model" or "none"; grad_checkpoint: each
+    block recomputed in the backward (train.py --grad-checkpoint)."""
     torch.manual_seed(0)
     model = MODELS[name](input_size=grid, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES)
+    if grad_checkpoint:
+        checkpoint_blocks(model)
     x = torch.randn(1, LATENT_CHANNELS, grid, grid)
     t, y = timesteps(model, 1, "cpu"), torch.randint(0, NUM_CLASSES, (1,))
     if compile_mode == "none":
@@ -168,22 +171,22 @@ def kept_bytes(name, grid, compile_mode):
     return sum(kept.values())
 
 
-def estimate(name, res, grids=(32, 64), as_measured=True):
+def estimate(name, res, grids=(32, 64), as_measured=True, grad_checkpoint=False):
     """Kept bytes per latent pixel from two grids, scaled to res (pixels, a res / 8 latent), plus the
     parameters of the model built for res (position tables grow with the grid): 16 bytes each, 4 for
     a frozen one. as_measured: LaMamba eager, as the GPU rows ran it; else every model as train.py
-    compiles it on a GPU. Returns a dict (GiB)."""
+    compiles it on a GPU. grad_checkpoint: as train.py --grad-checkpoint runs it. Returns a dict (GiB)."""
     with torch.device("meta"):
         model = MODELS[name](input_size=res // VAE_FACTOR, in_channels=LATENT_CHANNELS,
                              num_classes=NUM_CLASSES)
     mode = "none" if as_measured and name.startswith("LaMamba") else fastest_compile(model)
     params = sum(p.numel() for p in model.parameters())
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    small, large = (kept_bytes(name, g, mode) for g in grids)
+    small, large = (kept_bytes(name, g, mode, grad_checkpoint) for g in grids)
     per_pixel = (large - small) / (grids[1] ** 2 - grids[0] ** 2)
     activations = per_pixel * (res // VAE_FACTOR) ** 2 / 2 ** 30
     weights = (BYTES_PER_PARAMETER * (params - frozen) + BYTES_PER_FROZEN_PARAMETER * frozen) / 2 ** 30
-    return dict(model=name, res=res, compiled=mode, grids=list(grids),
+    return dict(model=name, res=res, compiled=mode, grad_checkpoint=grad_checkpoint, grids=list(grids),
                 kept_bytes_per_latent_pixel=per_pixel, activations_gib=activations,
                 params_M=params / 1e6, weights_and_adamw_gib=weights, estimate_gib=activations + weights)
 
@@ -198,6 +201,8 @@ def main(argv=None):
     p.add_argument("--compile", choices=["as-measured", "auto"], default="as-measured",
                    help="as-measured: as the GPU rows ran (LaMamba eager: its per-block compilation "
                         "outlasted the device calls); auto: every model as train.py compiles it")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="count the step as train.py --grad-checkpoint runs it (each block recomputed)")
     p.add_argument("--out", default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
     grids = tuple(int(g) for g in args.grids.split(","))
@@ -207,7 +212,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for spec in args.models.split(","):
         name = resolve(spec, args.size)[0]
-        row = estimate(name, args.res, grids, as_measured=args.compile == "as-measured")
+        row = estimate(name, args.res, grids, as_measured=args.compile == "as-measured",
+                       grad_checkpoint=args.grad_checkpoint)
         rows.append(row)
         print(f"| {name} | {row['compiled']} | {row['kept_bytes_per_latent_pixel'] / 1024:.1f} "
               f"| {row['activations_gib']:.2f} | {row['weights_and_adamw_gib']:.2f} "
