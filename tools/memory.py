@@ -3,6 +3,7 @@ Training memory of the models at any resolution, counted on a CPU: what one trai
 backward, per token, as a GPU runs the step.
 
     python -m tools.memory --models dim,bidim,dimsum,lamamba,dit --size L --res 2048
+    python -m tools.memory --models dim --compile auto --grad-checkpoint   # as train.py would run it
 
 The step is run as on a GPU: the Triton scan and conv ops (their kernels replaced by stand-ins that
 return zeros of the right shapes: only shapes matter here), attention as the GPU's fused kernels keep it
