@@ -331,7 +331,8 @@ def _sum_directions_case():
 
 def _branches_case():
     # BiDiM's two branches and LaMamba's four snake scans on the Triton path, with recompute_around_scan
-    # (each keeps its scan's output only): output and every gradient equal to the float64 loop's. Their
+    # (each keeps its scan's output only), and inside a block that --grad-checkpoint recomputes whole
+    # (recompute_around_scan stands aside): output and every gradient equal to the float64 loop's. Their
     # out_proj runs inside the region: its input (BiDiM: the branches' sum; LaMamba: the gated, normalised
     # sum of the four scans) is freed after the forward.
     import weakref
@@ -344,21 +345,28 @@ def _branches_case():
                           ("lamamba", lambda: lamamba.SS2D(4, d_state=3), torch.randn(2, 3, 3, 4))]:
         mixer = make()
         ref = copy.deepcopy(mixer).double()
+        whole = copy.deepcopy(mixer)  # in a block that --grad-checkpoint recomputes whole
+        for module in whole.modules():
+            module.block_recomputed = True
         runs = []
-        for backend, m, inp in (("triton", mixer, x), ("ref", ref, x.double())):
-            os.environ["DIFFUSION_MAMBA_SCAN"] = backend
+        for backend, m, inp in (("triton", mixer, x), ("ref", ref, x.double()), ("whole", whole, x)):
+            os.environ["DIFFUSION_MAMBA_SCAN"] = "ref" if backend == "ref" else "triton"
             summed = []
             hook = m.out_proj.register_forward_hook(
                 lambda mod, inp, out: summed.append(weakref.ref(inp[0])))
             try:
-                y = m(inp)
-                errs[f"{name} {backend} out_proj input freed"] = float(summed[0]() is None)
+                if backend == "whole":
+                    y = torch.utils.checkpoint.checkpoint(m, inp, use_reentrant=False)
+                else:
+                    y = m(inp)
+                    errs[f"{name} {backend} out_proj input freed"] = float(summed[0]() is None)
                 y.square().sum().backward()
             finally:
                 del os.environ["DIFFUSION_MAMBA_SCAN"]
                 hook.remove()
             runs.append([y] + [p.grad for p in m.parameters()])
-        errs[name] = max(_err(a, b) for a, b in zip(*runs))
+        errs[name] = max(_err(a, b) for a, b in zip(*runs[:2]))
+        errs[name + " block recomputed"] = max(_err(a, b) for a, b in zip(runs[2], runs[1]))
     return errs
 
 
