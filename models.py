@@ -19,6 +19,7 @@ from dim import DiM_models
 from dimsum import DiMSUM_models
 from dit import DiT_models
 from lamamba import LaMamba_models
+from ssm import mark_block_recomputed
 
 MODELS = {**DiM_models, **BiDiM_models, **DiMSUM_models, **LaMamba_models, **DiT_models}
 # `--model dim` picks the family's usual config: the smallest paper-sized one, which trains on one
@@ -55,8 +56,7 @@ def checkpoint_blocks(model):
         if type(module).__name__.endswith("Block") and not any(name.startswith(w + ".")
                                                                for w in wrapped):
             module.forward = functools.partial(_checkpointed, module.forward)
-            for inner in module.modules():  # its mixers' own recompute (ssm.recompute_around_scan)
-                inner.block_recomputed = True  # stands aside: the block recomputes its scans too
+            mark_block_recomputed(module)  # the block recomputes its scans too
             wrapped.append(name)
     return len(wrapped)
 

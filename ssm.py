@@ -63,6 +63,13 @@ def _keep_the_scan(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def mark_block_recomputed(block):
+    """Mark every module of a block that is checkpointed whole (models.checkpoint_blocks): its mixers'
+    recompute_around_scan then stands aside and the block's checkpoint recomputes their scans too."""
+    for module in block.modules():
+        module.block_recomputed = True
+
+
 def scan_dtype(x):
     """The dtype of what a linear layer makes of x: autocast's where it is on (the scan runs in it)."""
     kind = x.device.type
@@ -81,8 +88,8 @@ def recompute_around_scan(fn, *args):
     Only for the Triton scan, whose op the policy can keep (another backend's scan would run twice), and
     once token_backend has checked it in the scan's dtype: a first-call check inside the region would
     run again in the backward.
-    fn is a mixer's method. In a block that --grad-checkpoint recomputes whole (models.checkpoint_blocks
-    marks its modules `block_recomputed`), fn runs plainly: the block's checkpoint then recomputes the
+    fn is a mixer's method. In a block that --grad-checkpoint recomputes whole (mark_block_recomputed),
+    fn runs plainly: the block's checkpoint then recomputes the
     scan as well and keeps only the block's inputs (kept here, the policy would keep the scan's outputs
     inside the block's checkpoint too, and the option would save nothing in a Mamba block)."""
     if not torch.is_grad_enabled() or getattr(fn.__self__, "block_recomputed", False):

@@ -223,8 +223,7 @@ def _mixer_case():
         return torch.utils.checkpoint.checkpoint(m, x, order, use_reentrant=False)
 
     def block_recomputed(m, x):  # as train.py --grad-checkpoint runs it (models.checkpoint_blocks)
-        for module in m.modules():
-            module.block_recomputed = True
+        ssm.mark_block_recomputed(m)
         return block_checkpointed(m, x)
 
     for name, fn in [("recomputed", lambda m, x: m(x, order)), ("kept whole", kept_whole),
@@ -339,6 +338,7 @@ def _branches_case():
 
     import bidim
     import lamamba
+    import ssm
     torch.manual_seed(0)
     errs = {}
     for name, make, x in [("bidim", lambda: bidim.BiMamba(4, d_state=3, d_conv=3), torch.randn(2, 7, 4)),
@@ -346,8 +346,7 @@ def _branches_case():
         mixer = make()
         ref = copy.deepcopy(mixer).double()
         whole = copy.deepcopy(mixer)  # in a block that --grad-checkpoint recomputes whole
-        for module in whole.modules():
-            module.block_recomputed = True
+        ssm.mark_block_recomputed(whole)
         runs = []
         for backend, m, inp in (("triton", mixer, x), ("ref", ref, x.double()), ("whole", whole, x)):
             os.environ["DIFFUSION_MAMBA_SCAN"] = "ref" if backend == "ref" else "triton"
