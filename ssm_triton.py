@@ -240,8 +240,12 @@ def _scan_fwd_kernel(
     # by separate programs (more parallelism when batch x channels is small): MODE 1 runs each segment from
     # a zero state and writes its end state and its sum of dt (the segment's decay is exp(A sum dt));
     # MODE 2 then starts each segment from the state that the summaries of the segments before it compose.
+    # No segment after the last one reads its summary, so MODE 1 runs the first n_seg - 1 segments only.
     pid_d, k, bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, s = bs // n_seg, bs % n_seg
+    if MODE == 1:
+        b, s = bs // (n_seg - 1), bs % (n_seg - 1)
+    else:
+        b, s = bs // n_seg, bs % n_seg
     K = tl.num_programs(1)
     d = pid_d * BD + tl.arange(0, BD)
     n = tl.arange(0, NP)
@@ -332,11 +336,15 @@ def _scan_bwd_kernel(
     # Segments as in the forward: MODE 1 runs the adjoint alone through each segment from a zero carry and
     # writes g at its first step, the sum of dt over its other steps (the decay across it) and its first dt;
     # MODE 2 starts each segment from the carry that the summaries of the segments after it compose.
+    # The first segment's summary is read by none, so MODE 1 runs segments 1 .. n_seg - 1 only.
     # dout is read with strides so_*; du, ddelta, dz are written as contiguous (batch, L, K, dim) tensors;
     # dB, dC are added into fp32 (batch, L, K, NP) buffers (one atomic per block of BD channels); dA, dD and
     # dbias go to per-batch fp32 partials.
     pid_d, k, bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, s = bs // n_seg, bs % n_seg
+    if MODE == 1:
+        b, s = bs // (n_seg - 1), bs % (n_seg - 1) + 1
+    else:
+        b, s = bs // n_seg, bs % n_seg
     K = tl.num_programs(1)
     n_db = tl.num_programs(0)
     d = pid_d * BD + tl.arange(0, BD)
@@ -520,12 +528,22 @@ def _scan_bwd_kernel(
 
 # channels per program BD, steps per tile T, warps; CHUNK = steps between saved states (the backward's
 # recompute span). Chosen per element size of u (2 = bf16/fp16, 4 = fp32). bf16: the fastest of the
-# configurations timed at the models' four shapes on an H200 (README, Speed I). The forward's 32 x 4 x 1
-# at three (3-7% ahead of 16 x 8 x 1), 4% behind it at DiM-L/2's 1024 px shape. The backward's 16 x 4 x 1
-# since its sums over channels are a reduce-scatter (_sum_channels): 3-19% ahead of 8 x 8 x 1 (same sums)
-# at three shapes (half the programs, so half the dB/dC atomics), level to 1% behind at DiM-L/2's 1024 px.
-TRITON_CONFIG = {"fwd": {2: dict(BD=32, T=4, num_warps=1), 4: dict(BD=16, T=4, num_warps=1)},
+# configurations timed at the models' shapes (README, Speed). The backward's 16 x 4 x 1 since its sums over
+# channels are a reduce-scatter (_sum_channels): 3-19% ahead of 8 x 8 x 1 (same sums) at three shapes on an
+# H200 (half the programs, so half the dB/dC atomics), level to 1% behind at DiM-L/2's 1024 px.
+# The forward's entry is what it runs with segments (below); 16 x 8 x 1 there was 5% ahead of 32 x 4 x 1
+# at DiM-L/2's 2048 px shape (H100, session 21).
+TRITON_CONFIG = {"fwd": {2: dict(BD=16, T=8, num_warps=1), 4: dict(BD=16, T=4, num_warps=1)},
           "bwd": {2: dict(BD=16, T=4, num_warps=1), 4: dict(BD=8, T=4, num_warps=1)}}
+# The bf16 forward on a GPU runs without segments (the segment summaries cost it a second pass over every
+# segment but the last, ~0.7 of the main one) where one of these channel blocks, the widest first, gives
+# UNSEGMENTED_PROGRAMS programs per multiprocessor; each holds 64 (step, state, channel) elements a thread.
+# Session 21 (H100, against the segmented 32 x 4 x 1 shipped before): DiM-L/2's training shapes at 1024 px
+# 0.34 ms (8 channels, 512 programs) against 0.45, its sampling shapes (batch doubled by guidance) 0.56
+# against 0.75 (1024 px, 16 channels) and 1.13 against 1.31 (2048 px, 8 channels); at 2048 px, batch 1
+# (256 programs of 8 channels) segments stay ahead, 0.73 against 1.16 ms. () turns the choice off.
+FWD_UNSEGMENTED = (dict(BD=32, T=4, num_warps=1), dict(BD=16, T=8, num_warps=1), dict(BD=8, T=16, num_warps=1))
+UNSEGMENTED_PROGRAMS = 3
 CHUNK = 64
 # a * b + c as one fused multiply-add, as the configurations above were timed: Triton's default until
 # 3.10, which turns it off unless a launch asks for it
@@ -545,10 +563,32 @@ def _next_power_of_2(n):
     return n + 1
 
 
-def _config(u, L, which="fwd"):
-    cfg = dict(TRITON_CONFIG[which][2 if u.element_size() <= 2 else 4], CHUNK=CHUNK)
+def _config(u, L, which="fwd", base=None):
+    cfg = dict(base or TRITON_CONFIG[which][2 if u.element_size() <= 2 else 4], CHUNK=CHUNK)
     cfg["CHUNK"] = max(cfg["T"], min(cfg["CHUNK"], _next_power_of_2(L)))
     return cfg
+
+
+def _unsegmented(scans, dim, multiprocessors):
+    """The widest of FWD_UNSEGMENTED's configurations whose programs over `scans` sequences of `dim`
+    channels number UNSEGMENTED_PROGRAMS per multiprocessor, or None (segments, then)."""
+    for base in FWD_UNSEGMENTED:
+        if scans * _cdiv(dim, base["BD"]) >= UNSEGMENTED_PROGRAMS * multiprocessors:
+            return base
+    return None
+
+
+def _fwd_launch(u, batch, K, dim, L):
+    """The forward's configuration and its segments (n_seg, chunks a segment): unsegmented with the widest
+    channel block of FWD_UNSEGMENTED that fills the GPU enough, else TRITON_CONFIG's with segments."""
+    if u.element_size() <= 2 and u.device.type == "cuda" and SEGMENTS is None:
+        base = _unsegmented(batch * K, dim, _multiprocessors(_index(u.device)))
+        if base is not None:
+            cfg = _config(u, L, base=base)
+            return cfg, 1, _cdiv(L, cfg["CHUNK"])
+    cfg = _config(u, L)
+    n_chunks = _cdiv(L, cfg["CHUNK"])
+    return (cfg, *_segments(batch, K, _cdiv(dim, cfg["BD"]), n_chunks, u.device))
 
 
 def _s4(x):
@@ -564,8 +604,7 @@ def _segments(batch, K, n_db, n_chunks, device):
     elif device.type != "cuda":
         n_seg = 1
     else:
-        sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-        n_seg = _cdiv(SEGMENT_TARGET * sms, batch * K * n_db)
+        n_seg = _cdiv(SEGMENT_TARGET * _multiprocessors(_index(device)), batch * K * n_db)
     n_seg = max(1, min(n_seg, n_chunks // MIN_SEGMENT_CHUNKS))
     seg_chunks = _cdiv(n_chunks, n_seg)
     return _cdiv(n_chunks, seg_chunks), seg_chunks
@@ -574,6 +613,10 @@ def _segments(batch, K, n_db, n_chunks, device):
 # segment target 64 (programs per multiprocessor): the backward 5-7% faster than with 32 at DiM-L/2's 1024
 # px shape and (8, 1536, 4096), the same elsewhere
 SEGMENT_TARGET, MIN_SEGMENT_CHUNKS, SEGMENTS = 64, 4, None
+
+
+def _index(device):
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=None)
@@ -589,10 +632,9 @@ def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=N
     batch, L, K, dim = u.shape
     N = A.shape[-1]
     NP = max(_next_power_of_2(N), 2)
-    cfg = _config(u, L)
+    cfg, n_seg, seg_chunks = _fwd_launch(u, batch, K, dim, L)
     n_chunks = _cdiv(L, cfg["CHUNK"])
     n_db = _cdiv(dim, cfg["BD"])
-    n_seg, seg_chunks = _segments(batch, K, n_db, n_chunks, u.device)
     out = torch.empty(batch, L, K, dim, device=u.device, dtype=out_dtype or u.dtype)
     states = torch.empty(batch, K, dim, n_chunks, NP, device=u.device, dtype=torch.float32)
     split = batch * K * n_seg * dim * NP
@@ -607,10 +649,9 @@ def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=N
                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(softplus), FAST=not triton_interpreted(),
                  BD=cfg["BD"], NP=NP, T=cfg["T"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"],
                  maxnreg=cfg.get("maxnreg"), **FUSE_FMA)
-    grid = (n_db, K, batch * n_seg)
-    if n_seg > 1:
-        _scan_fwd_kernel[grid](*args, MODE=1, **flags)
-    _scan_fwd_kernel[grid](*args, MODE=2 if n_seg > 1 else 0, **flags)
+    if n_seg > 1:  # the summaries of every segment but the last (none reads that one)
+        _scan_fwd_kernel[(n_db, K, batch * (n_seg - 1))](*args, MODE=1, **flags)
+    _scan_fwd_kernel[(n_db, K, batch * n_seg)](*args, MODE=2 if n_seg > 1 else 0, **flags)
     return out, states, cfg["CHUNK"]
 
 
@@ -649,10 +690,9 @@ def scan_bwd(dout, u, delta, z, B, C, A, D, dt_bias, order, states, chunk, softp
                  HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(softplus), FAST=not triton_interpreted(),
                  BD=cfg["BD"], NP=NP, T=T, CHUNK=chunk, num_warps=cfg["num_warps"],
                  maxnreg=cfg.get("maxnreg"), **FUSE_FMA)
-    grid = (n_db, K, batch * n_seg)
-    if n_seg > 1:
-        _scan_bwd_kernel[grid](*args, MODE=1, **flags)
-    _scan_bwd_kernel[grid](*args, MODE=2 if n_seg > 1 else 0, **flags)
+    if n_seg > 1:  # the summaries of every segment but the first (none reads that one)
+        _scan_bwd_kernel[(n_db, K, batch * (n_seg - 1))](*args, MODE=1, **flags)
+    _scan_bwd_kernel[(n_db, K, batch * n_seg)](*args, MODE=2 if n_seg > 1 else 0, **flags)
     return (du, ddelta, dz, dB[..., :N], dC[..., :N], dA[..., :N].sum(0),
             dD.sum(0) if D is not None else None, dbias.sum(0) if dt_bias is not None else None)
 

@@ -17,7 +17,7 @@ SCAN_CASES = [
     ("reversed, no z", 1, 21, 1, 5, 4, False, False, True, True, "reverse", 1),
     ("two orders, shared u", 2, 17, 2, 6, 3, True, True, True, True, "random", 1),
     ("no D, no bias", 1, 13, 1, 4, 2, False, True, False, False, "random", 1),
-    ("three segments", 1, 37, 2, 5, 3, True, True, True, True, "random", 3),
+    ("three segments", 2, 37, 2, 5, 3, True, True, True, True, "random", 3),
 ]
 CONV_CASES = [("width 3, order", 3, True, "random"), ("width 4, no bias", 4, False, None),
               ("width 2, reversed", 2, True, "reverse")]
@@ -444,3 +444,16 @@ def test_bidim_and_lamamba_mixers_with_recomputation_match(interpreted):
         assert errs.pop(f"{name} triton out_proj input freed") == 1.0, errs
         assert errs.pop(f"{name} ref out_proj input freed") == 0.0, errs
     assert max(errs.values()) < TOL, errs
+
+
+def test_forward_runs_unsegmented_where_the_gpu_has_enough_programs():
+    # ssm_triton._fwd_launch: the widest channel block that makes 3 programs per multiprocessor, else
+    # segments. On a 132-multiprocessor H100 or H200 (README, Speed, session 21): DiM-L/2's training
+    # batch of 2 at 1024 px (2048 channels) takes 8 channels a program, its guided sampling batch (4)
+    # 16, DiM-S/2's Fashion-MNIST batch (128 x 768 channels) 32; one 2048 px image keeps segments.
+    pytest.importorskip("triton")
+    import ssm_triton as kern
+    widths = {(scans, dim): (kern._unsegmented(scans, dim, 132) or {}).get("BD")
+              for scans, dim in ((2, 2048), (4, 2048), (128, 768), (1, 2048), (8, 2048))}
+    assert widths == {(2, 2048): 8, (4, 2048): 16, (128, 768): 32, (1, 2048): None, (8, 2048): 32}
+    assert all(c["BD"] * c["T"] == 128 for c in kern.FWD_UNSEGMENTED)  # 64 elements a thread

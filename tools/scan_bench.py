@@ -48,7 +48,7 @@ p.add_argument("--lengths", default="256,1024,4096,16384")
 p.add_argument("--no-torch", action="store_true", help="skip the pure-PyTorch rows")
 p.add_argument("--no-accuracy", action="store_true")
 p.add_argument("--fwd-config", default=None,
-               help="JSON overriding ssm_triton.TRITON_CONFIG['fwd'][2]")
+               help="JSON overriding ssm_triton.TRITON_CONFIG['fwd'][2] (and the unsegmented choice)")
 p.add_argument("--bwd-config", default=None,
                help="JSON overriding ssm_triton.TRITON_CONFIG['bwd'][2]")
 args = p.parse_args()
@@ -66,6 +66,7 @@ has_triton = ssm_triton.triton is not None
 torch.backends.cuda.matmul.allow_tf32 = False
 if args.fwd_config:
     ssm_triton.TRITON_CONFIG["fwd"][2].update(json.loads(args.fwd_config))
+    ssm_triton.FWD_UNSEGMENTED = ()  # every forward with this configuration
 if args.bwd_config:
     ssm_triton.TRITON_CONFIG["bwd"][2].update(json.loads(args.bwd_config))
 
@@ -335,19 +336,20 @@ SWEEP = {"fwd": [(32, 4, 1), (32, 4, 1, 128), (16, 4, 1), (16, 4, 1, 128), (16, 
                  (16, 8, 1), (16, 8, 1, 128)],
          "bwd": [(16, 4, 1), (16, 4, 1, 168), (16, 4, 1, 128), (16, 2, 1), (16, 2, 1, 128), (8, 4, 1),
                  (8, 4, 1, 128), (8, 8, 1), (32, 2, 1), (16, 4, 2)]}
-# the forward with narrow channel blocks and no segments (segment target 1): enough programs without the
-# segment summaries, which take 42% of the forward at DiM-L/2's 1024 px shape (README, session 13), for
-# more per-lane work on (step, channel) values. (Not the backward: its dB/dC sums over a block's channels
-# would become BD-times more atomics.)
-FWD_UNSEGMENTED = [(8, 8, 1), (4, 8, 1), (4, 4, 1), (2, 8, 1)]
+# the forward without segments (segment target 1) at each channel block ssm_triton.FWD_UNSEGMENTED picks
+# from, and narrower ones. (Not the backward: its dB/dC sums over a block's channels would become
+# BD-times more atomics; segments stay ahead there, README, session 21.)
+FWD_UNSEGMENTED = [(32, 4, 1), (16, 8, 1), (8, 16, 1), (8, 8, 1), (4, 16, 1)]
 
 
 def sweep_one(x, which, cfg, chunk, target):
     """ms of one kernel (scan_fwd or scan_bwd launched directly) under one launch configuration."""
-    default = (copy.deepcopy(ssm_triton.TRITON_CONFIG), ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET)
+    default = (copy.deepcopy(ssm_triton.TRITON_CONFIG), ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET,
+               ssm_triton.FWD_UNSEGMENTED)
     ssm_triton.TRITON_CONFIG[which][2] = dict(BD=cfg[0], T=cfg[1], num_warps=cfg[2],
                                               maxnreg=cfg[3] if len(cfg) > 3 else None)
     ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET = chunk, target
+    ssm_triton.FWD_UNSEGMENTED = ()  # this configuration, not the forward's own choice
     try:
         u4 = {k: (v.unsqueeze(2) if v.dim() == 3 else v[None]) for k, v in x.items() if k != "order"}
         fargs = (u4["u"], u4["delta"], u4["z"], u4["B"], u4["C"], u4["A"], u4["D"], u4["dt_bias"],
@@ -359,7 +361,7 @@ def sweep_one(x, which, cfg, chunk, target):
         return time_ms(lambda: ssm_triton.scan_bwd(dout, *fargs, states, ch), budget_ms=150)
     finally:
         ssm_triton.TRITON_CONFIG = default[0]
-        ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET = default[1], default[2]
+        ssm_triton.CHUNK, ssm_triton.SEGMENT_TARGET, ssm_triton.FWD_UNSEGMENTED = default[1:]
 
 
 if args.sweep and has_triton:
