@@ -176,3 +176,31 @@ def test_compile_blocks_matches_eager(name="DiM-T/2"):
                                          if p.grad is not None])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_checkpoint_runs_each_compiled_block_again_in_the_backward():
+    # --grad-checkpoint with --compile: the checkpoint stays eager around each compiled block and
+    # runs the block's graph again in the backward. Compiled around the checkpoint instead, Inductor
+    # kept every activation of a DiM-L/2 block on a GPU (README, Speed, session 21).
+    calls = []
+
+    def counting_backend(gm, example_inputs):
+        def run(*args):
+            calls.append(gm)
+            return gm.forward(*args)
+        return run
+
+    torch.manual_seed(0)
+    model = models.build_model("DiM-T/2", input_size=8, in_channels=1, num_classes=10)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
+    model(x, t, y).square().mean().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    n = models.checkpoint_blocks(model)
+    assert models.compile_blocks(model, backend=counting_backend, fullgraph=True) == n > 0
+    loss = model(x, t, y).square().mean()
+    assert len(calls) == n  # one graph call a block in the forward ...
+    loss.backward()
+    assert len(calls) == 2 * n  # ... and one more in the backward
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)

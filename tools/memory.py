@@ -143,8 +143,11 @@ def kept_bytes(name, grid, compile_mode, grad_checkpoint=False):
         checkpoint_blocks(model)
     x = torch.randn(1, LATENT_CHANNELS, grid, grid)
     t, y = timesteps(model, 1, "cpu"), torch.randint(0, NUM_CLASSES, (1,))
-    if compile_mode == "none":
-        # eager: what is still alive after the forward (the parameters were made before the mode)
+    if compile_mode == "none" or (compile_mode == "blocks" and grad_checkpoint):
+        # eager: what is still alive after the forward (the parameters were made before the mode).
+        # Compiled blocks under --grad-checkpoint keep what eager ones do: the checkpoint stays eager
+        # around each compiled block (models.compile_blocks), and its inputs are held by the
+        # checkpoint, not saved by a graph
         with stand_in_kernels(), LiveStorages() as live:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(x, t, y)
