@@ -86,7 +86,7 @@ def compile_blocks(model, **options):
                 # checkpoint_blocks came first: compile inside the checkpoint, which stays eager and
                 # runs the compiled block again in the backward. Compiled around it, Inductor's graph
                 # of a DiM-L/2 block kept every activation on a GPU (2048 px: 11.6 GiB after the
-                # forward against 11.0 without the option; 3.5 GiB with the checkpoint outside).
+                # forward against 11.0 without the option, 3.5 with eager blocks; README, Speed).
                 module.forward = functools.partial(_checkpointed,
                                                    torch.compile(forward.args[0], **options))
             else:

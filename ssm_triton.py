@@ -542,7 +542,8 @@ TRITON_CONFIG = {"fwd": {2: dict(BD=16, T=8, num_warps=1), 4: dict(BD=16, T=4, n
 # 0.34 ms (8 channels, 512 programs) against 0.45, its sampling shapes (batch doubled by guidance) 0.56
 # against 0.75 (1024 px, 16 channels) and 1.13 against 1.31 (2048 px, 8 channels); at 2048 px, batch 1
 # (256 programs of 8 channels) segments stay ahead, 0.73 against 1.16 ms. () turns the choice off.
-FWD_UNSEGMENTED = (dict(BD=32, T=4, num_warps=1), dict(BD=16, T=8, num_warps=1), dict(BD=8, T=16, num_warps=1))
+FWD_UNSEGMENTED = (dict(BD=32, T=4, num_warps=1), dict(BD=16, T=8, num_warps=1),
+                   dict(BD=8, T=16, num_warps=1))
 UNSEGMENTED_PROGRAMS = 3
 CHUNK = 64
 # a * b + c as one fused multiply-add, as the configurations above were timed: Triton's default until

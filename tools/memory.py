@@ -14,7 +14,9 @@ uses (torch.compile's "aot_eager_decomp_partition" backend: the same choice of w
 recompute, without generating code). A compiled step's kept tensors are its graphs' saved tensors,
 counted by a saved-tensor hook; an eager step's are every storage still alive after the forward
 (LiveStorages), which includes what a recomputed region holds outside autograd's saved tensors (the
-scan outputs that ssm.recompute_around_scan's policy keeps). Parameters are excluded. Two small grids
+scan outputs that ssm.recompute_around_scan's policy keeps). With --grad-checkpoint the blocks' eager
+checkpoints hold their inputs outside any graph (models.compile_blocks compiles inside them), so such
+steps are counted eagerly. Parameters are excluded. Two small grids
 give the bytes per token (the difference), which scale to the target resolution's tokens; weights,
 gradients and AdamW's two moments add 16 bytes a parameter (4 a frozen one) of the model built for that
 resolution. What this misses: tensors that live only during the backward (gradients of activations,

@@ -339,7 +339,7 @@ SWEEP = {"fwd": [(32, 4, 1), (32, 4, 1, 128), (16, 4, 1), (16, 4, 1, 128), (16, 
 # the forward without segments (segment target 1) at each channel block ssm_triton.FWD_UNSEGMENTED picks
 # from, and narrower ones. (Not the backward: its dB/dC sums over a block's channels would become
 # BD-times more atomics; segments stay ahead there, README, session 21.)
-FWD_UNSEGMENTED = [(32, 4, 1), (16, 8, 1), (8, 16, 1), (8, 8, 1), (4, 16, 1)]
+SWEEP_UNSEGMENTED = [(32, 4, 1), (16, 8, 1), (8, 16, 1), (8, 8, 1), (4, 16, 1)]
 
 
 def sweep_one(x, which, cfg, chunk, target):
@@ -386,7 +386,7 @@ if args.sweep and has_triton:
             best = min(space, key=run)
             for chunk, target in ((32, None), (128, None), (None, 16), (None, 32)):
                 run(best, chunk or ssm_triton.CHUNK, target or ssm_triton.SEGMENT_TARGET)
-            for cfg in FWD_UNSEGMENTED if which == "fwd" else []:
+            for cfg in SWEEP_UNSEGMENTED if which == "fwd" else []:
                 run(cfg, target=1)
         del x
 
