@@ -15,6 +15,7 @@ grid, 1000 classes. Per model and resolution:
              sample: one sampling step with classifier-free guidance, i.e. one forward of the doubled batch 2B
   ms/img     step time / B (in sample mode: per image and sampling step); img/s = B / step time
   peak GiB   torch.cuda.max_memory_allocated during the steps: weights, gradients, optimiser state, activations
+  kept GiB   (JSON kept_gib, train) memory the first step's forward left allocated for its backward
 
 Timing: --warmup untimed steps, then on a GPU the median over 3 rounds of --repeats back-to-back
 steps timed with CUDA events (as training and sampling loops run: the CPU queues ahead), on the CPU
@@ -61,8 +62,8 @@ FAMILIES = {
     "dit": ("DiT-{}/2", {"H": "XL"}),
 }
 COLUMNS = ["model", "family", "mode", "res", "tokens", "batch", "params_M", "gflops", "scan_gflops",
-           "step_ms", "ms_per_image", "images_per_s", "mfu", "peak_mem_gib", "compiled", "setup_s",
-           "status", "device", "torch", "scan", "profile"]
+           "step_ms", "ms_per_image", "images_per_s", "mfu", "peak_mem_gib", "kept_gib", "compiled",
+           "setup_s", "status", "device", "torch", "scan", "profile"]
 # dense bf16 peak of the GPU for MFU (H100/H200 SXM datasheet); None elsewhere
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 LATENT_CHANNELS, NUM_CLASSES, VAE_FACTOR = 4, 1000, 8
@@ -245,8 +246,14 @@ def run_steps(factory, grid, batch, mode, device, warmup, repeats, row, compile=
 
         def grads(x, t, y):
             opt.zero_grad(set_to_none=True)
+            # what the forward keeps for the backward, once, at the first (eager) step: on a GPU the
+            # compiled graphs' saved tensors are counted here, where the CPU's tools/memory.py only
+            # estimates them (session 21: the two disagreed for checkpointed blocks)
+            before = torch.cuda.memory_allocated(device) if cuda and row["kept_gib"] is None else None
             with autocast:
                 out = net(x, t, y)
+            if before is not None:
+                row["kept_gib"] = (torch.cuda.memory_allocated(device) - before) / 2 ** 30
             out.float().square().mean().backward()
 
         if graphed != "off":
@@ -654,9 +661,10 @@ def main(argv=None):
                 row = measure(name, family, factory, res, batch, args, device, info)
                 if row["status"] == "OOM":
                     oom_load[name] = min(oom_load.get(name, math.inf), batch * res * res)
+            kept = f" (forward keeps {fmt(row['kept_gib'], 2)})" if row.get("kept_gib") else ""
             print(f"[bench] {name} @ {res} x{batch} {args.mode}: {fmt(row['step_ms'])} ms/step, "
-                  f"{fmt(row['peak_mem_gib'], 2)} GiB, {row['status']} ({time.time() - start:.0f} "
-                  "s)", file=sys.stderr)
+                  f"{fmt(row['peak_mem_gib'], 2)} GiB{kept}, {row['status']} "
+                  f"({time.time() - start:.0f} s)", file=sys.stderr)
             rows.append(row)
             save(rows, args, title)
 
