@@ -67,7 +67,8 @@ def compile_blocks(model, **options):
     distinct shape (15-20 s on an H200 for DiM-S/2 against ~110 s for the whole model), and the
     elementwise work inside each block is fused. Measured (README, Speed): within 3% of compiling a
     Mamba model whole; DiT gains more from whole-model compilation (23 against 37 ms per step).
-    options go to torch.compile."""
+    Call it after checkpoint_blocks (as train.py and tools/bench.py do): a checkpointed block is then
+    compiled inside its checkpoint. options go to torch.compile."""
     # Dynamo compiles each block instance and each value of its int attributes (DiM's scan order,
     # LaMamba's window shift) as a new entry under the one Block.forward; past its default limit of 8
     # entries the remaining blocks would silently run eager.
