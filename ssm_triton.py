@@ -537,12 +537,15 @@ TRITON_CONFIG = {"fwd": {2: dict(BD=16, T=8, num_warps=1), 4: dict(BD=16, T=4, n
           "bwd": {2: dict(BD=16, T=4, num_warps=1), 4: dict(BD=8, T=4, num_warps=1)}}
 # The bf16 forward on a GPU runs without segments (the segment summaries cost it a second pass over every
 # segment but the last, ~0.7 of the main one) where one of these channel blocks, the widest first, gives
-# UNSEGMENTED_PROGRAMS programs per multiprocessor; each holds 64 (step, state, channel) elements a thread.
-# Session 21 (H100, against the segmented 32 x 4 x 1 shipped before): DiM-L/2's training shapes at 1024 px
-# 0.34 ms (8 channels, 512 programs) against 0.45, its sampling shapes (batch doubled by guidance) 0.56
-# against 0.75 (1024 px, 16 channels) and 1.13 against 1.31 (2048 px, 8 channels); at 2048 px, batch 1
-# (256 programs of 8 channels) segments stay ahead, 0.73 against 1.16 ms. () turns the choice off.
-FWD_UNSEGMENTED = (dict(BD=32, T=4, num_warps=1), dict(BD=16, T=8, num_warps=1),
+# UNSEGMENTED_PROGRAMS programs per multiprocessor. Session 21 (H100, against the segmented 32 x 4 x 1
+# shipped before): DiM-L/2's training shapes at 1024 px 0.34 ms (8 channels, 512 programs) against 0.45,
+# its sampling shapes (batch doubled by guidance) 0.56 against 0.75 (1024 px, 16 channels x 8 steps) and
+# 1.13 against 1.31 (2048 px, 8 channels); at 2048 px, batch 1 (256 programs of 8 channels) segments stay
+# ahead, 0.73 against 1.16 ms. Session 22 (H100): 16 channels take tiles of 16 steps, 0.51 against 0.56
+# ms at DiM-L/2's 1024 px sampling shape, though 128 elements a thread spill (200 bytes of stack): the
+# longer tile amortises each tile's fixed work (row loads, layout changes, the carried state) as 8 x 16
+# does; 4 x 32 and 2 x 32 (more programs, 64 elements) were 0.85-1.4 ms. () turns the choice off.
+FWD_UNSEGMENTED = (dict(BD=32, T=4, num_warps=1), dict(BD=16, T=16, num_warps=1),
                    dict(BD=8, T=16, num_warps=1))
 UNSEGMENTED_PROGRAMS = 3
 CHUNK = 64
@@ -841,8 +844,11 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, dout_ptr, dx_ptr, dw_ptr, db_
 
 
 # steps S x channels BD per program (one warp: BD / 32 channels a lane). On an H200 (session 16,
-# tools/scan_bench) forward + backward take 0.46-0.76x the time of the tiled kernels they replaced.
-CONV_CONFIG = {"fwd": dict(S=64, BD=128, num_warps=1), "bwd": dict(S=64, BD=128, num_warps=1)}
+# tools/scan_bench) forward + backward take 0.46-0.76x the time of the tiled kernels they replaced. The
+# forward's 32 steps (twice the programs of 64, each with its halo of 3 rows): 6% less time summed over
+# four of the L models' shapes (session 22, H100; DiM-L/2's 1024 px sampling step 57.5 against 58.1 ms);
+# the backward's best alternative was within 1% of 64 x 128 x 1.
+CONV_CONFIG = {"fwd": dict(S=32, BD=128, num_warps=1), "bwd": dict(S=64, BD=128, num_warps=1)}
 CONV_MAX_WIDTH = 4
 
 

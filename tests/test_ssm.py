@@ -290,8 +290,9 @@ TRITON_CASES = {
     # the shipped bf16 launch configurations (tiles, channel blocks), checked here on fp32 inputs
     "bf16_launch_configs": ((1, 36, 70, 4), {}, True, dict(ssm_triton.TRITON_CONFIG["fwd"][2]),
                             dict(ssm_triton.TRITON_CONFIG["bwd"][2])),
-    # the bf16 forward's unsegmented channel blocks, the widest and the narrowest (ssm_triton._fwd_launch)
+    # the bf16 forward's unsegmented channel blocks (ssm_triton._fwd_launch), each of them
     "unsegmented_widest": ((1, 36, 70, 4), {}, True, dict(ssm_triton.FWD_UNSEGMENTED[0]), {}),
+    "unsegmented_middle": ((1, 36, 70, 4), {}, True, dict(ssm_triton.FWD_UNSEGMENTED[1]), {}),
     "unsegmented_narrowest": ((1, 36, 70, 4), {}, True, dict(ssm_triton.FWD_UNSEGMENTED[-1]), {}),
 }
 

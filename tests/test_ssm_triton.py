@@ -448,12 +448,18 @@ def test_bidim_and_lamamba_mixers_with_recomputation_match(interpreted):
 
 def test_forward_runs_unsegmented_where_the_gpu_has_enough_programs():
     # ssm_triton._fwd_launch: the widest channel block that makes 3 programs per multiprocessor, else
-    # segments. On a 132-multiprocessor H100 or H200 (README, Speed, session 21): DiM-L/2's training
-    # batch of 2 at 1024 px (2048 channels) takes 8 channels a program, its guided sampling batch (4)
-    # 16, DiM-S/2's Fashion-MNIST batch (128 x 768 channels) 32; one 2048 px image keeps segments.
+    # segments. On a 132-multiprocessor H100 or H200 (README, Speed, sessions 21-22): DiM-L/2's training
+    # batch of 2 at 1024 px (2048 channels) takes 8 channels x 16 steps a program, its guided sampling
+    # batch (4) 16 x 16, DiM-S/2's Fashion-MNIST batch (128 x 768 channels) 32 x 4; one 2048 px image
+    # keeps segments.
     pytest.importorskip("triton")
     import ssm_triton as kern
-    widths = {(scans, dim): (kern._unsegmented(scans, dim, 132) or {}).get("BD")
-              for scans, dim in ((2, 2048), (4, 2048), (128, 768), (1, 2048), (8, 2048))}
-    assert widths == {(2, 2048): 8, (4, 2048): 16, (128, 768): 32, (1, 2048): None, (8, 2048): 32}
-    assert all(c["BD"] * c["T"] == 128 for c in kern.FWD_UNSEGMENTED)  # 64 elements a thread
+
+    def tile(scans, dim):  # (channels, steps) of the unsegmented forward, or None for segments
+        c = kern._unsegmented(scans, dim, 132)
+        return None if c is None else (c["BD"], c["T"])
+
+    tiles = {(scans, dim): tile(scans, dim)
+             for scans, dim in ((2, 2048), (4, 2048), (128, 768), (1, 2048), (8, 2048))}
+    assert tiles == {(2, 2048): (8, 16), (4, 2048): (16, 16), (128, 768): (32, 4), (1, 2048): None,
+                     (8, 2048): (32, 4)}

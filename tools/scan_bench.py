@@ -339,7 +339,8 @@ SWEEP = {"fwd": [(32, 4, 1), (32, 4, 1, 128), (16, 4, 1), (16, 4, 1, 128), (16, 
 # the forward without segments (segment target 1) at each channel block ssm_triton.FWD_UNSEGMENTED picks
 # from, and narrower ones. (Not the backward: its dB/dC sums over a block's channels would become
 # BD-times more atomics; segments stay ahead there, README, session 21.)
-SWEEP_UNSEGMENTED = [(32, 4, 1), (16, 8, 1), (8, 16, 1), (8, 8, 1), (4, 16, 1)]
+SWEEP_UNSEGMENTED = [(32, 4, 1), (16, 16, 1), (16, 8, 1), (8, 16, 1), (8, 8, 1), (4, 16, 1),
+                     (4, 32, 1)]
 
 
 def sweep_one(x, which, cfg, chunk, target):
