@@ -599,8 +599,10 @@ def mamba_scan(u, delta, A, B, C, D=None, z=None, dt_bias=None, order=None, back
     activations in fp32): the Triton kernel computes in fp32 whatever it reads, so it takes the inputs as
     they are, with no converted copies (nor converted gradients) in memory; the other paths convert them.
     sum_directions: return the K scans' sum, (batch, L, dim) (LaMamba's SS2D adds its four): on the
-    Triton path the op itself sums, so that a recomputed region (recompute_around_scan) keeps the sum,
-    not the K outputs, and the backward reads the sum's gradient K times instead of a K-fold copy.
+    Triton path the op itself sums when gradients are on, so that a recomputed region
+    (recompute_around_scan) keeps the sum, not the K outputs, and the backward reads the sum's gradient
+    K times instead of a K-fold copy; without them (sampling) the sum follows the op, where a compiled
+    block fuses it into the next kernel.
     On a GPU this is one Triton kernel (ssm_triton.py) with no copy around it; on a CPU each direction is
     gathered into scan order and run by the C kernel (ssm_cpu.py) or ChunkedScan (scan_torch_tokens), both
     recomputing in the backward instead of storing their (.., L, N) intermediates."""

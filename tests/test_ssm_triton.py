@@ -300,7 +300,8 @@ def _out_dtype_case():
 def _sum_directions_case():
     """mamba_scan(..., sum_directions=True) (LaMamba's SS2D): the op's own sum over the K directions, and
     the backward reading its gradient through a broadcast view, equal the sum taken outside bit for bit,
-    output and every gradient; the op passes opcheck with the sum."""
+    output and every gradient, and so does sampling's path (no grad: the sum after the op); the op
+    passes opcheck with the sum."""
     import ssm
     import ssm_triton as kern
     g = torch.Generator().manual_seed(4)
@@ -321,6 +322,11 @@ def _sum_directions_case():
         runs.append([out, *torch.autograd.grad(out, leaves, dout)])
     errs = {f"{i}": (a - b).abs().max().item() for i, (a, b) in enumerate(zip(*runs))}
     errs["shape"] = float(runs[0][0].shape != (batch, L, dim))
+    with torch.no_grad():  # sampling's path, which sums outside the op
+        u, delta, B, C = inputs
+        out = ssm.mamba_scan(u, delta, A, B, C, D, dt_bias=bias, order=order, backend="triton",
+                             sum_directions=True)
+    errs["no grad"] = (out - runs[1][0]).abs().max().item() + float(out.shape != (batch, L, dim))
     four = lambda t: t[:, :, None].expand(batch, L, K, t.shape[-1])
     torch.library.opcheck(kern.scan_op, (four(inputs[0]), inputs[1], None, *inputs[2:], A, D, bias, order.int(),
                                          True, None, True))
@@ -413,7 +419,7 @@ def test_bf16_inputs_scanned_to_fp32_equal_fp32_copies(interpreted):
 
 def test_scan_summed_over_directions_in_the_op_equals_the_sum_outside(interpreted):
     errs = interpreted["sum_directions"]
-    assert len(errs) == 7 and max(errs.values()) == 0.0, errs
+    assert len(errs) == 8 and max(errs.values()) == 0.0, errs
 
 
 def test_ops_pass_opcheck_and_grouped_interface_matches(interpreted):
