@@ -21,16 +21,24 @@ def test_counts_of_the_shipped_kernels(tmp_path):
         # every state update of a tile takes one exponential in each kernel's loop
         assert r["MUFU"] >= r["elements_per_thread"]
     # the backward adds its dB and dC sums atomically, and reduces them across lanes first
-    assert bwd["REDG"] >= 2 and bwd["SHFL"] > fwd["SHFL"]
+    assert bwd["REDG"] >= 1 and bwd["SHFL"] > fwd["SHFL"]
     # innermost loops: the forward's one, the backward's pre-pass and reverse pass; each takes one
     # exponential per state update of its tile
     assert len(fwd["loops"]) == 1 and len(bwd["loops"]) == 2
     assert all(loop["MUFU"] >= r["elements_per_thread"] for r in rows for loop in r["loops"])
     prepass, reverse = bwd["loops"]
-    assert reverse["instructions"] > prepass["instructions"] and reverse["REDG"] >= 2
-    # the reverse pass keeps its loop-carried values in registers (session 19: A is not held twice,
-    # and only the product a g crosses to the next tile; before, it spilled 20 loads and 9 stores)
-    assert reverse["LDL"] == reverse["STL"] == 0
+    assert reverse["instructions"] > prepass["instructions"] and reverse["REDG"] >= 1
+    # without knowing that strides are multiples of 16 (x_proj rows of DiM-S/2: 56 elements) each
+    # element of a B or C row is its own load, with its own address arithmetic: more loads and more
+    # instructions in the forward's loop than the L models' launches compile to
+    generic_fwd, generic_bwd = scan_sass.main(["--no-divisible"])
+    assert not generic_fwd["divisible"] and fwd["divisible"]
+    assert generic_fwd["loops"][0]["LDG"] > fwd["loops"][0]["LDG"]
+    assert generic_fwd["loops"][0]["instructions"] > fwd["loops"][0]["instructions"]
+    # that compile's reverse pass keeps its loop-carried values in registers (session 19: A is not
+    # held twice, and only the product a g crosses to the next tile; before, it spilled 20 loads and 9
+    # stores). The L models' launches (vector loads) spill again there (session 22, README, Speed).
+    assert generic_bwd["loops"][1]["LDL"] == generic_bwd["loops"][1]["STL"] == 0
 
 
 def test_a_register_cap_is_applied():

@@ -12,6 +12,7 @@ spill costs it.
     python -m tools.scan_sass --bwd-config 8,4,1          # BD channels, T steps, warps of the backward
     python -m tools.scan_sass --bwd-config 8,4,1,128      # ... with at most 128 registers (ptxas' maxnreg)
     python -m tools.scan_sass --arch 100 --out sass.json  # another architecture; JSON
+    python -m tools.scan_sass --no-divisible              # strides not known to be multiples of 16
 
 Counts are static (each instruction once, the loop body once), so they compare code, not time: a
 kernel bound by latency (few warps per SM, as these are: see README, Speed) can speed up or slow down
@@ -39,13 +40,19 @@ KINDS = ["MUFU", "SHFL", "FFMA", "FMUL", "FADD", "LDG", "STG", "REDG", "LDL", "S
 FLAGS = dict(HAS_IDX=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True)
 # unit strides of the token layout (channels and states are contiguous): Triton specialises them
 UNIT_STRIDES = {"su_d", "sd_d", "sz_d", "so_d", "sB_n", "sC_n"}
+# integer arguments a launch does not see as multiples of 16 (compile_kernel's divisible)
+GENERIC_INTS = {"L", "n_chunks", "seg_chunks", "n_seg"}
 FP32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "st_ptr", "scr_ptr", "dB_ptr", "dC_ptr", "dA_ptr",
                  "dD_ptr", "dbias_ptr", "sum_ptr"}
 
 
-def compile_kernel(kernel, constants, num_warps, arch, dtype="bf16", maxnreg=None):
+def compile_kernel(kernel, constants, num_warps, arch, dtype="bf16", maxnreg=None, divisible=True):
     """The kernel compiled for sm_<arch>: every pointer 16-byte aligned, activations in `dtype`, the
-    unit strides specialised as a launch on the models' tensors would."""
+    unit strides specialised as a launch on the models' tensors would. divisible: the other integer
+    arguments but the sequence's length and chunk counts marked as multiples of 16, as Triton's launch
+    marks any that is (the L models' row strides, channels and state size are: DiM-L/2's x_proj rows
+    are 64 + 2 x 16 elements); the loads of B and C rows then become vector loads. False: no such
+    knowledge (DiM-S/2's x_proj rows are 24 + 32 elements)."""
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constants or name in UNIT_STRIDES:
@@ -57,6 +64,8 @@ def compile_kernel(kernel, constants, num_warps, arch, dtype="bf16", maxnreg=Non
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
+            if divisible and name not in GENERIC_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = dict(num_warps=num_warps, **ssm_triton.FUSE_FMA, **({"maxnreg": maxnreg} if maxnreg else {}))
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -126,6 +135,9 @@ def main(argv=None):
         p.add_argument(f"--{which}-config", type=config, default=dict(c),
                        help=f"BD,T,warps[,maxnreg] (default: the shipped bf16 one, {c['BD']},{c['T']},"
                             f"{c['num_warps']})")
+    p.add_argument("--no-divisible", dest="divisible", action="store_false",
+                   help="compile without knowing that strides, channels and state size are multiples "
+                        "of 16 (the default knows, as a launch on the L models' tensors does)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     NP = max(triton.next_power_of_2(args.state), 2)
@@ -134,10 +146,10 @@ def main(argv=None):
         c = getattr(args, f"{which}_config")
         # MODE 0: the whole sequence in one program (the segments' passes share its loop)
         constants = dict(FLAGS, MODE=0, NP=NP, BD=c["BD"], T=c["T"], CHUNK=ssm_triton.CHUNK)
-        row = dict(kernel=which, arch=args.arch, **c, state=args.state,
+        row = dict(kernel=which, arch=args.arch, **c, state=args.state, divisible=args.divisible,
                    elements_per_thread=c["BD"] * c["T"] * NP // (32 * c["num_warps"]))
         row.update(count(compile_kernel(kernel, constants, c["num_warps"], args.arch,
-                                        maxnreg=c.get("maxnreg"))))
+                                        maxnreg=c.get("maxnreg"), divisible=args.divisible)))
         rows.append(row)
     print("| kernel | BD, T, warps | elements per thread | registers | spilled bytes | instructions | "
           + " | ".join(KINDS) + " |")
