@@ -351,9 +351,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x):
-        """(B, C_in, H, W) -> (B, H/p, W/p, dim)."""
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+    def forward(self, x, pos):
+        """(B, C_in, H, W) and the (1, H/p, W/p, dim) position embedding -> (B, H/p, W/p, dim).
+        The position is added here, so a compiled stem (models.compile_blocks) fuses it."""
+        return self.norm(self.proj(x).permute(0, 2, 3, 1)) + pos
 
 
 class PatchMerging(nn.Module):
@@ -386,6 +387,18 @@ class PatchExpanding(nn.Module):
         x = self.expand(x).view(B, H, W, s, s,
                                 self.out_dim).transpose(2, 3).reshape(B, s * H, s * W, self.out_dim)
         return self.norm(x)
+
+
+class ModulatedNorm(nn.Module):
+    """The head's LayerNorm without affine parameters, then adaLN's shift and scale; a module of its
+    own (no parameters, so no state-dict keys) that models.compile_blocks compiles into one pass."""
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+
+    def forward(self, x, shift, scale):
+        """(B, H, W, C), shift and scale (B, 1, 1, C) -> (B, H, W, C)."""
+        return modulate(self.norm(x), shift, scale)
 
 
 class Stage(nn.Module):
@@ -466,7 +479,7 @@ class LaMambaDiff(nn.Module):
         self.final_up = PatchExpanding(C, scale=patch_size, out_dim=C)
         self.final_condition_projection = nn.Linear(cond_dim, C)
         self.final_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
-        self.norm_final = nn.LayerNorm(C, elementwise_affine=False, eps=1e-6)
+        self.norm_final = ModulatedNorm(C, eps=1e-6)
         self.final_linear = nn.Linear(C, self.out_channels)
         self.initialize_weights()
 
@@ -523,8 +536,8 @@ class LaMambaDiff(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)                                   # (N, 4C)
 
         # (N, h, w, C) channels-last
-        x = self.patch_embed(x)
-        x = x + self.position_embedding(x.shape[1], x.shape[2])
+        p = self.patch_size
+        x = self.patch_embed(x, self.position_embedding(H // p, W // p))
         skips = []
         for stage in self.encoder:
             x = stage(x, c)
@@ -537,8 +550,9 @@ class LaMambaDiff(nn.Module):
                 x = stage.resample(x)
             x = stage(x + skips.pop(), c)  # additive long skip from the mirrored encoder stage
 
-        shift, scale = self.final_adaLN_modulation(self.final_condition_projection(c))[:, None, None].chunk(2, dim=-1)
-        x = modulate(self.norm_final(self.final_up(x)), shift, scale)
+        shift, scale = self.final_adaLN_modulation(
+            self.final_condition_projection(c))[:, None, None].chunk(2, dim=-1)
+        x = self.norm_final(self.final_up(x), shift, scale)
         return self.final_linear(x).permute(0, 3, 1, 2)                              # (N, 2C, H, W)
 
 

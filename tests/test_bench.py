@@ -157,8 +157,10 @@ def test_compile_blocks_gives_each_block_shape_a_static_graph(graph_counter):
     assert len(graphs) == 3 and all(isinstance(d, int) for d in sizes)
 
 
-def test_compile_blocks_matches_eager(name="DiM-T/2"):
-    # regional compilation (bench.py --compile blocks) wraps every outermost block once and leaves
+@pytest.mark.parametrize("name", ["DiM-T/2", "LaMamba-T"])
+def test_compile_blocks_matches_eager(name):
+    # regional compilation (bench.py --compile blocks) wraps every outermost block once, and the
+    # modules between them (LaMamba's stem, merges, expands and head norm) on their own, and leaves
     # outputs and gradients unchanged (dynamo's graphs, fullgraph: no break; no C++ compiler needed)
     torch.manual_seed(0)
     model = models.build_model(name, input_size=8, in_channels=1, num_classes=10)
@@ -169,6 +171,9 @@ def test_compile_blocks_matches_eager(name="DiM-T/2"):
             n = models.compile_blocks(model, backend="eager", fullgraph=True)
             blocks = [m for m in model.modules() if type(m).__name__.endswith("Block")]
             assert n == len(blocks) > 0
+            between = [m for m in model.modules() if type(m).__name__ in models.BETWEEN_BLOCKS]
+            assert all(m._compiled_call_impl is not None for m in between)
+            assert len(between) == (7 if name == "LaMamba-T" else 0)
         model.zero_grad()
         out = model(x, t, y)
         out.square().mean().backward()

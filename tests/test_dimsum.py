@@ -315,8 +315,9 @@ def test_per_block_compilation_traces_few_graphs(graph_counter):
     with torch.no_grad():
         out = model(x, t, y)
     assert torch.isfinite(out).all()
-    # the first block (no residual stream yet), the others, the shared attention block
-    assert compiled == 9 and len(graphs) <= 3, len(graphs)
+    # the first block (no residual stream yet), the others, the shared attention block; the stem and
+    # the head (models.BETWEEN_BLOCKS)
+    assert compiled == 9 and len(graphs) <= 5, len(graphs)
 
 
 def test_gated_mlp_makes_its_product_again_in_the_backward():
