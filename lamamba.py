@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from dit import LabelEmbedder, TimestepEmbedder, cached
 from ssm import (count_scan_flops, init_dt_A_D, mamba_scan, recompute_around_scan, scan_dtype,
-                 token_backend)
+                 split_linear, token_backend)
 
 
 def modulate(x, shift, scale):
@@ -210,7 +210,9 @@ class SS2D(nn.Module):
         """in_proj, the four snake scans along paths (K, H*W), summed and normalised, gated,
         out_proj: (B, H, W, dim) -> (B, H, W, dim)."""
         B, H, W, _ = x.shape
-        x, z = self.in_proj(x).chunk(2, dim=-1)                                       # (B, H, W, D)
+        # two products (ssm.split_linear), so x is a tensor of its own: a chunk of one product is a
+        # strided view, which the depthwise conv below first copies into channels-last memory
+        x, z = split_linear(x, self.in_proj)                                          # (B, H, W, D)
         y = self.scans(x, paths)                                     # (B, L, D): the four summed
         y = self.out_norm(y).view(B, H, W, self.d_inner).to(z.dtype)
         return self.out_proj(y * F.silu(z))
