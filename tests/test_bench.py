@@ -186,7 +186,7 @@ def test_compile_blocks_matches_eager(name):
 def test_grad_checkpoint_runs_each_compiled_block_again_in_the_backward():
     # --grad-checkpoint with --compile: the checkpoint stays eager around each compiled block and
     # runs the block's graph again in the backward. Compiled around the checkpoint instead, Inductor
-    # kept every activation of a DiM-L/2 block on a GPU (README, Speed, session 21).
+    # kept every activation of a DiM-L/2 block on a GPU (docs/speed_history.md, session 21).
     calls = []
 
     def counting_backend(gm, example_inputs):

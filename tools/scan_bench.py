@@ -338,7 +338,7 @@ SWEEP = {"fwd": [(32, 4, 1), (32, 4, 1, 128), (16, 4, 1), (16, 4, 1, 128), (16, 
                  (8, 4, 1, 128), (8, 8, 1), (32, 2, 1), (16, 4, 2)]}
 # the forward without segments (segment target 1) at each channel block ssm_triton.FWD_UNSEGMENTED picks
 # from, and narrower ones. (Not the backward: its dB/dC sums over a block's channels would become
-# BD-times more atomics; segments stay ahead there, README, session 21.)
+# BD-times more atomics; segments stay ahead there, docs/speed_history.md, session 21.)
 SWEEP_UNSEGMENTED = [(32, 4, 1), (16, 16, 1), (16, 8, 1), (8, 16, 1), (8, 8, 1), (4, 16, 1),
                      (4, 32, 1)]
 
