@@ -157,10 +157,10 @@ def test_compile_blocks_gives_each_block_shape_a_static_graph(graph_counter):
     assert len(graphs) == 3 and all(isinstance(d, int) for d in sizes)
 
 
-@pytest.mark.parametrize("name", ["DiM-T/2", "LaMamba-T"])
+@pytest.mark.parametrize("name", ["DiM-T/2", "BiDiM-T/2", "DiMSUM-T/2", "LaMamba-T"])
 def test_compile_blocks_matches_eager(name):
     # regional compilation (bench.py --compile blocks) wraps every outermost block once, and the
-    # modules between them (LaMamba's stem, merges, expands and head norm) on their own, and leaves
+    # modules between them (models.BETWEEN_BLOCKS) on their own, and leaves
     # outputs and gradients unchanged (dynamo's graphs, fullgraph: no break; no C++ compiler needed)
     torch.manual_seed(0)
     model = models.build_model(name, input_size=8, in_channels=1, num_classes=10)
@@ -173,7 +173,9 @@ def test_compile_blocks_matches_eager(name):
             assert n == len(blocks) > 0
             between = [m for m in model.modules() if type(m).__name__ in models.BETWEEN_BLOCKS]
             assert all(m._compiled_call_impl is not None for m in between)
-            assert len(between) == (7 if name == "LaMamba-T" else 0)
+            # LaMamba: stem, two merges, three expands, the head's norm; BiDiM and DiMSUM: DiT's
+            # PatchEmbed and FinalLayer; DiM: its stem and head are plain layers in its forward
+            assert len(between) == {"LaMamba-T": 7, "DiM-T/2": 0}.get(name, 2)
         model.zero_grad()
         out = model(x, t, y)
         out.square().mean().backward()
