@@ -14,8 +14,8 @@ def test_counts_of_the_shipped_kernels(tmp_path):
     from tools import scan_sass
     rows = scan_sass.main(["--out", str(tmp_path / "sass.json")])
     assert json.loads((tmp_path / "sass.json").read_text()) == rows
-    fwd, bwd = rows
-    assert (fwd["kernel"], bwd["kernel"]) == ("fwd", "bwd")
+    fwd, bwd, conv_fwd, conv_bwd = rows
+    assert [r["kernel"] for r in rows] == ["fwd", "bwd", "conv fwd", "conv bwd"]
     for r in rows:
         assert 0 < r["registers"] <= 255 and r["instructions"] > 100
         # every state update of a tile takes one exponential in each kernel's loop
@@ -25,13 +25,18 @@ def test_counts_of_the_shipped_kernels(tmp_path):
     # innermost loops: the forward's one, the backward's pre-pass and reverse pass; each takes one
     # exponential per state update of its tile
     assert len(fwd["loops"]) == 1 and len(bwd["loops"]) == 2
+    # the conv's one-step loops: each channel's SiLU (and, backward, its derivative) is one exponential
+    # and one approximate division, without the range checks tl.sigmoid compiles to (ssm_triton._silu)
+    for r in (conv_fwd, conv_bwd):
+        (loop,) = r["loops"]
+        assert loop["MUFU"] == 2 * r["elements_per_thread"] and loop["FSETP"] == 0
     assert all(loop["MUFU"] >= r["elements_per_thread"] for r in rows for loop in r["loops"])
     prepass, reverse = bwd["loops"]
     assert reverse["instructions"] > prepass["instructions"] and reverse["REDG"] >= 1
     # without knowing that strides are multiples of 16 (x_proj rows of DiM-S/2: 56 elements) each
     # element of a B or C row is its own load, with its own address arithmetic: more loads and more
     # instructions in the forward's loop than the L models' launches compile to
-    generic_fwd, generic_bwd = scan_sass.main(["--no-divisible"])
+    generic_fwd, generic_bwd = scan_sass.main(["--no-divisible"])[:2]
     assert not generic_fwd["divisible"] and fwd["divisible"]
     assert generic_fwd["loops"][0]["LDG"] > fwd["loops"][0]["LDG"]
     assert generic_fwd["loops"][0]["instructions"] > fwd["loops"][0]["instructions"]
@@ -43,7 +48,7 @@ def test_counts_of_the_shipped_kernels(tmp_path):
 
 def test_a_register_cap_is_applied():
     from tools import scan_sass
-    fwd, bwd = scan_sass.main(["--fwd-config", "16,4,1,96", "--bwd-config", "8,4,1,128"])
+    fwd, bwd = scan_sass.main(["--fwd-config", "16,4,1,96", "--bwd-config", "8,4,1,128"])[:2]
     assert fwd["registers"] <= 96 and bwd["registers"] <= 128
     # a cap below what the backward takes uncapped makes it spill to local memory
     assert bwd["LDL"] > 0 and bwd["STL"] > 0

@@ -1,10 +1,11 @@
 """
-What the scan kernels compile to, without a GPU: ssm_triton's forward and backward kernels compiled for
-an NVIDIA architecture (sm_90 by default) with Triton's own ptxas, and their machine code (SASS)
-counted: registers per thread, spilled bytes, instructions, and the instruction kinds that matter for
-the scan (MUFU: exponentials and other special functions; SHFL: cross-lane moves, which the backward's
-sums of dB and dC over channels need; FFMA/FMUL/FADD: fp32 arithmetic; LDG/STG: global loads and
-stores; REDG: the backward's atomic adds; LDL/STL: spills to local memory).
+What the scan kernels compile to, without a GPU: ssm_triton's forward and backward kernels (and the
+conv's, at their shipped launch) compiled for an NVIDIA architecture (sm_90 by default) with Triton's
+own ptxas, and their machine code (SASS) counted: registers per thread, spilled bytes, instructions,
+and the instruction kinds that matter for the scan (MUFU: exponentials and other special functions;
+SHFL: cross-lane moves, which the backward's sums of dB and dC over channels need; FFMA/FMUL/FADD:
+fp32 arithmetic; FSETP: fp32 compares, among them the range checks of exact sigmoids and divisions;
+LDG/STG: global loads and stores; REDG: the backward's atomic adds; LDL/STL: spills to local memory).
 The same counts for each innermost loop (one tile an iteration): where the time goes, and where a
 spill costs it.
 
@@ -36,15 +37,15 @@ from triton.compiler import ASTSource
 import ssm_triton
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-KINDS = ["MUFU", "SHFL", "FFMA", "FMUL", "FADD", "LDG", "STG", "REDG", "LDL", "STL"]
+KINDS = ["MUFU", "SHFL", "FFMA", "FMUL", "FADD", "FSETP", "LDG", "STG", "REDG", "LDL", "STL"]
 # the fused options DiM's layers use: an order table, D, the z gate, the delta bias and softplus
 FLAGS = dict(HAS_IDX=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True)
 # unit strides of the token layout (channels and states are contiguous): Triton specialises them
-UNIT_STRIDES = {"su_d", "sd_d", "sz_d", "so_d", "sB_n", "sC_n"}
+UNIT_STRIDES = {"su_d", "sd_d", "sz_d", "so_d", "sB_n", "sC_n", "sx_d"}
 # integer arguments a launch does not see as multiples of 16 (compile_kernel's divisible)
 GENERIC_INTS = {"L", "n_chunks", "seg_chunks", "n_seg"}
 FP32_POINTERS = {"A_ptr", "D_ptr", "bias_ptr", "st_ptr", "scr_ptr", "dB_ptr", "dC_ptr", "dA_ptr",
-                 "dD_ptr", "dbias_ptr", "sum_ptr"}
+                 "dD_ptr", "dbias_ptr", "sum_ptr", "w_ptr", "b_ptr", "dw_ptr", "db_ptr"}
 
 
 def compile_kernel(kernel, constants, num_warps, arch, dtype="bf16", maxnreg=None, divisible=True):
@@ -152,14 +153,28 @@ def main(argv=None):
         row.update(count(compile_kernel(kernel, constants, c["num_warps"], args.arch,
                                         maxnreg=c.get("maxnreg"), divisible=args.divisible)))
         rows.append(row)
-    print("| kernel | BD, T, warps | elements per thread | registers | spilled bytes | instructions | "
+    # the causal conv + SiLU at its shipped launch (S steps of BD channels a program, the T column),
+    # with an order table, a bias and DiM's width 3 (held as four taps)
+    for which, kernel in (("conv fwd", ssm_triton._conv_fwd_kernel),
+                          ("conv bwd", ssm_triton._conv_bwd_kernel)):
+        c = ssm_triton.CONV_CONFIG[which.split()[1]]
+        constants = dict(HAS_IDX=True, HAS_BIAS=True, W=3, S=c["S"], BD=c["BD"], FAST=True)
+        row = dict(kernel=which, arch=args.arch, BD=c["BD"], T=c["S"], num_warps=c["num_warps"],
+                   maxnreg=None, state=None, divisible=args.divisible,
+                   elements_per_thread=c["BD"] // (32 * c["num_warps"]))
+        row.update(count(compile_kernel(kernel, constants, c["num_warps"], args.arch,
+                                        divisible=args.divisible)))
+        rows.append(row)
+    print("| kernel | BD, T (conv: S), warps | elements per thread | registers | spilled bytes | "
+          "instructions | "
           + " | ".join(KINDS) + " |")
     print("|---" * (6 + len(KINDS)) + "|")
     for r in rows:
         print(f"| {r['kernel']} | {r['BD']}, {r['T']}, {r['num_warps']} | {r['elements_per_thread']} | "
               f"{r['registers']} | {r['spill_bytes']} | {r['instructions']} | "
               + " | ".join(str(r[k]) for k in KINDS) + " |")
-    print("\nInnermost loops (one tile per iteration; the backward's pre-pass, then its reverse pass):\n")
+    print("\nInnermost loops (one tile per iteration; the backward's pre-pass, then its reverse pass; "
+          "the conv's: one step):\n")
     print("| kernel | loop | instructions | " + " | ".join(KINDS) + " |")
     print("|---" * (3 + len(KINDS)) + "|")
     for r in rows:
