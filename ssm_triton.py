@@ -92,8 +92,9 @@ if triton is not None:
     @triton.jit
     def _sigmoid(x, FAST: tl.constexpr):
         """1 / (1 + exp(-x)). FAST (on a GPU): an exponential and an approximate division, two
-        special-function instructions and two others. tl.sigmoid compiles to ~12 (range checks for
-        denormal exponentials and for divisors above 2^126, which a sigmoid never needs: 1 / inf is 0)."""
+        special-function instructions and about three others. tl.sigmoid compiles to ~12 (range
+        checks for denormal exponentials and for divisors above 2^126, which a sigmoid never needs:
+        1 / inf is 0)."""
         if FAST:
             return libdevice.fast_dividef(tl.full(x.shape, 1.0, tl.float32),
                                           1.0 + tl.exp2(x * -1.4426950408889634))
