@@ -90,20 +90,41 @@ if triton is not None:
         return pa * p1, q2 + pa * q1, a2
 
     @triton.jit
+    def _sigmoid(x, FAST: tl.constexpr):
+        """1 / (1 + exp(-x)). FAST (on a GPU): an exponential and an approximate division, two
+        special-function instructions and about three others. tl.sigmoid compiles to ~12 (range
+        checks for denormal exponentials and for divisors above 2^126, which a sigmoid never needs:
+        1 / inf is 0)."""
+        if FAST:
+            return libdevice.fast_dividef(tl.full(x.shape, 1.0, tl.float32),
+                                          1.0 + tl.exp2(x * -1.4426950408889634))
+        return tl.sigmoid(x)
+
+    @triton.jit
+    def _silu(x, FAST: tl.constexpr):
+        """x sigmoid(x); FAST: x / (1 + exp(-x)) as one approximate division, a multiply less than
+        x _sigmoid(x) (x / inf is 0 for the large negative x whose exponential overflows)."""
+        if FAST:
+            return libdevice.fast_dividef(x, 1.0 + tl.exp2(x * -1.4426950408889634))
+        return x * tl.sigmoid(x)
+
+    @triton.jit
     def _softplus(x, FAST: tl.constexpr):
         """softplus(x) (x passes through above 20, as torch) and its derivative sigmoid(x)."""
         e = tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
         w = 1.0 + e
         if FAST:
             lw = libdevice.fast_log2f(w) * 0.6931471805599453
+            sig = libdevice.fast_dividef(e, w)  # w < 2^29: in the approximate division's range
         else:
             lw = tl.log(w)
+            sig = e / w
         # log1p(e) for small e by its series, where 1 + e would lose digits
         es = tl.minimum(e, 0.125)
         s = es * (1.0 + es * (-0.5 + es * (0.33333334 + es * (-0.25 + es * (0.2 + es * (
             -0.16666667 + es * (0.14285715 - 0.125 * es)))))))
         sp = tl.where(x > 20.0, x, tl.where(e < 0.125, s, lw))
-        return sp, e / w
+        return sp, sig
 
     @triton.jit
     def _decay(dt, A):
@@ -214,7 +235,7 @@ if triton is not None:
         _, hs = tl.associative_scan((a, tl.where(first, a * h[None, :, :] + bx, bx)), 0, _pair)
         return hs
 else:
-    _pair = _pair_prev = _handoff = _decay = _decay_row = _softplus = None
+    _pair = _pair_prev = _handoff = _decay = _decay_row = _softplus = _sigmoid = _silu = None
     _rows = _row = _states = _fetch = _prep = None
     _swap = _halves = _scatter_round = _sum_channels = None
 
@@ -311,7 +332,7 @@ def _scan_fwd_kernel(
                 y += Dv[None, :] * u
             if HAS_Z:
                 zz = z_r.to(tl.float32)
-                y = y * zz * tl.sigmoid(zz)
+                y = y * _silu(zz, FAST)
             tl.store(o_base[None, :] + rows[:, None] * so_l, y.to(out_ptr.dtype.element_ty), mask=m2)
     if MODE == 1:
         tl.store(sum_h + s * dim * NP, h, mask=nd_mask)
@@ -466,7 +487,7 @@ def _scan_bwd_kernel(
                 ah = a * hp  # a_t h_{t-1}, without cancellation
             if HAS_Z:
                 zz = z_r.to(tl.float32)
-                sz = tl.sigmoid(zz)
+                sz = _sigmoid(zz, FAST)
                 dy = dout * zz * sz
                 if MODE != 1:
                     y = tl.sum(hs * Ct[:, :, None], 1)
@@ -743,7 +764,7 @@ def _conv_add_tap(dw_ptr, d, dmask, v, j: tl.constexpr, W: tl.constexpr):
 @_jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, L, dim, sx_b, sx_l, sx_d, so_b, so_l, so_d,
                      HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
-                     BD: tl.constexpr):
+                     BD: tl.constexpr, FAST: tl.constexpr):
     pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     d = pid_d * BD + tl.arange(0, BD)
     dmask = d < dim
@@ -770,7 +791,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, L, dim, sx_b, sx_l, 
         f4 = _conv_row(x_base, idx_ptr, p + 4, L, sx_l, dmask & ahead, HAS_IDX)
         pre = bias + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
         r = tl.load(idx_ptr + p).to(tl.int64) if HAS_IDX else tl.zeros((), tl.int64) + p
-        tl.store(o_base + r * so_l, (pre * tl.sigmoid(pre)).to(out_ptr.dtype.element_ty), mask=dmask)
+        tl.store(o_base + r * so_l, _silu(pre, FAST).to(out_ptr.dtype.element_ty), mask=dmask)
         x3, x2, x1 = x2, x1, x0
 
 
@@ -778,7 +799,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, L, dim, sx_b, sx_l, 
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, dout_ptr, dx_ptr, dw_ptr, db_ptr, L, dim,
                      sx_b, sx_l, sx_d, so_b, so_l, so_d,
                      HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
-                     BD: tl.constexpr):
+                     BD: tl.constexpr, FAST: tl.constexpr):
     # Right to left from W - 1 steps past the program's last one (their gradients g reach its last dx):
     # g_p = dout_p silu'(pre_p), dx_p = sum_s w[W - 1 - s] g_{p+s}, dw_j = sum_p g_p x_{p-W+1+j}. dx is
     # written as a contiguous (batch, L, dim) tensor; dw (dim, W) and dbias (dim,) are fp32 sums, one
@@ -822,7 +843,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, dout_ptr, dx_ptr, dw_ptr, db_
         o1 = o2
         o2 = _conv_row(o_base, idx_ptr, p - 2, L, so_l, dmask & (zero + p - 2 >= p0), HAS_IDX)
         pre = bias + w0 * xd + w1 * xc + w2 * xb + w3 * xa
-        sg = tl.sigmoid(pre)
+        sg = _sigmoid(pre, FAST)
         g = go * sg * (1.0 + pre * (1.0 - sg))  # d silu
         own = (zero + p) < p1  # not a halo step
         dx = w3 * g + w2 * g1 + w1 * g2 + w0 * g3
@@ -861,7 +882,8 @@ def conv_fwd(x, weight, bias, order):
     _conv_fwd_kernel[grid](x, weight, bias if bias is not None else weight,
                            order if order is not None else weight, out, L, dim, *x.stride(), *out.stride(),
                            HAS_IDX=order is not None, HAS_BIAS=bias is not None, W=weight.shape[1],
-                           S=c["S"], BD=c["BD"], num_warps=c["num_warps"], **FUSE_FMA)
+                           S=c["S"], BD=c["BD"], FAST=not triton_interpreted(), num_warps=c["num_warps"],
+                           **FUSE_FMA)
     return out
 
 
@@ -876,7 +898,7 @@ def conv_bwd(dout, x, weight, bias, order):
                            order if order is not None else weight, dout, dx, dw, db, L, dim,
                            *x.stride(), *dout.stride(), HAS_IDX=order is not None,
                            HAS_BIAS=bias is not None, W=weight.shape[1], S=c["S"], BD=c["BD"],
-                           num_warps=c["num_warps"], **FUSE_FMA)
+                           FAST=not triton_interpreted(), num_warps=c["num_warps"], **FUSE_FMA)
     return dx, dw, db if bias is not None else None
 
 

@@ -158,7 +158,7 @@ def main(argv=None):
     for which, kernel in (("conv fwd", ssm_triton._conv_fwd_kernel),
                           ("conv bwd", ssm_triton._conv_bwd_kernel)):
         c = ssm_triton.CONV_CONFIG[which.split()[1]]
-        constants = dict(HAS_IDX=True, HAS_BIAS=True, W=3, S=c["S"], BD=c["BD"])
+        constants = dict(HAS_IDX=True, HAS_BIAS=True, W=3, S=c["S"], BD=c["BD"], FAST=True)
         row = dict(kernel=which, arch=args.arch, BD=c["BD"], T=c["S"], num_warps=c["num_warps"],
                    maxnreg=None, state=None, divisible=args.divisible,
                    elements_per_thread=c["BD"] // (32 * c["num_warps"]))
