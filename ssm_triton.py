@@ -729,11 +729,57 @@ def scan_bwd(dout, u, delta, z, B, C, A, D, dt_bias, order, states, chunk, softp
 # padding W - 1, cut to L (state-spaces/mamba, mamba_ssm/modules/mamba_simple.py), applied along the scan order.
 # It cannot live inside the scan kernel: x_proj reads its output to make the scan's delta, B and C.
 #
-# One program = BD channels x S consecutive scan steps, walked one step at a time with the window of the last
-# W inputs (and, backward, of the next W - 1 gradients) in registers, as causal-conv1d's CUDA kernels do: each
-# row is read once, plus a halo of W - 1 rows at one end, and rows are fetched four steps (forward; two
-# backward) before they are used. W <= 4: the kernels hold four taps, zero-padded on the left for W < 4
-# (mamba-ssm's conv widths are 2-4).
+# Forward: one program = a tile of S consecutive scan steps x BD channels, every row of it loaded at once
+# (the steps' rows gathered through the order table), at each of the W shifts (the W - 1 rows of overlap
+# come from cache); no loop. Walking one step at a time with the window in registers (causal-conv1d's
+# CUDA kernels; this forward until session 24) kept one row's loads in flight at a time: 1.1-1.3x the
+# tiles' time at the models' shapes (README, Speed, session 24).
+# Backward: one program = BD channels x S consecutive scan steps, walked right to left one step at a
+# time with the last W inputs and the next W - 1 gradients in registers; each row is read once, plus a
+# halo of W - 1 rows, and rows are fetched two steps before they are used. It holds four taps, zero-
+# padded on the left for W < 4 (mamba-ssm's conv widths are 2-4).
+
+
+@_jit
+def _conv_rows(base, idx_ptr, q, L, stride, dmask, HAS_IDX: tl.constexpr):
+    """Rows of scan steps q (S,) as an (S, BD) fp32 tile; zeros for steps outside 0 <= q < L."""
+    inside = (q >= 0) & (q < L)
+    if HAS_IDX:
+        r = tl.load(idx_ptr + tl.minimum(tl.maximum(q, 0), L - 1)).to(tl.int64)
+    else:
+        r = q.to(tl.int64)
+    return tl.load(base + r[:, None] * stride, mask=inside[:, None] & dmask[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@_jit
+def _conv_pre(x_base, w_ptr, idx_ptr, bias, q, d, dmask, L, sx_l, HAS_IDX: tl.constexpr,
+              W: tl.constexpr):
+    """The conv before its SiLU at steps q: bias + sum_j w[j] x[q - W + 1 + j], (S, BD) fp32."""
+    pre = tl.zeros((q.shape[0], d.shape[0]), tl.float32) + bias[None, :]
+    for j in tl.static_range(W):
+        w_j = tl.load(w_ptr + d * W + j, mask=dmask, other=0.0).to(tl.float32)
+        pre += w_j[None, :] * _conv_rows(x_base, idx_ptr, q - (W - 1) + j, L, sx_l, dmask, HAS_IDX)
+    return pre
+
+
+@_jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, L, dim, sx_b, sx_l, sx_d, so_b, so_l, so_d,
+                     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
+                     BD: tl.constexpr, FAST: tl.constexpr):
+    pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    d = pid_d * BD + tl.arange(0, BD)
+    dmask = d < dim
+    q = pid_l * S + tl.arange(0, S)  # the tile's steps
+    bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else \
+        tl.zeros((BD,), tl.float32)
+    b64 = b.to(tl.int64)
+    pre = _conv_pre(x_ptr + b64 * sx_b + d[None, :] * sx_d, w_ptr, idx_ptr, bias, q, d, dmask, L, sx_l,
+                    HAS_IDX, W)
+    r = tl.load(idx_ptr + tl.minimum(q, L - 1)).to(tl.int64) if HAS_IDX else q.to(tl.int64)
+    tl.store(out_ptr + b64 * so_b + r[:, None] * so_l + d[None, :] * so_d,
+             _silu(pre, FAST).to(out_ptr.dtype.element_ty), mask=(q < L)[:, None] & dmask[None, :])
+
 
 @_jit
 def _conv_row(base, idx_ptr, p, L, stride, dmask, HAS_IDX: tl.constexpr):
@@ -759,40 +805,6 @@ def _conv_tap(w_ptr, d, dmask, j: tl.constexpr, W: tl.constexpr):
 def _conv_add_tap(dw_ptr, d, dmask, v, j: tl.constexpr, W: tl.constexpr):
     if j >= 4 - W:
         tl.atomic_add(dw_ptr + d * W + (j - (4 - W)), v, mask=dmask, sem="relaxed")
-
-
-@_jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, L, dim, sx_b, sx_l, sx_d, so_b, so_l, so_d,
-                     HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
-                     BD: tl.constexpr, FAST: tl.constexpr):
-    pid_l, pid_d, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    d = pid_d * BD + tl.arange(0, BD)
-    dmask = d < dim
-    w0, w1 = _conv_tap(w_ptr, d, dmask, 0, W), _conv_tap(w_ptr, d, dmask, 1, W)
-    w2, w3 = _conv_tap(w_ptr, d, dmask, 2, W), _conv_tap(w_ptr, d, dmask, 3, W)
-    bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else \
-        tl.zeros((BD,), tl.float32)
-    b64 = b.to(tl.int64)
-    x_base = x_ptr + b64 * sx_b + d * sx_d
-    o_base = out_ptr + b64 * so_b + d * so_d
-    p0 = pid_l * S
-    p1 = tl.minimum(p0 + S, L)
-    x3 = _conv_row(x_base, idx_ptr, p0 - 3, L, sx_l, dmask, HAS_IDX)  # x at p - 3, p - 2, p - 1
-    x2 = _conv_row(x_base, idx_ptr, p0 - 2, L, sx_l, dmask, HAS_IDX)
-    x1 = _conv_row(x_base, idx_ptr, p0 - 1, L, sx_l, dmask, HAS_IDX)
-    f1 = _conv_row(x_base, idx_ptr, p0, L, sx_l, dmask, HAS_IDX)  # in flight: x at p .. p + 3
-    f2 = _conv_row(x_base, idx_ptr, p0 + 1, L, sx_l, dmask, HAS_IDX)
-    f3 = _conv_row(x_base, idx_ptr, p0 + 2, L, sx_l, dmask, HAS_IDX)
-    f4 = _conv_row(x_base, idx_ptr, p0 + 3, L, sx_l, dmask, HAS_IDX)
-    for p in range(p0, p1):
-        x0 = f1
-        f1, f2, f3 = f2, f3, f4
-        ahead = (tl.full(dmask.shape, 0, tl.int32) + p + 4) < p1
-        f4 = _conv_row(x_base, idx_ptr, p + 4, L, sx_l, dmask & ahead, HAS_IDX)
-        pre = bias + w0 * x3 + w1 * x2 + w2 * x1 + w3 * x0
-        r = tl.load(idx_ptr + p).to(tl.int64) if HAS_IDX else tl.zeros((), tl.int64) + p
-        tl.store(o_base + r * so_l, _silu(pre, FAST).to(out_ptr.dtype.element_ty), mask=dmask)
-        x3, x2, x1 = x2, x1, x0
 
 
 @_jit
@@ -864,12 +876,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, dout_ptr, dx_ptr, dw_ptr, db_
     _conv_add_tap(dw_ptr, d, dmask, dw3, 3, W)
 
 
-# steps S x channels BD per program (one warp: BD / 32 channels a lane). On an H200 (session 16,
-# tools/scan_bench) forward + backward take 0.46-0.76x the time of the tiled kernels they replaced. The
-# forward's 32 steps (twice the programs of 64, each with its halo of 3 rows): 6% less time summed over
-# four of the L models' shapes (session 22, H100; DiM-L/2's 1024 px sampling step 57.5 against 58.1 ms);
-# the backward's best alternative was within 1% of 64 x 128 x 1.
-CONV_CONFIG = {"fwd": dict(S=32, BD=128, num_warps=1), "bwd": dict(S=64, BD=128, num_warps=1)}
+# Forward: a tile of S steps x BD channels, 16 x 256 with 4 warps, the best of eight tiles at five
+# shapes (README, Speed, session 24). Backward: S steps x BD channels a program, one warp (BD / 32
+# channels a lane); its best alternative was within 1% of 64 x 128 x 1 (session 16).
+CONV_CONFIG = {"fwd": dict(S=16, BD=256, num_warps=4), "bwd": dict(S=64, BD=128, num_warps=1)}
 CONV_MAX_WIDTH = 4
 
 

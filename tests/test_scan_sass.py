@@ -25,11 +25,13 @@ def test_counts_of_the_shipped_kernels(tmp_path):
     # innermost loops: the forward's one, the backward's pre-pass and reverse pass; each takes one
     # exponential per state update of its tile
     assert len(fwd["loops"]) == 1 and len(bwd["loops"]) == 2
-    # the conv's one-step loops: each channel's SiLU (and, backward, its derivative) is one exponential
-    # and one approximate division, without the range checks tl.sigmoid compiles to (ssm_triton._silu)
-    for r in (conv_fwd, conv_bwd):
-        (loop,) = r["loops"]
-        assert loop["MUFU"] == 2 * r["elements_per_thread"] and loop["FSETP"] == 0
+    # the conv's SiLU (and, backward, its derivative) is one exponential and one approximate division
+    # an element, without the range checks tl.sigmoid compiles to (ssm_triton._silu): the forward's
+    # tile has no loop, the backward's one-step loop
+    assert conv_fwd["loops"] == [] and conv_fwd["FSETP"] == 0
+    assert conv_fwd["MUFU"] == 2 * conv_fwd["elements_per_thread"]
+    (loop,) = conv_bwd["loops"]
+    assert loop["MUFU"] == 2 * conv_bwd["elements_per_thread"] and loop["FSETP"] == 0
     assert all(loop["MUFU"] >= r["elements_per_thread"] for r in rows for loop in r["loops"])
     prepass, reverse = bwd["loops"]
     assert reverse["instructions"] > prepass["instructions"] and reverse["REDG"] >= 1

@@ -116,7 +116,7 @@ def _conv_case(W, with_bias, kind):
     x32 = f(xz)[..., :dim]
     o32 = None if order is None else order.int().contiguous()
     for cfg in kern.CONV_CONFIG.values():  # short stretches: several programs per axis, halos, masked edges
-        cfg.update(S=5, BD=16)
+        cfg.update(S=4, BD=16)
     out = kern.conv_fwd(x32, f(w).contiguous(), f(b), o32)
     dx, dw, db = kern.conv_bwd(f(dout), x32, f(w).contiguous(), f(b), o32)
     errs = {"out": _err(out, ref), "dx": _err(dx, ref_grads[0][..., :dim]), "dw": _err(dw, ref_grads[1])}

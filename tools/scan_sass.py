@@ -153,15 +153,17 @@ def main(argv=None):
         row.update(count(compile_kernel(kernel, constants, c["num_warps"], args.arch,
                                         maxnreg=c.get("maxnreg"), divisible=args.divisible)))
         rows.append(row)
-    # the causal conv + SiLU at its shipped launch (S steps of BD channels a program, the T column),
-    # with an order table, a bias and DiM's width 3 (held as four taps)
+    # the causal conv + SiLU at its shipped launch (the forward: a tile of S steps x BD channels a
+    # program; the backward: S steps of BD channels; the T column), with an order table, a bias and
+    # DiM's width 3
     for which, kernel in (("conv fwd", ssm_triton._conv_fwd_kernel),
                           ("conv bwd", ssm_triton._conv_bwd_kernel)):
         c = ssm_triton.CONV_CONFIG[which.split()[1]]
         constants = dict(HAS_IDX=True, HAS_BIAS=True, W=3, S=c["S"], BD=c["BD"], FAST=True)
         row = dict(kernel=which, arch=args.arch, BD=c["BD"], T=c["S"], num_warps=c["num_warps"],
                    maxnreg=None, state=None, divisible=args.divisible,
-                   elements_per_thread=c["BD"] // (32 * c["num_warps"]))
+                   elements_per_thread=c["BD"] * (c["S"] if which == "conv fwd" else 1)
+                   // (32 * c["num_warps"]))
         row.update(count(compile_kernel(kernel, constants, c["num_warps"], args.arch,
                                         divisible=args.divisible)))
         rows.append(row)
@@ -174,7 +176,7 @@ def main(argv=None):
               f"{r['registers']} | {r['spill_bytes']} | {r['instructions']} | "
               + " | ".join(str(r[k]) for k in KINDS) + " |")
     print("\nInnermost loops (one tile per iteration; the backward's pre-pass, then its reverse pass; "
-          "the conv's: one step):\n")
+          "the conv's backward: one step; its forward has none):\n")
     print("| kernel | loop | instructions | " + " | ".join(KINDS) + " |")
     print("|---" * (3 + len(KINDS)) + "|")
     for r in rows:
