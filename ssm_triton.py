@@ -732,7 +732,7 @@ def scan_bwd(dout, u, delta, z, B, C, A, D, dt_bias, order, states, chunk, softp
 # Forward: one program = a tile of S consecutive scan steps x BD channels, every row of it loaded at once
 # (the steps' rows gathered through the order table), at each of the W shifts (the W - 1 rows of overlap
 # come from cache); no loop. Walking one step at a time with the window in registers (causal-conv1d's
-# CUDA kernels; this forward until session 24) kept one row's loads in flight at a time: 1.1-1.3x the
+# CUDA kernels; this forward until session 24) kept one row's loads in flight at a time: 1.03-1.3x the
 # tiles' time at the models' shapes (README, Speed, session 24).
 # Backward: one program = BD channels x S consecutive scan steps, walked right to left one step at a
 # time with the last W inputs and the next W - 1 gradients in registers; each row is read once, plus a
