@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from dit import LabelEmbedder, TimestepEmbedder, cached
 from ssm import (count_scan_flops, init_dt_A_D, mamba_scan, recompute_around_scan, scan_dtype,
                  split_linear, token_backend)
+from ssm_triton import sum_norm_gate
 
 
 def modulate(x, shift, scale):
@@ -162,6 +163,26 @@ def window_tables(h, w, window_size, shift, device):
 #                        SS2D and window attention                              #
 #################################################################################
 
+def depthwise_conv_silu(x, weight, bias=None):
+    """SiLU(depthwise k x k conv, zero padding (k - 1) // 2) of a channels-last map, as VMamba's SS2D
+    applies it: x (B, H, W, D), weight (D, 1, k, k), bias (D,) or None -> (B, H, W, D) in x's dtype.
+    Written as k^2 shifted multiply-adds rather than nn.Conv2d: compiled, they and the SiLU are one
+    elementwise pass over the map (and its backward a few), where cuDNN's depthwise kernel took ~5x
+    the time its memory traffic needs (LaMamba-L's 1024 px sampling step, H100, README, Speed,
+    session 24) and left the SiLU to a pass of its own. CANDIDATE: not yet timed against it."""
+    B, H, W, D = x.shape
+    k = weight.shape[-1]
+    p = (k - 1) // 2
+    xp = F.pad(x, (0, 0, p, k - 1 - p, p, k - 1 - p))                          # (B, H+k-1, W+k-1, D)
+    wide = torch.promote_types(x.dtype, torch.float32)  # fp32 sums (float64 for a float64 model)
+    taps = weight.reshape(D, k * k).t().to(wide)                                         # (k*k, D)
+    out = bias.to(wide) if bias is not None else 0.0
+    for i in range(k):
+        for j in range(k):
+            out = out + xp[:, i:i + H, j:j + W] * taps[i * k + j]
+    return F.silu(out).to(x.dtype)
+
+
 class SS2D(nn.Module):
     """VMamba's 2-D selective scan (forward type v2) with LaMamba's four snake scans, summed; own
     parameters per scan direction. in_proj -> (x, z); x -> depthwise conv -> SiLU -> 4 scans -> sum
@@ -203,28 +224,34 @@ class SS2D(nn.Module):
         B, H, W, _ = x.shape
         paths = snake_table(H, W, x.device) if paths is None else paths  # (K, L)
         if token_backend(x, self.d_state, dtype_of=scan_dtype) == "triton":
+            if not torch.is_grad_enabled():  # sampling: the sum, out_norm and gate in one kernel
+                return self.mix(x, paths, fused_output=True)
             return recompute_around_scan(self.mix, x, paths)
         return self.mix(x, paths)
 
-    def mix(self, x, paths):
+    def mix(self, x, paths, fused_output=False):
         """in_proj, the four snake scans along paths (K, H*W), summed and normalised, gated,
-        out_proj: (B, H, W, dim) -> (B, H, W, dim)."""
+        out_proj: (B, H, W, dim) -> (B, H, W, dim). fused_output: the sum, out_norm and the gate
+        in one Triton kernel (ssm_triton.sum_norm_gate; sampling on a GPU)."""
         B, H, W, _ = x.shape
         # two products (ssm.split_linear), so x is a tensor of its own: a chunk of one product is a
         # strided view, which the depthwise conv below first copies into channels-last memory
         x, z = split_linear(x, self.in_proj)                                          # (B, H, W, D)
+        if fused_output:
+            norm = self.out_norm
+            y = sum_norm_gate(self.scans(x, paths, summed=False), z, norm.weight, norm.bias, norm.eps)
+            return self.out_proj(y)
         y = self.scans(x, paths)                                     # (B, L, D): the four summed
         y = self.out_norm(y).view(B, H, W, self.d_inner).to(z.dtype)
         return self.out_proj(y * F.silu(z))
 
-    def scans(self, x, paths):
+    def scans(self, x, paths, summed=True):
         """x: (B, H, W, D), in_proj's half; paths: (K, H*W) snake orders -> the sum of the four scans'
-        outputs, (B, H*W, D), in fp32 (the official cross-merge adds them before out_norm)."""
+        outputs, (B, H*W, D), in fp32 (the official cross-merge adds them before out_norm); the four
+        apart, (B, H*W, K, D), if not summed."""
         B, H, W, _ = x.shape
         D, R, K, N, L = self.d_inner, self.dt_rank, self.K, self.d_state, H * W
-        # the depthwise conv reads and writes channels-last memory, so the tokens stay (B, L, D)
-        # rows
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, L, D)
+        x = depthwise_conv_silu(x, self.conv2d.weight, self.conv2d.bias).reshape(B, L, D)
         # per-direction x_proj and dt_proj act per token: computed in token order, no gathered
         # copies. The dt rows are zero-padded to a multiple of 8 (dt_rank is 5 for S, 20 for XL):
         # matrices with a row length that is not a multiple of 16 bytes send cuBLAS to its slow
@@ -248,7 +275,7 @@ class SS2D(nn.Module):
         f = lambda a: a.to(wide)
         return mamba_scan(x, dts, -torch.exp(f(self.A_logs)).view(K, D, N), Bs, Cs,
                           f(self.Ds).view(K, D), dt_bias=f(self.dt_projs_bias), order=paths,
-                          out_dtype=wide, sum_directions=True)
+                          out_dtype=wide, sum_directions=summed)
 
 
 class WindowAttention(nn.Module):

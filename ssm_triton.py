@@ -913,6 +913,45 @@ def conv_bwd(dout, x, weight, bias, order):
 
 
 # -----------------------------------------------------------------------------
+# VMamba's SS2D output in sampling (LaMamba): the K directions' sum, LayerNorm, the SiLU(z) gate
+# -----------------------------------------------------------------------------
+# out = LN(sum_k y[.., k, :]) rounded to z's dtype, times silu(z): what SS2D.mix computes after its scans,
+# one token a program with its row in registers, so the K fp32 outputs are read once. CANDIDATE (session
+# 24, not yet timed): compiled, the same steps took ~4x the time of their memory traffic in LaMamba-L's
+# 1024 px sampling step (README, Speed, session 24). Sampling only: no backward.
+
+@_jit
+def _sum_norm_gate_kernel(y_ptr, z_ptr, w_ptr, b_ptr, out_ptr, D, sy_r, sy_k, sz_r, so_r, eps,
+                          K: tl.constexpr, BD: tl.constexpr, FAST: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BD)
+    dmask = d < D
+    total = tl.zeros((BD,), tl.float32)
+    for k in tl.static_range(K):  # in order, as the adds of the unfused path
+        total += tl.load(y_ptr + row * sy_r + k * sy_k + d, mask=dmask, other=0.0).to(tl.float32)
+    centred = tl.where(dmask, total - tl.sum(total, 0) / D, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 0) / D + eps)
+    w = tl.load(w_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    normed = (centred * rstd * w + b).to(out_ptr.dtype.element_ty).to(tl.float32)
+    z = tl.load(z_ptr + row * sz_r + d, mask=dmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * so_r + d, (normed * _silu(z, FAST)).to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def sum_norm_gate_fwd(y, z, weight, bias, eps):
+    """y: (batch, L, K, D) with contiguous channels; z: (batch, ..., D), L tokens a sample; weight, bias:
+    (D,). Returns LN(y.sum(2)) in z's dtype times silu(z), shaped like z."""
+    batch, L, K, D = y.shape
+    z2 = z.reshape(batch * L, D)
+    out = torch.empty(batch * L, D, device=z.device, dtype=z.dtype)
+    BD = max(_next_power_of_2(D), 32)
+    _sum_norm_gate_kernel[(batch * L,)](y, z2, weight, bias, out, D, y.stride(1), y.stride(2), z2.stride(0),
+                                        out.stride(0), eps, K=K, BD=BD, FAST=not triton_interpreted(),
+                                        num_warps=max(1, min(8, BD // 256)))
+    return out.view(z.shape)
+
+
+# -----------------------------------------------------------------------------
 # torch.library ops, and the autograd functions that call them
 # -----------------------------------------------------------------------------
 # One op per kernel launch sequence (forward, backward; scan, conv), each with a fake (shape-only)
@@ -932,6 +971,7 @@ _lib.define("scan(Tensor u, Tensor delta, Tensor? z, Tensor B, Tensor C, Tensor 
 _lib.define("scan_backward(Tensor dout, Tensor u, Tensor delta, Tensor? z, Tensor B, Tensor C, Tensor A, "
             "Tensor? D, Tensor? dt_bias, Tensor? order, Tensor states, bool softplus) -> Tensor[]")
 _lib.define("conv_silu(Tensor x, Tensor weight, Tensor? bias, Tensor? order) -> Tensor")
+_lib.define("sum_norm_gate(Tensor y, Tensor z, Tensor weight, Tensor bias, float eps) -> Tensor")
 _lib.define("conv_silu_backward(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? order) "
             "-> Tensor[]")
 
@@ -999,10 +1039,20 @@ def _conv_backward_fake(dout, x, weight, bias, order):
             x.new_empty(0) if bias is None else bias.new_empty(bias.shape)]
 
 
+def _sum_norm_gate_impl(y, z, weight, bias, eps):
+    with _device(y):
+        return sum_norm_gate_fwd(y, z, weight, bias, eps)
+
+
+def _sum_norm_gate_fake(y, z, weight, bias, eps):
+    return z.new_empty(z.shape)
+
+
 for _name, _impl, _fake in (("scan", _scan_impl, _scan_fake),
                             ("scan_backward", _scan_backward_impl, _scan_backward_fake),
                             ("conv_silu", _conv_impl, _conv_fake),
-                            ("conv_silu_backward", _conv_backward_impl, _conv_backward_fake)):
+                            ("conv_silu_backward", _conv_backward_impl, _conv_backward_fake),
+                            ("sum_norm_gate", _sum_norm_gate_impl, _sum_norm_gate_fake)):
     # one implementation for every device: the kernels run on CUDA tensors, or on CPU ones in Triton's
     # interpreter (the tests); autograd only through the functions below
     _lib.impl(_name, _impl, "CompositeExplicitAutograd")
@@ -1012,6 +1062,7 @@ scan_op = torch.ops.diffmamba.scan.default
 scan_backward_op = torch.ops.diffmamba.scan_backward.default
 conv_op = torch.ops.diffmamba.conv_silu.default
 conv_backward_op = torch.ops.diffmamba.conv_silu_backward.default
+sum_norm_gate = torch.ops.diffmamba.sum_norm_gate.default  # sampling only: no autograd
 
 
 class _Scan(torch.autograd.Function):

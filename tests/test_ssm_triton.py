@@ -375,6 +375,38 @@ def _branches_case():
     return errs
 
 
+def _sum_norm_gate_case():
+    # ssm_triton.sum_norm_gate (LaMamba's sampling path: the four directions' sum, out_norm, the gate in
+    # one kernel) against the same three steps in float64, in the two dtypes sampling runs in, through
+    # opcheck, and in LaMamba's SS2D without gradients against its unfused mix on the same kernels
+    import torch.nn.functional as F
+
+    import lamamba
+    import ssm_triton as kern
+    g = torch.Generator().manual_seed(4)
+    errs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        y, z = torch.randn(2, 6, 4, 37, generator=g), torch.randn(2, 2, 3, 37, generator=g).to(dtype)
+        w, b = torch.randn(37, generator=g), torch.randn(37, generator=g)
+        out = kern.sum_norm_gate(y, z, w, b, 1e-5)
+        normed = F.layer_norm(y.double().sum(2), (37,), w.double(), b.double(), 1e-5).view(z.shape)
+        ref = normed.to(dtype).double() * F.silu(z.double())
+        errs[f"{dtype} dtype"] = float(out.dtype != dtype or out.shape != z.shape)
+        errs[str(dtype)] = _err(out, ref)
+        torch.library.opcheck(kern.sum_norm_gate, (y, z, w, b, 1e-5))
+    mixer = lamamba.SS2D(4, d_state=3)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    os.environ["DIFFUSION_MAMBA_SCAN"] = "triton"
+    try:
+        with torch.no_grad():
+            paths = lamamba.snake_table(3, 4, x.device)
+            fused, unfused = mixer(x, paths), mixer.mix(x, paths)
+    finally:
+        del os.environ["DIFFUSION_MAMBA_SCAN"]
+    errs["ss2d sampling"] = _err(fused, unfused.double())
+    return errs
+
+
 def _worker():
     import ssm_triton as kern
     DEFAULTS.update(chunk=(kern.CHUNK, kern.SEGMENTS, kern.MIN_SEGMENT_CHUNKS),
@@ -389,6 +421,7 @@ def _worker():
     results["sum_directions"] = _sum_directions_case()
     results["mixer"] = _mixer_case()
     results["branches"] = _branches_case()
+    results["sum_norm_gate"] = _sum_norm_gate_case()
     print(json.dumps(results))
 
 
@@ -450,6 +483,15 @@ def test_bidim_and_lamamba_mixers_with_recomputation_match(interpreted):
         assert errs.pop(f"{name} triton out_proj input freed") == 1.0, errs
         assert errs.pop(f"{name} ref out_proj input freed") == 0.0, errs
     assert max(errs.values()) < TOL, errs
+
+
+def test_lamamba_sampling_output_kernel_matches(interpreted):
+    errs = interpreted["sum_norm_gate"]
+    assert errs["torch.float32 dtype"] == errs["torch.bfloat16 dtype"] == 0.0, errs
+    assert errs["torch.float32"] < TOL and errs["ss2d sampling"] < TOL, errs
+    # two roundings to bf16 (out_norm's output, the product), each of which may land one ulp (2^-7 of
+    # the value at most) away from the float64 reference's
+    assert errs["torch.bfloat16"] < 2 ** -6, errs
 
 
 def test_forward_runs_unsegmented_where_the_gpu_has_enough_programs():
