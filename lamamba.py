@@ -166,10 +166,11 @@ def window_tables(h, w, window_size, shift, device):
 def depthwise_conv_silu(x, weight, bias=None):
     """SiLU(depthwise k x k conv, zero padding (k - 1) // 2) of a channels-last map, as VMamba's SS2D
     applies it: x (B, H, W, D), weight (D, 1, k, k), bias (D,) or None -> (B, H, W, D) in x's dtype.
-    Written as k^2 shifted multiply-adds rather than nn.Conv2d: compiled, they and the SiLU are one
-    elementwise pass over the map (and its backward a few), where cuDNN's depthwise kernel took ~5x
-    the time its memory traffic needs (LaMamba-L's 1024 px sampling step, H100, README, Speed,
-    session 24) and left the SiLU to a pass of its own. CANDIDATE: not yet timed against it."""
+    Written as k^2 shifted multiply-adds rather than nn.Conv2d: compiled, they, the SiLU and the
+    casts around them are one Inductor kernel, where nn.Conv2d ran cuDNN's depthwise kernel and
+    separate passes for the SiLU and the layout. Neither comes near the map's memory traffic (5-14x
+    its time at LaMamba-L's stage shapes, forward alone); LaMamba-L's 1024 px sampling step takes
+    35.8 ms with these against 36.7 with nn.Conv2d (H100, one call; README, Speed, session 25)."""
     B, H, W, D = x.shape
     k = weight.shape[-1]
     p = (k - 1) // 2
@@ -234,8 +235,8 @@ class SS2D(nn.Module):
         out_proj: (B, H, W, dim) -> (B, H, W, dim). fused_output: the sum, out_norm and the gate
         in one Triton kernel (ssm_triton.sum_norm_gate; sampling on a GPU)."""
         B, H, W, _ = x.shape
-        # two products (ssm.split_linear), so x is a tensor of its own: a chunk of one product is a
-        # strided view, which the depthwise conv below first copies into channels-last memory
+        # two products (ssm.split_linear), so x is a tensor of its own: chosen when the conv was
+        # nn.Conv2d, which first copied a chunk of one product (a strided view); not re-timed since
         x, z = split_linear(x, self.in_proj)                                          # (B, H, W, D)
         if fused_output:
             norm = self.out_norm
