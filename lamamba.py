@@ -225,34 +225,40 @@ class SS2D(nn.Module):
         B, H, W, _ = x.shape
         paths = snake_table(H, W, x.device) if paths is None else paths  # (K, L)
         if token_backend(x, self.d_state, dtype_of=scan_dtype) == "triton":
-            if not torch.is_grad_enabled():  # sampling: the sum, out_norm and gate in one kernel
-                return self.mix(x, paths, fused_output=True)
+            if not torch.is_grad_enabled():
+                return self.mix(x, paths, sampling=True)
             return recompute_around_scan(self.mix, x, paths)
         return self.mix(x, paths)
 
-    def mix(self, x, paths, fused_output=False):
+    def mix(self, x, paths, sampling=False):
         """in_proj, the four snake scans along paths (K, H*W), summed and normalised, gated,
-        out_proj: (B, H, W, dim) -> (B, H, W, dim). fused_output: the sum, out_norm and the gate
-        in one Triton kernel (ssm_triton.sum_norm_gate; sampling on a GPU)."""
+        out_proj: (B, H, W, dim) -> (B, H, W, dim). sampling (no gradients, the Triton scan): the
+        conv as shifted multiply-adds (depthwise_conv_silu) and the sum, out_norm and the gate in
+        one kernel (ssm_triton.sum_norm_gate), each measured faster there than the path below
+        (README, Speed, session 25). Training keeps nn.Conv2d: with their backward, the shifted
+        adds took 0.9-1.7x cuDNN's time alone at LaMamba-L's shapes; no training step timed them."""
         B, H, W, _ = x.shape
         # two products (ssm.split_linear), so x is a tensor of its own: chosen when the conv was
         # nn.Conv2d, which first copied a chunk of one product (a strided view); not re-timed since
         x, z = split_linear(x, self.in_proj)                                          # (B, H, W, D)
-        if fused_output:
+        if sampling:
             norm = self.out_norm
-            y = sum_norm_gate(self.scans(x, paths, summed=False), z, norm.weight, norm.bias, norm.eps)
+            y = sum_norm_gate(self.scans(x, paths, sampling=True), z, norm.weight, norm.bias, norm.eps)
             return self.out_proj(y)
         y = self.scans(x, paths)                                     # (B, L, D): the four summed
         y = self.out_norm(y).view(B, H, W, self.d_inner).to(z.dtype)
         return self.out_proj(y * F.silu(z))
 
-    def scans(self, x, paths, summed=True):
+    def scans(self, x, paths, sampling=False):
         """x: (B, H, W, D), in_proj's half; paths: (K, H*W) snake orders -> the sum of the four scans'
-        outputs, (B, H*W, D), in fp32 (the official cross-merge adds them before out_norm); the four
-        apart, (B, H*W, K, D), if not summed."""
+        outputs, (B, H*W, D), in fp32 (the official cross-merge adds them before out_norm); for
+        sampling (see mix) the four apart, (B, H*W, K, D)."""
         B, H, W, _ = x.shape
         D, R, K, N, L = self.d_inner, self.dt_rank, self.K, self.d_state, H * W
-        x = depthwise_conv_silu(x, self.conv2d.weight, self.conv2d.bias).reshape(B, L, D)
+        if sampling:
+            x = depthwise_conv_silu(x, self.conv2d.weight, self.conv2d.bias).reshape(B, L, D)
+        else:  # the conv reads and writes channels-last memory, so the tokens stay (B, L, D) rows
+            x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, L, D)
         # per-direction x_proj and dt_proj act per token: computed in token order, no gathered
         # copies. The dt rows are zero-padded to a multiple of 8 (dt_rank is 5 for S, 20 for XL):
         # matrices with a row length that is not a multiple of 16 bytes send cuBLAS to its slow
@@ -276,7 +282,7 @@ class SS2D(nn.Module):
         f = lambda a: a.to(wide)
         return mamba_scan(x, dts, -torch.exp(f(self.A_logs)).view(K, D, N), Bs, Cs,
                           f(self.Ds).view(K, D), dt_bias=f(self.dt_projs_bias), order=paths,
-                          out_dtype=wide, sum_directions=summed)
+                          out_dtype=wide, sum_directions=not sampling)
 
 
 class WindowAttention(nn.Module):

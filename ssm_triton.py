@@ -917,7 +917,7 @@ def conv_bwd(dout, x, weight, bias, order):
 # -----------------------------------------------------------------------------
 # out = LN(sum_k y[.., k, :]) rounded to z's dtype, times silu(z): what SS2D.mix computes after its scans,
 # one token a program with its row in registers, so the K fp32 outputs are read once. Inductor's kernels
-# for the same steps take 1.05-1.14x its time at LaMamba-L's stage shapes, and LaMamba-L's 1024 px sampling
+# for the same steps take 1.04-1.14x its time at LaMamba-L's stage shapes, and LaMamba-L's 1024 px sampling
 # step 36.1 ms against 35.8 (H100; README, Speed, session 25). Sampling only: no backward.
 
 @_jit
