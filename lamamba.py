@@ -238,8 +238,8 @@ class SS2D(nn.Module):
         (README, Speed, session 25). Training keeps nn.Conv2d: with their backward, the shifted
         adds took 0.9-1.7x cuDNN's time alone at LaMamba-L's shapes; no training step timed them."""
         B, H, W, _ = x.shape
-        # two products (ssm.split_linear), so x is a tensor of its own: chosen when the conv was
-        # nn.Conv2d, which first copied a chunk of one product (a strided view); not re-timed since
+        # two products (ssm.split_linear), so x is a tensor of its own: a chunk of one product is a
+        # strided view, which nn.Conv2d (training) would first copy into channels-last memory
         x, z = split_linear(x, self.in_proj)                                          # (B, H, W, D)
         if sampling:
             norm = self.out_norm

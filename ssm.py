@@ -105,9 +105,9 @@ def split_linear(x, linear):
     elementwise kernel adds up as it reads them (compiled), where the chunks' gradients would first
     be concatenated into one (..., out_features) copy. Worth it where those gradients come from
     kernels Inductor cannot write into the concatenation directly: in Mamba.inner, the conv's and
-    the scan's (the (B, L, 2 d_inner) gradient of in_proj, the widest activation of a block); LaMamba's
-    SS2D uses it too (chosen when its depthwise 2-D conv was cuDNN's, which first copied a chunk, a
-    strided view, into channels-last memory). Where a chunk's gradient comes from elementwise work
+    the scan's (the (B, L, 2 d_inner) gradient of in_proj, the widest activation of a block), and in
+    LaMamba's SS2D, whose depthwise 2-D conv in training (cuDNN's) would copy a chunk (a strided view)
+    into channels-last memory before reading it. Where a chunk's gradient comes from elementwise work
     and nothing needs it contiguous (BiDiM's summed branches), Inductor already writes it in place,
     and one product is better."""
     biases = linear.bias.chunk(2) if linear.bias is not None else (None, None)
