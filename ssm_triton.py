@@ -1108,8 +1108,8 @@ def scan(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=None,
     back in their inputs' dtypes."""
     if not torch.is_grad_enabled():  # sampling: the op alone, no autograd function around it
         # and the directions summed outside it: nothing is kept for a backward, and in a compiled block
-        # Inductor folds the sum of four into its reader (LaMamba's out_norm) instead of writing the
-        # fp32 sum and reading it again (at 2048 px ~2.8 GB each way a LaMamba-L forward)
+        # Inductor can fold the sum of four into its reader instead of writing the fp32 sum and reading
+        # it again. (LaMamba's sampling path asks for the four apart: ssm_triton.sum_norm_gate reads them.)
         out = scan_op(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype, False)[0]
         return out.sum(2) if sum_directions else out
     return _Scan.apply(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype, sum_directions)
