@@ -106,7 +106,7 @@ def compile_blocks(model, **options):
 # Modules that run between the blocks: a stem, a down- or upsampling, a head. Left eager, each is a
 # few full-resolution passes of its own (LaMamba-L at 2048 px: its stem norm in fp32 and position add,
 # patch merges and expands, final norm and modulation), which compiling fuses into one or two:
-# LaMamba-L's guided sampling step 79.0 against 81.3 ms (H100; README, Speed, session 23).
+# LaMamba-L's guided sampling step 79.0 against 81.3 ms (H100; docs/speed_history.md, session 23).
 BETWEEN_BLOCKS = ("PatchEmbed", "PatchMerging", "PatchExpanding", "FinalLayer", "ModulatedNorm")
 
 

@@ -733,7 +733,7 @@ def scan_bwd(dout, u, delta, z, B, C, A, D, dt_bias, order, states, chunk, softp
 # (the steps' rows gathered through the order table), at each of the W shifts (the W - 1 rows of overlap
 # come from cache); no loop. Walking one step at a time with the window in registers (causal-conv1d's
 # CUDA kernels; this forward until session 24) kept one row's loads in flight at a time: 1.03-1.3x the
-# tiles' time at the models' shapes (README, Speed, session 24).
+# tiles' time at the models' shapes (docs/speed_history.md, session 24).
 # Backward: one program = BD channels x S consecutive scan steps, walked right to left one step at a
 # time with the last W inputs and the next W - 1 gradients in registers; each row is read once, plus a
 # halo of W - 1 rows, and rows are fetched two steps before they are used. It holds four taps, zero-
@@ -877,7 +877,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, dout_ptr, dx_ptr, dw_ptr, db_
 
 
 # Forward: a tile of S steps x BD channels, 16 x 256 with 4 warps, the best of eight tiles at five
-# shapes (README, Speed, session 24). Backward: S steps x BD channels a program, one warp (BD / 32
+# shapes (docs/speed_history.md, session 24). Backward: S steps x BD channels a program, one warp (BD / 32
 # channels a lane); its best alternative was within 1% of 64 x 128 x 1 (session 16).
 CONV_CONFIG = {"fwd": dict(S=16, BD=256, num_warps=4), "bwd": dict(S=64, BD=128, num_warps=1)}
 CONV_MAX_WIDTH = 4
