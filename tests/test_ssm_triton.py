@@ -496,10 +496,10 @@ def test_lamamba_sampling_output_kernel_matches(interpreted):
 
 def test_forward_runs_unsegmented_where_the_gpu_has_enough_programs():
     # ssm_triton._fwd_launch: the widest channel block that makes 3 programs per multiprocessor, else
-    # segments. On a 132-multiprocessor H100 or H200 (docs/speed_history.md, sessions 21-22): DiM-L/2's training
-    # batch of 2 at 1024 px (2048 channels) takes 8 channels x 16 steps a program, its guided sampling
-    # batch (4) 16 x 16, DiM-S/2's Fashion-MNIST batch (128 x 768 channels) 32 x 4; one 2048 px image
-    # keeps segments.
+    # segments. On a 132-multiprocessor H100 or H200 (docs/speed_history.md, sessions 21-22): DiM-L/2's
+    # training batch of 2 at 1024 px (2048 channels) takes 8 channels x 16 steps a program, its guided
+    # sampling batch (4) 16 x 16, DiM-S/2's Fashion-MNIST batch (128 x 768 channels) 32 x 4; one 2048 px
+    # image keeps segments.
     pytest.importorskip("triton")
     import ssm_triton as kern
 
