@@ -40,8 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit import LabelEmbedder, TimestepEmbedder, cached
-from ssm import (count_scan_flops, init_dt_A_D, mamba_scan, recompute_around_scan, scan_dtype,
-                 split_linear, token_backend)
+from ssm import (count_scan_flops, depthwise_conv2d_silu, init_dt_A_D, mamba_scan, recompute_around_scan,
+                 scan_dtype, split_linear, token_backend)
 from ssm_triton import sum_norm_gate
 
 
@@ -163,27 +163,6 @@ def window_tables(h, w, window_size, shift, device):
 #                        SS2D and window attention                              #
 #################################################################################
 
-def depthwise_conv_silu(x, weight, bias=None):
-    """SiLU(depthwise k x k conv, zero padding (k - 1) // 2) of a channels-last map, as VMamba's SS2D
-    applies it: x (B, H, W, D), weight (D, 1, k, k), bias (D,) or None -> (B, H, W, D) in x's dtype.
-    Written as k^2 shifted multiply-adds rather than nn.Conv2d: compiled, they, the SiLU and the
-    casts around them are one Inductor kernel, where nn.Conv2d ran cuDNN's depthwise kernel and
-    separate passes for the SiLU and the layout. Neither comes near the map's memory traffic (5-14x
-    its time at LaMamba-L's stage shapes, forward alone); LaMamba-L's 1024 px sampling step takes
-    35.8 ms with these against 36.7 with nn.Conv2d (H100, one call; README, Speed, session 25)."""
-    B, H, W, D = x.shape
-    k = weight.shape[-1]
-    p = (k - 1) // 2
-    xp = F.pad(x, (0, 0, p, k - 1 - p, p, k - 1 - p))                          # (B, H+k-1, W+k-1, D)
-    wide = torch.promote_types(x.dtype, torch.float32)  # fp32 sums (float64 for a float64 model)
-    taps = weight.reshape(D, k * k).t().to(wide)                                         # (k*k, D)
-    out = bias.to(wide) if bias is not None else 0.0
-    for i in range(k):
-        for j in range(k):
-            out = out + xp[:, i:i + H, j:j + W] * taps[i * k + j]
-    return F.silu(out).to(x.dtype)
-
-
 class SS2D(nn.Module):
     """VMamba's 2-D selective scan (forward type v2) with LaMamba's four snake scans, summed; own
     parameters per scan direction. in_proj -> (x, z); x -> depthwise conv -> SiLU -> 4 scans -> sum
@@ -233,13 +212,11 @@ class SS2D(nn.Module):
     def mix(self, x, paths, sampling=False):
         """in_proj, the four snake scans along paths (K, H*W), summed and normalised, gated,
         out_proj: (B, H, W, dim) -> (B, H, W, dim). sampling (no gradients, the Triton scan): the
-        conv as shifted multiply-adds (depthwise_conv_silu) and the sum, out_norm and the gate in
-        one kernel (ssm_triton.sum_norm_gate), each measured faster there than the path below
-        (README, Speed, session 25). Training keeps nn.Conv2d: with their backward, the shifted
-        adds took 0.9-1.7x cuDNN's time alone at LaMamba-L's shapes; no training step timed them."""
+        sum, out_norm and the gate in one kernel (ssm_triton.sum_norm_gate; README, Speed,
+        session 25)."""
         B, H, W, _ = x.shape
-        # two products (ssm.split_linear), so x is a tensor of its own: a chunk of one product is a
-        # strided view, which nn.Conv2d (training) would first copy into channels-last memory
+        # two products (ssm.split_linear): x's gradient comes from the conv's backward kernel, which
+        # cannot write into half of a single product's (B, H, W, 2 D) gradient
         x, z = split_linear(x, self.in_proj)                                          # (B, H, W, D)
         if sampling:
             norm = self.out_norm
@@ -255,10 +232,8 @@ class SS2D(nn.Module):
         sampling (see mix) the four apart, (B, H*W, K, D)."""
         B, H, W, _ = x.shape
         D, R, K, N, L = self.d_inner, self.dt_rank, self.K, self.d_state, H * W
-        if sampling:
-            x = depthwise_conv_silu(x, self.conv2d.weight, self.conv2d.bias).reshape(B, L, D)
-        else:  # the conv reads and writes channels-last memory, so the tokens stay (B, L, D) rows
-            x = F.silu(self.conv2d(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1).reshape(B, L, D)
+        # the conv + SiLU reads and writes the channels-last map: the tokens stay (B, L, D) rows
+        x = depthwise_conv2d_silu(x, self.conv2d.weight, self.conv2d.bias).reshape(B, L, D)
         # per-direction x_proj and dt_proj act per token: computed in token order, no gathered
         # copies. The dt rows are zero-padded to a multiple of 8 (dt_rank is 5 for S, 20 for XL):
         # matrices with a row length that is not a multiple of 16 bytes send cuBLAS to its slow

@@ -106,8 +106,7 @@ def split_linear(x, linear):
     be concatenated into one (..., out_features) copy. Worth it where those gradients come from
     kernels Inductor cannot write into the concatenation directly: in Mamba.inner, the conv's and
     the scan's (the (B, L, 2 d_inner) gradient of in_proj, the widest activation of a block), and in
-    LaMamba's SS2D, whose depthwise 2-D conv in training (cuDNN's) would copy a chunk (a strided view)
-    into channels-last memory before reading it. Where a chunk's gradient comes from elementwise work
+    LaMamba's SS2D the depthwise 2-D conv's. Where a chunk's gradient comes from elementwise work
     and nothing needs it contiguous (BiDiM's summed branches), Inductor already writes it in place,
     and one product is better."""
     biases = linear.bias.chunk(2) if linear.bias is not None else (None, None)
@@ -669,6 +668,25 @@ def causal_conv_silu(x, weight, bias=None, order=None, backend=None):
     return conv_reference(x, weight, bias, order)
 
 
+def depthwise_conv2d_reference(x, weight, bias=None):
+    """depthwise_conv2d_silu in PyTorch: nn.Conv2d's depthwise conv on the (B, D, H, W) view, SiLU."""
+    p = (weight.shape[-1] - 1) // 2
+    y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=p, groups=x.shape[-1])
+    return F.silu(y).permute(0, 2, 3, 1)
+
+
+def depthwise_conv2d_silu(x, weight, bias=None, backend=None):
+    """silu(depthwise K x K conv, zero padding (K - 1) // 2) of a channels-last map, as VMamba's SS2D
+    applies it before its scans: x (B, H, W, D), any strides; weight (D, 1, K, K) as nn.Conv2d stores it,
+    K odd; bias (D,) or None. Returns (B, H, W, D) in x's dtype. One Triton kernel each way on the
+    Triton backend (ssm_triton.dwconv_silu: no permute copies, the SiLU inside), else cuDNN's conv."""
+    if weight.shape[-1] % 2 != 1 or weight.shape[-2:] != (weight.shape[-1],) * 2:
+        raise ValueError(f"depthwise_conv2d_silu takes odd square kernels, got {tuple(weight.shape)}")
+    if not _flop_counters and token_backend(x, 1, backend) == "triton":
+        return ssm_triton.dwconv_silu(x, weight, bias)
+    return depthwise_conv2d_reference(x, weight, bias)
+
+
 class ConvSiluSteps(torch.autograd.Function):
     """silu(causal depthwise conv) along L in the steps-first layout, as W shifted multiply-adds: x (L, batch,
     dim), any strides; weight (dim, W); bias (dim,) or None. One function instead of autograd's graph of
@@ -707,24 +725,30 @@ def causal_conv_silu_steps(x, weight, bias=None):
 
 
 def check_conv_kernel(x):
-    """The conv kernel forward and backward on small inputs against conv_reference (first-call check)."""
+    """The conv kernels (1-D causal, 2-D depthwise) forward and backward on small inputs against
+    conv_reference and depthwise_conv2d_reference (first-call check)."""
     g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(1, 70, 8, generator=g), torch.randn(8, 3, generator=g), torch.randn(8, generator=g)]
     order = torch.randperm(70, generator=g).to(x.device, torch.int32)
-    dy = torch.randn(1, 70, 8, generator=g).to(x.device, x.dtype)
-    results = []
-    # the kernel gets x in the call's dtype and fp32 weights, as in the mixer; the reference all fp32
-    for fn, dtype in ((ssm_triton.conv, x.dtype), (conv_reference, torch.float32)):
-        leaves = [t.to(x.device, dtype if i == 0 else torch.float32).requires_grad_() for i, t in
-                  enumerate(inputs)]
-        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
-            y = fn(*leaves, order)
-            results.append([y, *torch.autograd.grad(y, leaves, dy.to(dtype))])
-    tol = 1e-3 if x.dtype == torch.float32 else 5e-2
-    for a, b in zip(*results):
-        err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
-        if not err <= tol:
-            raise RuntimeError(f"the conv kernel differs from the reference by {err:.1e} (relative)")
+    cases = [(lambda x, w, b: ssm_triton.conv(x, w, b, order), lambda x, w, b: conv_reference(x, w, b, order),
+              (1, 70, 8), (8, 3)),
+             (ssm_triton.dwconv_silu, depthwise_conv2d_reference, (1, 5, 7, 8), (8, 1, 3, 3))]
+    for kernel, reference, x_shape, w_shape in cases:
+        inputs = [torch.randn(*x_shape, generator=g), torch.randn(*w_shape, generator=g),
+                  torch.randn(8, generator=g)]
+        dy = torch.randn(*x_shape, generator=g).to(x.device, x.dtype)
+        results = []
+        # the kernel gets x in the call's dtype and fp32 weights, as in the mixer; the reference all fp32
+        for fn, dtype in ((kernel, x.dtype), (reference, torch.float32)):
+            leaves = [t.to(x.device, dtype if i == 0 else torch.float32).requires_grad_() for i, t in
+                      enumerate(inputs)]
+            with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+                y = fn(*leaves)
+                results.append([y, *torch.autograd.grad(y, leaves, dy.to(dtype))])
+        tol = 1e-3 if x.dtype == torch.float32 else 5e-2
+        for a, b in zip(*results):
+            err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+            if not err <= tol:
+                raise RuntimeError(f"the conv kernel differs from the reference by {err:.1e} (relative)")
 
 
 # -----------------------------------------------------------------------------

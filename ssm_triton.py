@@ -1,6 +1,8 @@
 """
 The GPU kernels of ssm.py: Mamba's selective scan and causal conv in the models' own token layout, in Triton,
-with their torch.library ops and autograd. ssm.py is the interface (and the PyTorch reference); read it first.
+with their torch.library ops and autograd; and two of VMamba's SS2D (LaMamba): its depthwise 2-D conv + SiLU
+on the channels-last map, and its sampling output (the directions' sum, out_norm, the gate). ssm.py is the
+interface (and the PyTorch reference); read it first.
 
 What the kernels compute is Mamba-1's scan (Gu & Dao 2023, Alg. 2; state-spaces/mamba,
 mamba_ssm/ops/selective_scan_interface.py, selective_scan_ref), for one or several scan directions k:
@@ -913,6 +915,161 @@ def conv_bwd(dout, x, weight, bias, order):
 
 
 # -----------------------------------------------------------------------------
+# Depthwise k x k conv + SiLU on a channels-last map (VMamba's SS2D: LaMamba)
+# -----------------------------------------------------------------------------
+# out[b, h, w] = silu(bias + sum_{i,j} wt[i, j] x[b, h + i - p, w + j - p]), zero padding p = (k - 1) / 2,
+# k odd: nn.Conv2d(D, D, k, padding=p, groups=D) followed by SiLU (MzeroMiko/VMamba,
+# classification/models/vmamba.py, SS2D), in the (B, H, W, D) layout the linear layers write, so no
+# permute copies. The taps are read as a (k * k, D) table (a program loads BD channels of a tap at once).
+# Forward: one program = a tile of TH x TW pixels x BD channels, no loop; each tap is a load of the tile
+# shifted (the overlap comes from cache). Backward in two passes: g = dout silu'(pre), pre recomputed,
+# written in fp32; then dx = the conv of g with the taps flipped, and, from the same shifted loads of g,
+# dwt[i, j] = sum_pixels g[pixel - shift] x[pixel]. The dw sums are added atomically into one of SLOTS
+# copies (the program's), summed after: every program adds into the same k * k x D numbers, and adds
+# into one address are serialised.
+
+
+@_jit
+def _dw_tile(base, hh, ww, H, W, sh, sw, dmask, di, dj):
+    """The (TH * TW, BD) fp32 tile at pixels (hh + di, ww + dj); zeros outside the map."""
+    h, w = hh + di, ww + dj
+    inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    return tl.load(base + h.to(tl.int64)[:, None] * sh + w[:, None] * sw,
+                   mask=inside[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+
+
+@_jit
+def _dw_pixels(H, W, TH: tl.constexpr, TW: tl.constexpr):
+    """The program's pixels (rows hh, columns ww: (TH * TW,)) and whether each is on the map."""
+    n_w = tl.cdiv(W, TW)
+    s = tl.arange(0, TH * TW)
+    hh = (tl.program_id(0) // n_w) * TH + s // TW
+    ww = (tl.program_id(0) % n_w) * TW + s % TW
+    return hh, ww, (hh < H) & (ww < W)
+
+
+@_jit
+def _dw_pre(x_base, taps_ptr, bias, hh, ww, H, W, D, sx_h, sx_w, d, dmask, K: tl.constexpr):
+    """bias + sum of the K x K taps at the tile's pixels: (TH * TW, BD) fp32."""
+    pre = tl.zeros((hh.shape[0], d.shape[0]), tl.float32) + bias[None, :]
+    for t in tl.static_range(K * K):
+        w_t = tl.load(taps_ptr + t * D + d, mask=dmask, other=0.0)
+        pre += w_t[None, :] * _dw_tile(x_base, hh, ww, H, W, sx_h, sx_w, dmask, t // K - (K - 1) // 2,
+                                       t % K - (K - 1) // 2)
+    return pre
+
+
+@_jit
+def _dwconv_fwd_kernel(x_ptr, taps_ptr, b_ptr, out_ptr, H, W, D, sx_b, sx_h, sx_w, K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr,
+                       FAST: tl.constexpr):
+    hh, ww, on_map = _dw_pixels(H, W, TH, TW)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dmask = d < D
+    b64 = tl.program_id(2).to(tl.int64)
+    bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else \
+        tl.zeros((BD,), tl.float32)
+    pre = _dw_pre(x_ptr + b64 * sx_b + d[None, :], taps_ptr, bias, hh, ww, H, W, D, sx_h, sx_w, d, dmask,
+                  K)
+    rows = (b64 * H + hh) * W + ww  # out is a contiguous (B, H, W, D)
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], _silu(pre, FAST).to(out_ptr.dtype.element_ty),
+             mask=on_map[:, None] & dmask[None, :])
+
+
+@_jit
+def _dwconv_bwd_g_kernel(x_ptr, taps_ptr, b_ptr, dout_ptr, g_ptr, H, W, D, sx_b, sx_h, sx_w,
+                         so_b, so_h, so_w, K: tl.constexpr, HAS_BIAS: tl.constexpr, TH: tl.constexpr,
+                         TW: tl.constexpr, BD: tl.constexpr, FAST: tl.constexpr):
+    # g = dout * silu'(pre), into a contiguous fp32 (B, H, W, D)
+    hh, ww, on_map = _dw_pixels(H, W, TH, TW)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dmask = d < D
+    b64 = tl.program_id(2).to(tl.int64)
+    bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else \
+        tl.zeros((BD,), tl.float32)
+    pre = _dw_pre(x_ptr + b64 * sx_b + d[None, :], taps_ptr, bias, hh, ww, H, W, D, sx_h, sx_w, d, dmask,
+                  K)
+    dout = _dw_tile(dout_ptr + b64 * so_b + d[None, :], hh, ww, H, W, so_h, so_w, dmask, 0, 0)
+    sg = _sigmoid(pre, FAST)
+    rows = (b64 * H + hh) * W + ww
+    tl.store(g_ptr + rows[:, None] * D + d[None, :], dout * sg * (1.0 + pre * (1.0 - sg)),
+             mask=on_map[:, None] & dmask[None, :])
+
+
+@_jit
+def _dwconv_bwd_dx_kernel(x_ptr, taps_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, H, W, D, sx_b, sx_h, sx_w,
+                          K: tl.constexpr, HAS_BIAS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                          BD: tl.constexpr, SLOTS: tl.constexpr):
+    # dx[pixel] = sum_t wt[t] g[pixel - shift_t]; dwt[t] = sum_pixels g[pixel - shift_t] x[pixel] into
+    # dw_ptr's slot (SLOTS, K * K, D), db likewise (SLOTS, D)
+    hh, ww, on_map = _dw_pixels(H, W, TH, TW)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dmask = d < D
+    b64 = tl.program_id(2).to(tl.int64)
+    slot = (tl.program_id(0) + tl.program_id(2) * tl.num_programs(0)) % SLOTS
+    dw_slot, db_slot = dw_ptr + slot * (K * K) * D, db_ptr + slot * D
+    g_base = g_ptr + b64 * H * W * D + d[None, :]
+    x = _dw_tile(x_ptr + b64 * sx_b + d[None, :], hh, ww, H, W, sx_h, sx_w, dmask, 0, 0)
+    dx = tl.zeros((TH * TW, BD), tl.float32)
+    for t in tl.static_range(K * K):
+        w_t = tl.load(taps_ptr + t * D + d, mask=dmask, other=0.0)
+        g = _dw_tile(g_base, hh, ww, H, W, W * D, D, dmask, (K - 1) // 2 - t // K, (K - 1) // 2 - t % K)
+        dx += w_t[None, :] * g
+        tl.atomic_add(dw_slot + t * D + d, tl.sum(g * x, 0), mask=dmask, sem="relaxed")
+        if HAS_BIAS and t == (K * K) // 2:  # the centre tap's g is g itself
+            tl.atomic_add(db_slot + d, tl.sum(g, 0), mask=dmask, sem="relaxed")
+    rows = (b64 * H + hh) * W + ww
+    tl.store(dx_ptr + rows[:, None] * D + d[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=on_map[:, None] & dmask[None, :])
+
+
+# TH x TW pixels x BD channels a program; SLOTS copies of the dw sums. NOT YET TIMED (session 25).
+DWCONV_CONFIG = dict(TH=4, TW=16, BD=64, num_warps=4, SLOTS=16)
+
+
+def _dw_launch(x):
+    B, H, W, D = x.shape
+    c = DWCONV_CONFIG
+    grid = (_cdiv(H, c["TH"]) * _cdiv(W, c["TW"]), _cdiv(D, c["BD"]), B)
+    return grid, dict(TH=c["TH"], TW=c["TW"], BD=c["BD"], num_warps=c["num_warps"], **FUSE_FMA)
+
+
+def _dw_taps(weight):
+    """nn.Conv2d's depthwise weight (D, 1, K, K) as an fp32 (K * K, D) table."""
+    return weight.reshape(weight.shape[0], -1).t().float().contiguous()
+
+
+def dwconv_fwd(x, weight, bias):
+    """x: (B, H, W, D), channels contiguous; weight: (D, 1, K, K), K odd; bias: (D,) or None. Returns
+    silu(the depthwise conv, zero padding (K - 1) / 2) as a contiguous (B, H, W, D) in x's dtype."""
+    B, H, W, D = x.shape
+    out = torch.empty(B, H, W, D, device=x.device, dtype=x.dtype)
+    grid, launch = _dw_launch(x)
+    _dwconv_fwd_kernel[grid](x, _dw_taps(weight), bias if bias is not None else weight, out, H, W, D,
+                             *x.stride()[:3], K=weight.shape[-1], HAS_BIAS=bias is not None,
+                             FAST=not triton_interpreted(), **launch)
+    return out
+
+
+def dwconv_bwd(dout, x, weight, bias):
+    B, H, W, D = x.shape
+    K, slots = weight.shape[-1], DWCONV_CONFIG["SLOTS"]
+    taps = _dw_taps(weight)
+    g = torch.empty(B, H, W, D, device=x.device, dtype=torch.float32)
+    dx = torch.empty(B, H, W, D, device=x.device, dtype=x.dtype)
+    dw = torch.zeros(slots, K * K, D, device=x.device, dtype=torch.float32)
+    db = torch.zeros(slots, D, device=x.device, dtype=torch.float32)
+    grid, launch = _dw_launch(x)
+    b = bias if bias is not None else weight
+    _dwconv_bwd_g_kernel[grid](x, taps, b, dout, g, H, W, D, *x.stride()[:3], *dout.stride()[:3], K=K,
+                               HAS_BIAS=bias is not None, FAST=not triton_interpreted(), **launch)
+    _dwconv_bwd_dx_kernel[grid](x, taps, g, dx, dw, db, H, W, D, *x.stride()[:3], K=K,
+                                HAS_BIAS=bias is not None, SLOTS=slots, **launch)
+    dw = dw.sum(0).t().contiguous().view(weight.shape)  # contiguous, as the op's fake says
+    return dx, dw, db.sum(0) if bias is not None else None
+
+
+# -----------------------------------------------------------------------------
 # VMamba's SS2D output in sampling (LaMamba): the K directions' sum, LayerNorm, the SiLU(z) gate
 # -----------------------------------------------------------------------------
 # out = LN(sum_k y[.., k, :]) rounded to z's dtype, times silu(z): what SS2D.mix computes after its scans,
@@ -971,6 +1128,8 @@ _lib.define("scan(Tensor u, Tensor delta, Tensor? z, Tensor B, Tensor C, Tensor 
 _lib.define("scan_backward(Tensor dout, Tensor u, Tensor delta, Tensor? z, Tensor B, Tensor C, Tensor A, "
             "Tensor? D, Tensor? dt_bias, Tensor? order, Tensor states, bool softplus) -> Tensor[]")
 _lib.define("conv_silu(Tensor x, Tensor weight, Tensor? bias, Tensor? order) -> Tensor")
+_lib.define("dwconv_silu(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_lib.define("dwconv_silu_backward(Tensor dout, Tensor x, Tensor weight, Tensor? bias) -> Tensor[]")
 _lib.define("sum_norm_gate(Tensor y, Tensor z, Tensor weight, Tensor bias, float eps) -> Tensor")
 _lib.define("conv_silu_backward(Tensor dout, Tensor x, Tensor weight, Tensor? bias, Tensor? order) "
             "-> Tensor[]")
@@ -1039,6 +1198,26 @@ def _conv_backward_fake(dout, x, weight, bias, order):
             x.new_empty(0) if bias is None else bias.new_empty(bias.shape)]
 
 
+def _dwconv_impl(x, weight, bias):
+    with _device(x):
+        return dwconv_fwd(x, weight, bias)
+
+
+def _dwconv_fake(x, weight, bias):
+    return x.new_empty(x.shape)
+
+
+def _dwconv_backward_impl(dout, x, weight, bias):
+    with _device(x):
+        dx, dw, db = dwconv_bwd(dout, x, weight, bias)
+    return [dx, dw.to(weight.dtype), x.new_empty(0) if db is None else db.to(bias.dtype)]
+
+
+def _dwconv_backward_fake(dout, x, weight, bias):
+    return [x.new_empty(x.shape), weight.new_empty(weight.shape),
+            x.new_empty(0) if bias is None else bias.new_empty(bias.shape)]
+
+
 def _sum_norm_gate_impl(y, z, weight, bias, eps):
     with _device(y):
         return sum_norm_gate_fwd(y, z, weight, bias, eps)
@@ -1052,6 +1231,8 @@ for _name, _impl, _fake in (("scan", _scan_impl, _scan_fake),
                             ("scan_backward", _scan_backward_impl, _scan_backward_fake),
                             ("conv_silu", _conv_impl, _conv_fake),
                             ("conv_silu_backward", _conv_backward_impl, _conv_backward_fake),
+                            ("dwconv_silu", _dwconv_impl, _dwconv_fake),
+                            ("dwconv_silu_backward", _dwconv_backward_impl, _dwconv_backward_fake),
                             ("sum_norm_gate", _sum_norm_gate_impl, _sum_norm_gate_fake)):
     # one implementation for every device: the kernels run on CUDA tensors, or on CPU ones in Triton's
     # interpreter (the tests); autograd only through the functions below
@@ -1062,6 +1243,8 @@ scan_op = torch.ops.diffmamba.scan.default
 scan_backward_op = torch.ops.diffmamba.scan_backward.default
 conv_op = torch.ops.diffmamba.conv_silu.default
 conv_backward_op = torch.ops.diffmamba.conv_silu_backward.default
+dwconv_op = torch.ops.diffmamba.dwconv_silu.default
+dwconv_backward_op = torch.ops.diffmamba.dwconv_silu_backward.default
 sum_norm_gate = torch.ops.diffmamba.sum_norm_gate.default  # sampling only: no autograd
 
 
@@ -1101,6 +1284,23 @@ class _Conv(torch.autograd.Function):
         return dx, dw, db if bias is not None else None, None
 
 
+class _DWConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return dwconv_op(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = dwconv_backward_op(_channels_contiguous(dout), x, weight, bias)
+        return dx, dw, db if bias is not None else None
+
+
+def _channels_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def scan(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=None, sum_directions=False):
     """The scan with autograd: u, delta, z (batch, L, K, dim) views, B, C (batch, L, K, N) views, A (K, dim,
     N), D, dt_bias (K, dim) fp32 or None, order (K, L) int32 or None. Returns out (batch, L, K, dim) in
@@ -1120,6 +1320,16 @@ def conv(x, weight, bias, order):
     if not torch.is_grad_enabled():
         return conv_op(x, weight, bias, order)
     return _Conv.apply(x, weight, bias, order)
+
+
+def dwconv_silu(x, weight, bias=None):
+    """silu(depthwise K x K conv, zero padding (K - 1) / 2, K odd) of a channels-last map, with autograd:
+    x (B, H, W, D), any strides; weight (D, 1, K, K) as nn.Conv2d stores it; bias (D,) or None. Returns a
+    contiguous (B, H, W, D) in x's dtype; the weights and sums stay fp32 whatever x's dtype."""
+    x, weight = _channels_contiguous(x), weight.contiguous()
+    if not torch.is_grad_enabled():
+        return dwconv_op(x, weight, bias)
+    return _DWConv.apply(x, weight, bias)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):

@@ -181,23 +181,6 @@ def test_a_stage_compiled_whole_is_compiled_once(monkeypatch, graph_counter):
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("k, bias", [(3, False), (3, True), (5, True)])
-def test_shifted_add_conv_equals_nn_conv2d(k, bias):
-    # depthwise_conv_silu (SS2D's conv in sampling) against nn.Conv2d + SiLU on the channels-first
-    # view, in float64, with gradients, on a map no smaller than the kernel and one that is
-    g = torch.Generator().manual_seed(k)
-    for H, W in ((7, 5), (2, 3)):
-        x = torch.randn(2, H, W, 6, generator=g, dtype=torch.float64, requires_grad=True)
-        conv = torch.nn.Conv2d(6, 6, k, padding=(k - 1) // 2, groups=6, bias=bias).double()
-        ref = torch.nn.functional.silu(conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-        out = lamamba.depthwise_conv_silu(x, conv.weight, conv.bias)
-        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)
-        dy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-        params = [x, conv.weight] + ([conv.bias] if bias else [])
-        for a, b in zip(torch.autograd.grad(out, params, dy), torch.autograd.grad(ref, params, dy)):
-            assert torch.allclose(a, b, atol=1e-12)
-
-
 def test_window_layout_clamps_small_maps():
     assert lamamba.window_layout(32, 32, 8, 4) == (8, 8, 4, 4)
     # 8x8 stages at 256 px: global, unshifted

@@ -375,6 +375,35 @@ def _branches_case():
     return errs
 
 
+def _dwconv_case():
+    # ssm_triton.dwconv_silu (LaMamba's depthwise conv + SiLU on the channels-last map) forward and
+    # backward against nn.Conv2d's in float64: kernel widths 3 and 5, with and without a bias, maps
+    # that no tile divides, x a strided view (in_proj's half), in fp32 and bf16; and through opcheck
+    import ssm
+    import ssm_triton as kern
+    g = torch.Generator().manual_seed(5)
+    errs = {}
+    for B, H, W, D, K, bias, dtype in [(2, 5, 11, 37, 3, True, torch.float32), (1, 9, 6, 70, 5, False, torch.float32),
+                                       (2, 7, 9, 16, 3, False, torch.bfloat16)]:
+        x = torch.randn(B, H, W, 2 * D, generator=g)[..., :D].to(dtype)
+        w, b = 0.3 * torch.randn(D, 1, K, K, generator=g), torch.randn(D, generator=g) if bias else None
+        dy = torch.randn(B, H, W, D, generator=g).to(dtype)
+        leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+        out = kern.dwconv_silu(*leaves)
+        grads = torch.autograd.grad(out, leaves, dy)
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        ref = ssm.depthwise_conv2d_reference(*ref_leaves)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, dy.double())
+        case = f"{H}x{W}x{D} k{K} {dtype}"
+        errs[f"{case} dtypes"] = float(out.dtype != dtype or [t.dtype for t in grads] != [t.dtype for t in leaves])
+        errs[case] = _err(out, ref)
+        for name, a, r in zip(("dx", "dw", "db"), grads, ref_grads):
+            errs[f"{case} {name}"] = _err(a, r)
+        torch.library.opcheck(kern.dwconv_op, (x, w, b))
+        torch.library.opcheck(kern.dwconv_backward_op, (dy, x, w, b))
+    return errs
+
+
 def _sum_norm_gate_case():
     # ssm_triton.sum_norm_gate (LaMamba's sampling path: the four directions' sum, out_norm, the gate in
     # one kernel) against the same three steps in float64, in the two dtypes sampling runs in, through
@@ -422,6 +451,7 @@ def _worker():
     results["mixer"] = _mixer_case()
     results["branches"] = _branches_case()
     results["sum_norm_gate"] = _sum_norm_gate_case()
+    results["dwconv"] = _dwconv_case()
     print(json.dumps(results))
 
 
@@ -483,6 +513,15 @@ def test_bidim_and_lamamba_mixers_with_recomputation_match(interpreted):
         assert errs.pop(f"{name} triton out_proj input freed") == 1.0, errs
         assert errs.pop(f"{name} ref out_proj input freed") == 0.0, errs
     assert max(errs.values()) < TOL, errs
+
+
+def test_depthwise_conv2d_kernel_matches_float64_reference(interpreted):
+    errs = interpreted["dwconv"]
+    assert not any(v for k, v in errs.items() if k.endswith("dtypes")), errs
+    assert max(v for k, v in errs.items() if "float32" in k) < TOL, errs
+    # bf16: the output and dx are rounded once from fp32 (8 significant bits: within 2^-7 of the value
+    # even truncated); dw and db are fp32 sums
+    assert max(v for k, v in errs.items() if "bfloat16" in k) < 2 ** -7, errs
 
 
 def test_lamamba_sampling_output_kernel_matches(interpreted):
