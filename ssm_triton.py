@@ -1023,7 +1023,11 @@ def _dwconv_bwd_dx_kernel(x_ptr, taps_ptr, g_ptr, dx_ptr, dw_ptr, db_ptr, H, W, 
              mask=on_map[:, None] & dmask[None, :])
 
 
-# TH x TW pixels x BD channels a program; SLOTS copies of the dw sums. NOT YET TIMED (session 25).
+# TH x TW pixels x BD channels a program; SLOTS copies of the dw sums. At LaMamba-L's 1024 px stage shapes
+# (H100, session 26) the forward takes 0.65-0.83x the time of cuDNN's conv with its SiLU and permutes,
+# the fastest or within 5% of it of four tiles; forward + backward 0.88-1.05x at batch 2, 1.29x at
+# batch 4 (README, Speed). In LaMamba-L's 1024 px steps: sampling 34.5 ms against 36.7 with cuDNN (35.9
+# with nine shifted adds fused by Inductor), training 89.8 against 92.6 (same machine).
 DWCONV_CONFIG = dict(TH=4, TW=16, BD=64, num_warps=4, SLOTS=16)
 
 
