@@ -949,28 +949,31 @@ def _dw_pixels(H, W, TH: tl.constexpr, TW: tl.constexpr):
 
 
 @_jit
-def _dw_pre(x_base, taps_ptr, bias, hh, ww, H, W, D, sx_h, sx_w, d, dmask, K: tl.constexpr):
-    """bias + sum of the K x K taps at the tile's pixels: (TH * TW, BD) fp32."""
-    pre = tl.zeros((hh.shape[0], d.shape[0]), tl.float32) + bias[None, :]
+def _dw_pre(x_ptr, taps_ptr, b_ptr, H, W, D, sx_b, sx_h, sx_w, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+            TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr):
+    """The program's tile (see _dw_pixels; channels d, dmask; batch b64) and the conv before its SiLU
+    there, bias + sum of the K x K taps: (TH * TW, BD) fp32."""
+    hh, ww, on_map = _dw_pixels(H, W, TH, TW)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dmask = d < D
+    b64 = tl.program_id(2).to(tl.int64)
+    x_base = x_ptr + b64 * sx_b + d[None, :]
+    pre = tl.zeros((TH * TW, BD), tl.float32)
+    if HAS_BIAS:
+        pre += tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     for t in tl.static_range(K * K):
         w_t = tl.load(taps_ptr + t * D + d, mask=dmask, other=0.0)
         pre += w_t[None, :] * _dw_tile(x_base, hh, ww, H, W, sx_h, sx_w, dmask, t // K - (K - 1) // 2,
                                        t % K - (K - 1) // 2)
-    return pre
+    return hh, ww, on_map, d, dmask, b64, pre
 
 
 @_jit
 def _dwconv_fwd_kernel(x_ptr, taps_ptr, b_ptr, out_ptr, H, W, D, sx_b, sx_h, sx_w, K: tl.constexpr,
                        HAS_BIAS: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, BD: tl.constexpr,
                        FAST: tl.constexpr):
-    hh, ww, on_map = _dw_pixels(H, W, TH, TW)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    dmask = d < D
-    b64 = tl.program_id(2).to(tl.int64)
-    bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else \
-        tl.zeros((BD,), tl.float32)
-    pre = _dw_pre(x_ptr + b64 * sx_b + d[None, :], taps_ptr, bias, hh, ww, H, W, D, sx_h, sx_w, d, dmask,
-                  K)
+    hh, ww, on_map, d, dmask, b64, pre = _dw_pre(x_ptr, taps_ptr, b_ptr, H, W, D, sx_b, sx_h, sx_w, K,
+                                                 HAS_BIAS, TH, TW, BD)
     rows = (b64 * H + hh) * W + ww  # out is a contiguous (B, H, W, D)
     tl.store(out_ptr + rows[:, None] * D + d[None, :], _silu(pre, FAST).to(out_ptr.dtype.element_ty),
              mask=on_map[:, None] & dmask[None, :])
@@ -981,14 +984,8 @@ def _dwconv_bwd_g_kernel(x_ptr, taps_ptr, b_ptr, dout_ptr, g_ptr, H, W, D, sx_b,
                          so_b, so_h, so_w, K: tl.constexpr, HAS_BIAS: tl.constexpr, TH: tl.constexpr,
                          TW: tl.constexpr, BD: tl.constexpr, FAST: tl.constexpr):
     # g = dout * silu'(pre), into a contiguous fp32 (B, H, W, D)
-    hh, ww, on_map = _dw_pixels(H, W, TH, TW)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    dmask = d < D
-    b64 = tl.program_id(2).to(tl.int64)
-    bias = tl.load(b_ptr + d, mask=dmask, other=0.0).to(tl.float32) if HAS_BIAS else \
-        tl.zeros((BD,), tl.float32)
-    pre = _dw_pre(x_ptr + b64 * sx_b + d[None, :], taps_ptr, bias, hh, ww, H, W, D, sx_h, sx_w, d, dmask,
-                  K)
+    hh, ww, on_map, d, dmask, b64, pre = _dw_pre(x_ptr, taps_ptr, b_ptr, H, W, D, sx_b, sx_h, sx_w, K,
+                                                 HAS_BIAS, TH, TW, BD)
     dout = _dw_tile(dout_ptr + b64 * so_b + d[None, :], hh, ww, H, W, so_h, so_w, dmask, 0, 0)
     sg = _sigmoid(pre, FAST)
     rows = (b64 * H + hh) * W + ww
