@@ -177,6 +177,7 @@ class SS2D(nn.Module):
         D, R, K, N = self.d_inner, self.dt_rank, self.K, d_state
 
         self.in_proj = nn.Linear(dim, 2 * D, bias=False)
+        # holds the official conv's weight and bias; scans() applies them with ssm.depthwise_conv2d_silu
         self.conv2d = nn.Conv2d(D, D, d_conv, padding=(d_conv - 1) // 2, groups=D, bias=conv_bias)
         # per-direction x_proj (D -> dt_rank + 2N) and dt_proj (dt_rank -> D), stacked along K
         self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N,
