@@ -41,8 +41,7 @@ import torch.nn.functional as F
 
 from dit import LabelEmbedder, TimestepEmbedder, cached
 from ssm import (count_scan_flops, depthwise_conv2d_silu, init_dt_A_D, mamba_scan, recompute_around_scan,
-                 scan_dtype, split_linear, token_backend)
-from ssm_triton import sum_norm_gate
+                 scan_dtype, split_linear, sum_norm_gate, token_backend)
 
 
 def modulate(x, shift, scale):
@@ -213,7 +212,7 @@ class SS2D(nn.Module):
     def mix(self, x, paths, sampling=False):
         """in_proj, the four snake scans along paths (K, H*W), summed and normalised, gated,
         out_proj: (B, H, W, dim) -> (B, H, W, dim). sampling (no gradients, the Triton scan): the
-        sum, out_norm and the gate in one kernel (ssm_triton.sum_norm_gate; README, Speed,
+        sum, out_norm and the gate in one kernel (ssm.sum_norm_gate; README, Speed,
         session 25)."""
         B, H, W, _ = x.shape
         # two products (ssm.split_linear): x's gradient comes from the conv's backward kernel, which

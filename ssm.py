@@ -687,6 +687,17 @@ def depthwise_conv2d_silu(x, weight, bias=None, backend=None):
     return depthwise_conv2d_reference(x, weight, bias)
 
 
+def sum_norm_gate(y, z, weight, bias, eps, backend=None):
+    """VMamba's SS2D output after its scans: LayerNorm(weight, bias, eps) of the K directions' sum,
+    rounded to z's dtype, times silu(z). y: (B, L, K, D) fp32 scan outputs; z: (B, ..., D) with L
+    tokens a sample. Returns z's shape and dtype. Without gradients on the Triton backend one kernel
+    (ssm_triton.sum_norm_gate: y read once, no autograd); else the same steps in PyTorch."""
+    if not torch.is_grad_enabled() and token_backend(z, 1, backend) == "triton":
+        return ssm_triton.sum_norm_gate(y, z, weight, bias, eps)
+    normed = F.layer_norm(y.sum(2), (y.shape[-1],), weight, bias, eps)
+    return normed.view(z.shape).to(z.dtype) * F.silu(z)
+
+
 class ConvSiluSteps(torch.autograd.Function):
     """silu(causal depthwise conv) along L in the steps-first layout, as W shifted multiply-adds: x (L, batch,
     dim), any strides; weight (dim, W); bias (dim,) or None. One function instead of autograd's graph of
