@@ -740,8 +740,8 @@ def check_conv_kernel(x):
     conv_reference and depthwise_conv2d_reference (first-call check)."""
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(70, generator=g).to(x.device, torch.int32)
-    cases = [(lambda x, w, b: ssm_triton.conv(x, w, b, order), lambda x, w, b: conv_reference(x, w, b, order),
-              (1, 70, 8), (8, 3)),
+    cases = [(lambda x, w, b: ssm_triton.conv(x, w, b, order),
+              lambda x, w, b: conv_reference(x, w, b, order), (1, 70, 8), (8, 3)),
              (ssm_triton.dwconv_silu, depthwise_conv2d_reference, (1, 5, 7, 8), (8, 1, 3, 3))]
     for kernel, reference, x_shape, w_shape in cases:
         inputs = [torch.randn(*x_shape, generator=g), torch.randn(*w_shape, generator=g),

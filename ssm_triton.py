@@ -879,8 +879,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, dout_ptr, dx_ptr, dw_ptr, db_
 
 
 # Forward: a tile of S steps x BD channels, 16 x 256 with 4 warps, the best of eight tiles at five
-# shapes (docs/speed_history.md, session 24). Backward: S steps x BD channels a program, one warp (BD / 32
-# channels a lane); its best alternative was within 1% of 64 x 128 x 1 (session 16).
+# shapes (docs/speed_history.md, session 24). Backward: S steps x BD channels a program, one warp
+# (BD / 32 channels a lane); its best alternative was within 1% of 64 x 128 x 1 (session 16).
 CONV_CONFIG = {"fwd": dict(S=16, BD=256, num_warps=4), "bwd": dict(S=64, BD=128, num_warps=1)}
 CONV_MAX_WIDTH = 4
 
@@ -1249,6 +1249,12 @@ dwconv_backward_op = torch.ops.diffmamba.dwconv_silu_backward.default
 sum_norm_gate = torch.ops.diffmamba.sum_norm_gate.default  # sampling only: no autograd
 
 
+def _channels_contiguous(x):
+    """x, or a contiguous copy where its last axis (channels) is strided: the kernels' loads of a row of
+    channels are coalesced only with unit stride."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype, sum_directions):
@@ -1264,8 +1270,8 @@ class _Scan(torch.autograd.Function):
         if ctx.sum_directions:  # every direction gets the sum's gradient: a view, read K times
             dout = dout.unsqueeze(2).expand(u.shape)
         # the kernel reads dout through its strides (a broadcast one too); only the channels must be
-        # contiguous, for coalesced loads
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        # contiguous
+        dout = _channels_contiguous(dout)
         g = scan_backward_op(dout, u, delta, z, B, C, A, D, dt_bias, order, states, ctx.softplus)
         keep = lambda i, x: None if x is None else g[i]
         return (g[0], g[1], keep(2, z), g[3], g[4], g[5], keep(6, D), keep(7, dt_bias), None, None,
@@ -1296,10 +1302,6 @@ class _DWConv(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         dx, dw, db = dwconv_backward_op(_channels_contiguous(dout), x, weight, bias)
         return dx, dw, db if bias is not None else None
-
-
-def _channels_contiguous(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def scan(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=None, sum_directions=False):

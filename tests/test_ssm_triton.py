@@ -383,7 +383,8 @@ def _dwconv_case():
     import ssm_triton as kern
     g = torch.Generator().manual_seed(5)
     errs = {}
-    for B, H, W, D, K, bias, dtype in [(2, 5, 11, 37, 3, True, torch.float32), (1, 9, 6, 70, 5, False, torch.float32),
+    for B, H, W, D, K, bias, dtype in [(2, 5, 11, 37, 3, True, torch.float32),
+                                       (1, 9, 6, 70, 5, False, torch.float32),
                                        (2, 7, 9, 16, 3, False, torch.bfloat16)]:
         x = torch.randn(B, H, W, 2 * D, generator=g)[..., :D].to(dtype)
         w, b = 0.3 * torch.randn(D, 1, K, K, generator=g), torch.randn(D, generator=g) if bias else None
@@ -395,7 +396,8 @@ def _dwconv_case():
         ref = ssm.depthwise_conv2d_reference(*ref_leaves)
         ref_grads = torch.autograd.grad(ref, ref_leaves, dy.double())
         case = f"{H}x{W}x{D} k{K} {dtype}"
-        errs[f"{case} dtypes"] = float(out.dtype != dtype or [t.dtype for t in grads] != [t.dtype for t in leaves])
+        errs[f"{case} dtypes"] = float(out.dtype != dtype
+                                       or [t.dtype for t in grads] != [t.dtype for t in leaves])
         errs[case] = _err(out, ref)
         for name, a, r in zip(("dx", "dw", "db"), grads, ref_grads):
             errs[f"{case} {name}"] = _err(a, r)

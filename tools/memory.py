@@ -21,8 +21,8 @@ give the bytes per token (the difference), which scale to the target resolution'
 gradients and AdamW's two moments add 16 bytes a parameter (4 a frozen one) of the model built for that
 resolution. What this misses: tensors that live only during the backward (gradients of activations,
 recomputed regions, workspaces), and the CPU's autocast lists, which differ from CUDA's in a few ops.
-Checked against torch.cuda.max_memory_allocated on an H200 at 2048 px (docs/speed_history.md, session 15): 3-8%
-above the measured peak for DiM-L/2 and BiDiM-L/2 and 7% below it for LaMamba-L (eager), but 21-25%
+Checked against torch.cuda.max_memory_allocated on an H200 at 2048 px (docs/speed_history.md, session
+15): 3-8% above the measured peak for DiM-L/2 and BiDiM-L/2 and 7% below it for LaMamba-L (eager), but 21-25%
 below it for DiT-L/2 and DiMSUM-L/2 (compiled, attention over all tokens): their GPU steps keep ~12 bytes
 a channel and token per attention layer more than counted here, for a cause not found on a CPU.
 """

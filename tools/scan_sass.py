@@ -16,8 +16,8 @@ spill costs it.
     python -m tools.scan_sass --no-divisible              # strides not known to be multiples of 16
 
 Counts are static (each instruction once, the loop body once), so they compare code, not time: with
-one warp per scheduler (these kernels at the models' shapes: Nsight Compute, docs/speed_history.md, session 22)
-the schedule and its stalls decide as much as the count, and a kernel can speed up or slow down with the
+one warp per scheduler (these kernels at the models' shapes: Nsight Compute, docs/speed_history.md,
+session 22) the schedule and its stalls decide as much as the count, and a kernel can speed up or slow down with the
 same counts. Use it to see register pressure and spills before spending GPU time; time on
 the GPU with tools/scan_bench.py. Needs triton with its NVIDIA backend (the pip wheel bundles ptxas
 and nvdisasm); no GPU and no CUDA driver.
