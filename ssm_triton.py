@@ -172,10 +172,12 @@ if triton is not None:
     def _sum_channels(xB, xC):
         """The sums over channels of two (T, NP, BD) tiles, as one (2 T NP,) vector ordered (tile, step,
         state). The permute and reshape make Triton move the tiles through shared memory once (stmatrix,
-        then 128-bit loads: sm_90 SASS), after which a thread holds whole rows of channels and adds them in
-        its own registers. Summed where they lie, across the lanes of the channels (tl.sum over the channel
-        axis, or the reduce-scatter this replaced in session 28), every pair of values costs a shuffle, an
-        add and two selects a round: 1,104 instructions a tile in the backward's reverse loop against 967."""
+        then 128-bit loads in the sm_90 SASS), after which a thread holds whole rows of channels and adds
+        them in its own registers. Summed where they lie, across the lanes that hold the channels, each
+        value takes a shuffle and an add a round (and a lane-dependent select or two, to split the work as
+        the reduce-scatter this replaced in session 28 did): 1,104 instructions a tile in the backward's
+        reverse loop against 967, 84 shuffles against 20. Timed (H100, session 28): the backward 3% faster
+        at DiM-L/2's 1024 px shape (1.20 against 1.24 ms), level at DiM-S/2's (README, Speed)."""
         T: tl.constexpr = xB.shape[0]
         NP: tl.constexpr = xB.shape[1]
         BD: tl.constexpr = xB.shape[2]
@@ -484,12 +486,12 @@ def _scan_bwd_kernel(
                 tl.store(ddl_ptr + g_base[None, :] + rows * gl, ddl.to(ddl_ptr.dtype.element_ty), mask=m2)
                 # dB_t and dC_t: this block's channels summed, then added into the fp32 buffers
                 sums = _sum_channels(g * dtu[:, None, :], hs * dy[:, None, :])  # (tile, step, state)
-                j = tl.arange(0, 2 * T * NP)
-                p_of = c0 + i * T + (j // NP) % T
+                q = tl.arange(0, 2 * T * NP)
+                p_of = c0 + i * T + (q // NP) % T
                 r_of = _rows(idx_base, p_of, p_of < L, HAS_IDX)
-                ofs = bc_base + r_of * bl + j % NP
-                tl.atomic_add(tl.where(j >= T * NP, dC_ptr + ofs, dB_ptr + ofs), sums,
-                              mask=(p_of < L) & (j % NP < n_state), sem="relaxed")
+                ofs = bc_base + r_of * bl + q % NP
+                tl.atomic_add(tl.where(q >= T * NP, dC_ptr + ofs, dB_ptr + ofs), sums,
+                              mask=(p_of < L) & (q % NP < n_state), sem="relaxed")
 
     if MODE == 1:
         tl.store(sum_g + s * dim * NP, gcar, mask=nd_mask)
@@ -508,9 +510,10 @@ def _scan_bwd_kernel(
 
 # channels per program BD, steps per tile T, warps; CHUNK = steps between saved states (the backward's
 # recompute span). Chosen per element size of u (2 = bf16/fp16, 4 = fp32). bf16: the fastest of the
-# configurations timed at the models' shapes (README, Speed). The backward's 16 x 4 x 1 since its sums over
-# channels are a reduce-scatter (_sum_channels): 3-19% ahead of 8 x 8 x 1 (same sums) at three shapes on an
-# H200 (half the programs, so half the dB/dC atomics), level to 1% behind at DiM-L/2's 1024 px.
+# configurations timed at the models' shapes (README, Speed). The backward's 16 x 4 x 1, with its channel
+# sums through shared memory (_sum_channels; H100, session 28, ms): 1.20 at DiM-L/2's 1024 px shape against
+# 1.24 for 8 x 8 x 1, 1.42 for 8 x 4 x 1, 1.46 for 16 x 2 x 1; at DiM-S/2's (Fashion-MNIST, batch 128)
+# 1.33-1.42 against 1.60, 1.80 and 1.58.
 # The forward's entry is what it runs with segments (below); 16 x 8 x 1 there was 5% ahead of 32 x 4 x 1
 # at DiM-L/2's 2048 px shape (H100, session 21).
 TRITON_CONFIG = {"fwd": {2: dict(BD=16, T=8, num_warps=1), 4: dict(BD=16, T=4, num_warps=1)},
