@@ -86,6 +86,7 @@ def test_profile_categories():
     assert cat("_scan_fwd_kernel") == cat("diffmamba::scan_cpu") == "scan forward"
     assert cat("diffmamba::scan_cpu_backward") == "scan backward"
     assert cat("_conv_bwd_kernel") == cat("aten::mkldnn_convolution") == "depthwise conv"
+    assert cat("_dwconv_bwd_dx_kernel") == cat("diffmamba::dwconv_silu") == "depthwise conv"
     assert cat("sm90_xmma_gemm_bf16bf16_bf16f32") == cat("pytorch_flash::flash_fwd_kernel") \
         == cat("aten::addmm") == "matrix products"
     assert cat("void at::native::index_elementwise_kernel<...>") == cat("aten::copy_") \
