@@ -58,3 +58,18 @@ def test_a_register_cap_is_applied():
     assert fwd["registers"] <= 96 and bwd["registers"] <= 128
     # a cap below what the backward takes uncapped makes it spill to local memory
     assert bwd["LDL"] > 0 and bwd["STL"] > 0
+
+
+def test_segmented_launches_compile():
+    # The GPU cuts long scans into segments (MODE 1: summaries, MODE 2: the segments from the composed
+    # carries); the CPU tests run the kernels interpreted with one segment, and the interpreter does not
+    # hold loop-carried values to one type, which the compiler does (session 28: a name reused inside
+    # the backward's MODE 2 loop compiled only on the GPU). Compiling both modes here catches that.
+    import ssm_triton
+    from tools import scan_sass
+    for kernel, cfg in ((ssm_triton._scan_fwd_kernel, ssm_triton.TRITON_CONFIG["fwd"][2]),
+                        (ssm_triton._scan_bwd_kernel, ssm_triton.TRITON_CONFIG["bwd"][2])):
+        for mode in (1, 2):
+            constants = dict(scan_sass.FLAGS, MODE=mode, NP=16, BD=cfg["BD"], T=cfg["T"], CHUNK=64)
+            row = scan_sass.count(scan_sass.compile_kernel(kernel, constants, cfg["num_warps"], 90))
+            assert row["instructions"] > 100
