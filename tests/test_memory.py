@@ -15,11 +15,13 @@ def test_kept_bytes_scale_with_the_latent_area():
 
 
 def test_stand_in_kernels_are_put_back():
-    # a Mamba model through the scan and conv ops with the kernels stood in; afterwards the real
+    # Mamba models through the scan and conv ops with the kernels stood in (LaMamba's 2-D depthwise
+    # conv too: until session 29 its launcher ran and failed on a CPU); afterwards the real
     # launchers and the backend choice are back (other tests run the kernels)
-    before = {k: getattr(ssm_triton, k) for k in ("scan_fwd", "scan_bwd", "conv_fwd", "conv_bwd")}
+    before = {k: getattr(ssm_triton, k) for k in memory.STOOD_IN}
     env = os.environ.get("DIFFUSION_MAMBA_SCAN")
     assert memory.kept_bytes("DiM-T/2", 8, "blocks") > 0
+    assert memory.kept_bytes("LaMamba-T", 8, "none") > 0
     assert all(getattr(ssm_triton, k) is fn for k, fn in before.items())
     assert os.environ.get("DIFFUSION_MAMBA_SCAN") == env
 

@@ -69,11 +69,15 @@ def _attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=No
     return _FusedAttention.apply(q, k, v, attn_mask)
 
 
+# the launchers of ssm_triton's training kernels, which stand_in_kernels replaces
+STOOD_IN = ("scan_fwd", "scan_bwd", "conv_fwd", "conv_bwd", "dwconv_fwd", "dwconv_bwd")
+
+
 @contextlib.contextmanager
 def stand_in_kernels():
-    """The scan and conv kernels replaced by zeros of their outputs' shapes, and the Triton backend
-    forced (unchecked): the ops, their autograd and what they save are the GPU's. Attention likewise
-    (F.scaled_dot_product_attention): what the GPU's fused kernels keep."""
+    """The scan and conv kernels (LaMamba's 2-D depthwise conv too) replaced by zeros of their outputs'
+    shapes, and the Triton backend forced (unchecked): the ops, their autograd and what they save are
+    the GPU's. Attention likewise (F.scaled_dot_product_attention): what the GPU's fused kernels keep."""
     def scan_fwd(u, delta, z, B, C, A, D, dt_bias, order, softplus=True, out_dtype=None):
         out, states = ssm_triton._scan_fake(u, delta, z, B, C, A, D, dt_bias, order, softplus, out_dtype)
         return out.zero_(), states.zero_(), ssm_triton.CHUNK
@@ -87,16 +91,19 @@ def stand_in_kernels():
                 zeros((batch, L, K, NP)), zeros((batch, L, K, NP)), zeros((K, dim, NP)),
                 None if D is None else zeros(D.shape), None if dt_bias is None else zeros(dt_bias.shape))
 
-    def conv_bwd(dout, x, weight, bias, order):
+    def conv_bwd(dout, x, weight, bias, order=None):  # the 2-D depthwise conv's (LaMamba) too
         return (torch.zeros_like(x, memory_format=torch.contiguous_format), torch.zeros(weight.shape),
                 None if bias is None else torch.zeros(bias.shape))
 
-    saved = {k: getattr(ssm_triton, k) for k in ("scan_fwd", "scan_bwd", "conv_fwd", "conv_bwd")}
+    def conv_fwd(x, weight, bias, order=None):
+        return torch.zeros_like(x, memory_format=torch.contiguous_format)
+
+    saved = {k: getattr(ssm_triton, k) for k in STOOD_IN}
     sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _attention
     forced = os.environ.get("DIFFUSION_MAMBA_SCAN")
-    ssm_triton.scan_fwd, ssm_triton.scan_bwd, ssm_triton.conv_bwd = scan_fwd, scan_bwd, conv_bwd
-    ssm_triton.conv_fwd = lambda x, w, b, o: torch.zeros_like(x, memory_format=torch.contiguous_format)
+    for k, fn in zip(STOOD_IN, (scan_fwd, scan_bwd, conv_fwd, conv_bwd, conv_fwd, conv_bwd)):
+        setattr(ssm_triton, k, fn)
     os.environ["DIFFUSION_MAMBA_SCAN"] = "triton"
     try:
         yield
